@@ -1,0 +1,132 @@
+"""The `precision-lab` command line.
+
+Every subcommand is a thin shell over a library function. A `UserError` (bad name, value or file) becomes
+one line on stderr and exit status 2; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from precision_lab.errors import UserError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help: str):
+    """Register a subcommand: the decorated function adds its arguments; `run` executes it."""
+
+    def wrap(add_args):
+        def register(run):
+            COMMANDS[name] = (help, add_args, run)
+            return run
+
+        return register
+
+    return wrap
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:.6g}"
+
+
+def _add_formats(p):
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("formats", "print the table of number formats")(_add_formats)
+def _formats(args) -> int:
+    from precision_lab.formats import format_table
+
+    rows = format_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["name", "bits", "exponent_bits", "mantissa_bits", "bias", "max", "min_normal", "min_subnormal",
+            "eps", "has_inf", "has_nan"]
+    head = ["format", "bits", "exp", "man", "bias", "max", "min normal", "min subnormal", "eps", "inf", "nan"]
+    table = [[_fmt_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
+    _print_table(head, table)
+    return 0
+
+
+def _print_table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def _add_roundoff(p):
+    p.add_argument("--format", action="append", dest="formats", metavar="NAME",
+                   help="format to tabulate (repeatable; default: bf16 and fp32 as in ST-MoE)")
+    p.add_argument("--json", action="store_true")
+
+
+@command("roundoff-table", "maximum roundoff per binade, as the ST-MoE paper prints it")(_add_roundoff)
+def _roundoff_table(args) -> int:
+    from precision_lab.formats import get_format, roundoff_per_binade
+
+    fmts = [get_format(n) for n in (args.formats or ["bf16", "fp32"])]  # validate all before printing
+    rows = [r for f in fmts for r in roundoff_per_binade(f)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("Maximum roundoff per binade [lo, hi).")
+    print("  one ulp   = the spacing of the format in the binade (the figure the ST-MoE paper prints);")
+    print("  half ulp  = the largest error of round-to-nearest (the bound that actually applies).")
+    table = [[r["format"], f"[{_fmt_num(r['binade_lo'])}, {_fmt_num(r['binade_hi'])})", _fmt_num(r["one_ulp"]),
+              _fmt_num(r["half_ulp"])] for r in rows]
+    _print_table(["format", "binade", "one ulp (paper)", "half ulp (nearest)"], table)
+    return 0
+
+
+def _add_run(p):
+    p.add_argument("--out", default="figures", help="folder for figures (default: figures)")
+
+
+@command("run", "the lab's main job on built-in defaults: format table and roundoff figure")(_add_run)
+def _run(args) -> int:
+    from precision_lab import figures
+
+    _formats(argparse.Namespace(json=False))
+    print()
+    paths = figures.roundoff_per_binade_figure(args.out)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="precision-lab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed one line; keep its status (2 for bad usage)
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command][2](args)
+    except UserError as err:
+        print(f"precision-lab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""User-facing errors: one clear line naming the field and the valid choices.
+
+Every bad name, value or file a user can type ends in a `UserError`. The CLI turns it into one line on
+stderr and exit status 2; library callers get an ordinary `ValueError` subclass.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class UserError(ValueError):
+    """A bad input from the user (name, value, file). The message is one line."""
+
+
+def unknown_choice(field: str, value: object, choices: Iterable[str], aliases: Iterable[str] = ()) -> UserError:
+    """Build the error for `value` not being one of `choices`, naming the closest match (which may be an
+    alias: accepted spellings that are not worth listing)."""
+    choices = sorted(set(str(c) for c in choices))
+    close = difflib.get_close_matches(str(value), [*choices, *aliases], n=1, cutoff=0.5)
+    hint = f" (closest match: {close[0]!r})" if close else ""
+    return UserError(f"unknown {field} {value!r}{hint}; valid choices: {', '.join(choices)}")

@@ -1,0 +1,261 @@
+"""Bit-exact rounding of float32 values into any `Format`, in pure JAX.
+
+`quantize(x, fmt)` returns float32 values that `fmt` holds exactly. It works on the float32 bit pattern
+with integer arithmetic only (bitcast, shifts, adds, compares). That choice is what makes the simulation
+faithful under XLA:
+  * XLA's excess-precision rewrite (`--xla_allow_excess_precision`, on by default) only touches floating
+    point converts; it cannot elide or fuse away an integer computation on the bit pattern.
+  * XLA:CPU flushes subnormal results of float arithmetic to zero; integer code does not, so subnormal
+    inputs and subnormal target values (bf16 shares float32's subnormals) come out exactly right.
+  * no float multiply-add appears, so FMA contraction cannot change a rounding either.
+
+Algorithm, per element: split |x| into an integer significand `sig` and exponent `e`; the target's quantum
+in x's binade is 2^q with q = max(e, emin) - mantissa_bits; shift `sig` right by s = q - (e - 23) bits and
+round the dropped bits per the rounding mode; rebuild the float32 bit pattern of n * 2^q; then apply the
+format's special-value rules (overflow, inf, NaN, signed zero).
+
+Gradient: straight-through (identity), the convention of quantization-aware training; the precision of the
+backward pass is decided by the policy's gradient components, not here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from precision_lab.errors import unknown_choice
+from precision_lab.formats import Format, get_format
+
+Rounding = Literal["nearest_even", "nearest_away", "toward_zero", "up", "down", "stochastic"]
+Overflow = Literal["saturate", "nonfinite"] | None
+
+ROUNDINGS: tuple[str, ...] = ("nearest_even", "nearest_away", "toward_zero", "up", "down", "stochastic")
+OVERFLOWS: tuple[str, ...] = ("saturate", "nonfinite")
+
+_U32 = jnp.uint32
+_SIGN = 0x80000000
+_ABS = 0x7FFFFFFF
+_INF = 0x7F800000
+_QNAN = 0x7FC00000
+
+
+def _f32_bits(value: float) -> int:
+    """Float32 bit pattern of a Python float that float32 holds exactly."""
+    import numpy as np
+
+    return int(np.array(value, np.float32).view(np.uint32))
+
+
+def _u(v: int) -> jax.Array:
+    return jnp.asarray(v, _U32)
+
+
+def _round_significand(sig, s, negative, rounding: str, key):
+    """Round sig / 2^s to an integer per `rounding`. sig < 2^24 (uint32), s >= 0 (uint32, may exceed 31).
+
+    Returns the rounded integer n (uint32). Deterministic modes clamp s at 25: for s >= 25 the quotient is
+    0 and the remainder (sig < 2^24) is below half a quantum, so every deterministic decision is unchanged.
+    """
+    s_c = jnp.minimum(s, _u(25))
+    trunc = lax.shift_right_logical(sig, s_c)
+    rem = sig - lax.shift_left(trunc, s_c)
+    # half = 2^(s-1); with s = 0 there is nothing to round (rem == 0), so any half > 0 works.
+    half = lax.shift_left(_u(1), jnp.maximum(s_c, _u(1)) - _u(1))
+    inexact = rem != 0
+    if rounding == "nearest_even":
+        odd = (trunc & _u(1)) == 1
+        up = (rem > half) | ((rem == half) & odd & (s_c > 0))
+    elif rounding == "nearest_away":
+        up = (rem >= half) & inexact
+    elif rounding == "toward_zero":
+        up = jnp.zeros_like(inexact)
+    elif rounding == "up":
+        up = inexact & ~negative
+    elif rounding == "down":
+        up = inexact & negative
+    elif rounding == "stochastic":
+        up = _stochastic_up(sig, s, key)
+        trunc = jnp.where(s >= 32, _u(0), lax.shift_right_logical(sig, jnp.minimum(s, _u(31))))
+    else:  # pragma: no cover - validated by the caller
+        raise unknown_choice("rounding", rounding, ROUNDINGS)
+    return trunc + up.astype(_U32)
+
+
+def _stochastic_up(sig, s, key):
+    """Round up with probability exactly rem / 2^s (rem = sig mod 2^s), for every s <= 64.
+
+    Draw r uniform on [0, 2^s) and round up iff r < rem. For s <= 32 r is the top s bits of one random
+    word. For 32 < s <= 64, rem = sig < 2^24 < 2^32, so r < rem iff the high (s - 32) bits of r are zero
+    and the low 32 bits are < rem. Beyond s = 64 the probability is below 2^-40 and we round down.
+    """
+    k_lo, k_hi = jax.random.split(key)
+    r_lo = jax.random.bits(k_lo, sig.shape, _U32)
+    r_hi = jax.random.bits(k_hi, sig.shape, _U32)
+    s_small = jnp.clip(s, _u(1), _u(32))
+    mask_small = jnp.where(s_small >= 32, _u(0xFFFFFFFF), lax.shift_left(_u(1), jnp.minimum(s_small, _u(31))) - _u(1))
+    rem_small = sig & mask_small
+    r_small = jnp.where(s_small >= 32, r_lo, lax.shift_right_logical(r_lo, _u(32) - s_small))
+    up_small = r_small < rem_small
+    hi_bits = jnp.clip(s, _u(32), _u(64)) - _u(32)  # 0..32 high random bits that must all be zero
+    hi_mask = jnp.where(hi_bits >= 32, _u(0xFFFFFFFF), lax.shift_left(_u(1), jnp.minimum(hi_bits, _u(31))) - _u(1))
+    up_big = ((r_hi & hi_mask) == 0) & (r_lo < sig)
+    up = jnp.where(s <= 32, up_small, jnp.where(s <= 64, up_big, False))
+    return up & (s > 0)
+
+
+def _build_bits(n, q):
+    """Float32 bit pattern (magnitude) of n * 2^q, for n < 2^25 (uint32) and q (int32) such that the value
+    is a float32 or overflows to inf. Pure integer code: exact for normal and subnormal results."""
+    nonzero = n != 0
+    lead = _u(31) - lax.clz(jnp.where(nonzero, n, _u(1)))  # position of the leading one
+    lead_i = lead.astype(jnp.int32)
+    rexp = q + lead_i  # unbiased exponent of the result
+    # Normal result: exponent field rexp + 127, mantissa = n without its leading one, aligned to bit 23.
+    left = jnp.clip(23 - lead_i, 0, 31).astype(_U32)
+    right = jnp.clip(lead_i - 23, 0, 31).astype(_U32)
+    aligned = lax.shift_right_logical(lax.shift_left(n, left), right)
+    field = jnp.clip(rexp + 127, 0, 255).astype(_U32)
+    normal = lax.shift_left(field, _u(23)) | (aligned & _u(0x7FFFFF))
+    normal = jnp.where(rexp + 127 >= 255, _u(_INF), normal)
+    # Subnormal float32 result (only formats with float32's exponent range get here): bits = n << (q + 149).
+    sub_shift = jnp.clip(q + 149, 0, 31).astype(_U32)
+    subnormal = lax.shift_left(n, sub_shift)
+    bits = jnp.where(rexp < -126, subnormal, normal)
+    return jnp.where(nonzero, bits, _u(0))
+
+
+def _quantize_bits(u, fmt: Format, rounding: str, overflow, subnormals: bool, key):
+    """Core: float32 bit patterns in, float32 bit patterns of the rounded values out."""
+    m = fmt.mantissa_bits
+    sign = u & _u(_SIGN)
+    negative = sign != 0
+    a = u & _u(_ABS)
+    is_nan = a > _u(_INF)
+    is_inf = a == _u(_INF)
+
+    biased = lax.shift_right_logical(a, _u(23))
+    man = a & _u(0x7FFFFF)
+    # Normalise float32 subnormal inputs so that every nonzero sig has its leading one at bit 23 and e is
+    # the true binade exponent (formats like e8m0 reach below float32's smallest normal).
+    is_sub = biased == 0
+    lead_sub = (_u(31) - lax.clz(man)).astype(jnp.int32)  # -1 for zero
+    sub_shift = jnp.clip(23 - lead_sub, 0, 31).astype(_U32)
+    sig = jnp.where(is_sub, lax.shift_left(man, sub_shift), man | _u(0x800000))
+    e = jnp.where(is_sub, lead_sub - 149, biased.astype(jnp.int32) - 127)
+    emin = fmt.emin
+    q = jnp.maximum(e, emin) - m  # exponent of the target's quantum in x's binade
+    s = (q - (e - 23)).astype(_U32)  # bits to drop, >= 23 - m
+
+    n = _round_significand(sig, s, negative, rounding, key)
+    mag = _build_bits(n, q)
+
+    max_bits = _u(_f32_bits(fmt.max))
+    min_bits = _u(_f32_bits(fmt.min_normal))
+
+    if fmt.specials == "e8m0":
+        return _e8m0_specials(u, mag, negative, is_nan, is_inf, max_bits, min_bits, overflow, rounding)
+
+    if not subnormals or not fmt.has_subnormals:
+        mag = jnp.where(mag < min_bits, _u(0), mag)
+
+    # Overflow. Rounding toward zero (for this sign) never produces inf: IEEE gives the largest finite.
+    overflowed = (mag > max_bits) | is_inf
+    truncating = {
+        "toward_zero": jnp.ones_like(negative),
+        "down": ~negative,
+        "up": negative,
+    }.get(rounding, jnp.zeros_like(negative))
+    own = "nonfinite" if fmt.has_inf or fmt.has_nan else "saturate"  # what the format's own cast does
+    mode = own if overflow is None else overflow
+    if mode == "saturate":
+        over_value = max_bits
+    elif fmt.has_inf:
+        # Finite inputs that truncate saturate at max; infinite inputs stay infinite (IEEE conversion).
+        over_value = jnp.where(truncating & ~is_inf, max_bits, _u(_INF))
+    else:  # formats without inf: out of range is NaN (the fn types' cast, or "nonfinite" by request)
+        over_value = jnp.where(truncating & ~is_inf, max_bits, _u(_QNAN))
+    mag = jnp.where(overflowed, over_value, mag)
+
+    out = mag | sign
+    out = jnp.where(mag == _u(_QNAN), _u(_QNAN), out)  # NaN produced by overflow: canonical, unsigned
+    if not fmt.has_negative_zero:
+        out = jnp.where(mag == 0, _u(0), out)  # fnuz formats have no -0
+    return jnp.where(is_nan, u | _u(0x400000), out)  # NaN stays NaN (quieted)
+
+
+def _e8m0_specials(u, mag, negative, is_nan, is_inf, max_bits, min_bits, overflow, rounding):
+    """The MX scale format: unsigned powers of two 2^-127..2^127; zero, negatives and NaN map to NaN.
+
+    There is no zero, so values below 2^-127 go to 2^-127 (as the ml_dtypes cast does)."""
+    mag = jnp.where(mag < min_bits, min_bits, mag)
+    overflowed = (mag > max_bits) | is_inf
+    truncating = rounding in ("toward_zero", "down")  # e8m0 is unsigned: down is toward zero
+    sat = overflow == "saturate" or truncating
+    mag = jnp.where(overflowed & ~is_inf, max_bits if sat else _u(_QNAN), mag)
+    mag = jnp.where(is_inf, max_bits if overflow == "saturate" else _u(_QNAN), mag)
+    zero = (u & _u(_ABS)) == 0
+    return jnp.where(is_nan | negative | zero, _u(_QNAN), mag)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _quantize_st(x, fmt, rounding, overflow, subnormals, key):
+    u = lax.bitcast_convert_type(x, _U32)
+    return lax.bitcast_convert_type(_quantize_bits(u, fmt, rounding, overflow, subnormals, key), jnp.float32)
+
+
+@_quantize_st.defjvp
+def _quantize_st_jvp(fmt, rounding, overflow, subnormals, primals, tangents):
+    x, key = primals
+    dx, _ = tangents
+    return _quantize_st(x, fmt, rounding, overflow, subnormals, key), dx  # straight-through
+
+
+def quantize(
+    x,
+    fmt: str | Format,
+    *,
+    rounding: Rounding = "nearest_even",
+    overflow: Overflow = None,
+    subnormals: bool = True,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Round `x` into `fmt` and return float32 values that `fmt` holds exactly.
+
+    Args:
+      x: array-like of any float dtype; converted to float32 first (exactly, for every narrower input).
+      fmt: a `Format` or a name accepted by `get_format` ("bf16", "fp8_e4m3fn", "e5m7", ...).
+      rounding: nearest_even | nearest_away | toward_zero | up | down | stochastic (needs `key`; rounds up
+        with probability equal to the fraction of the quantum dropped, so it is unbiased inside the range).
+      overflow: "saturate" clips to +-max (inf included); "nonfinite" gives inf where the format has inf and
+        NaN otherwise; None gives what the format's own cast gives (IEEE formats: inf, fn/fnuz: NaN,
+        fp6/fp4: saturate, e8m0: NaN). Rounding toward zero never overflows to inf (IEEE).
+      subnormals: False flushes results below the smallest normal to (signed) zero.
+      key: PRNG key for stochastic rounding.
+
+    NaN stays NaN, also for fp6/fp4 which have no NaN encoding (the OCP MX spec leaves that conversion to
+    the implementation; the ml_dtypes cast gives -0 there, we keep the NaN so it stays visible). Signed
+    zeros keep their sign, except in the fnuz formats which have no negative zero.
+    """
+    fmt = get_format(fmt)
+    if rounding not in ROUNDINGS:
+        raise unknown_choice("rounding", rounding, ROUNDINGS)
+    if overflow is not None and overflow not in OVERFLOWS:
+        raise unknown_choice("overflow", overflow, OVERFLOWS)
+    if rounding == "stochastic":
+        if key is None:
+            raise ValueError("stochastic rounding needs a PRNG key: quantize(x, fmt, rounding='stochastic', key=key)")
+    else:
+        key = jax.random.key(0)  # unused; keeps one code path for every mode
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)  # exact: every input dtype we accept is narrower than float32
+    if fmt.name == "fp32" and subnormals and overflow != "saturate":
+        return x  # float32 into float32 is exact
+    return _quantize_st(x, fmt, rounding, overflow, subnormals, key)
+
+
+__all__ = ["quantize", "ROUNDINGS", "OVERFLOWS", "Rounding", "Overflow"]
