@@ -1,0 +1,239 @@
+"""Precision-aware ops: every numeric site of the model calls one of these with a component name, and the
+policy decides how it rounds.
+
+Two modes (`PrecisionPolicy.mode`):
+  emulate  float32 storage; the result of every elementary op is rounded to the component's format with
+           `quantize` (integer bit manipulation XLA cannot elide). Faithful on any backend.
+  native   the real low-precision jax dtype where one exists (bf16, fp16, fp8...; others fall back to
+           emulation): fast on hardware that has the dtype, but XLA may keep excess precision between ops
+           (DESIGN.md fact 1) so it is not a faithful simulation. Values still cross op boundaries as
+           float32 so that model code is identical in both modes.
+
+Conventions, the same in both modes:
+  * Inputs are rounded to the component's format on entry (e.g. router logits to bf16 before exp: that is
+    where ST-MoE's roundoff comes from), outputs after every elementary op.
+  * Reductions (sum, mean, the sums in softmax/logsumexp/norms) accumulate in float32 and round once, as
+    TPU/GPU reductions and matmuls do.
+  * `dot` rounds its operands (with scaling), accumulates in float32 and rounds the output. Its custom VJP
+    rounds the incoming gradient to the policy's "grads" spec, computes the input gradient from the rounded
+    operands (rounded to "matmul_out", like the forward output) and the weight gradient in float32 (the
+    trainer rounds it for the all-reduce and the update).
+  * Delayed scaling state enters `dot` as an input whose cotangent is the updated state (the "gradient
+    trick" flax uses for fp8 metadata): `jax.grad` w.r.t. the state returns the new state.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from precision_lab.formats import get_format
+from precision_lab.policy import PrecisionPolicy, Spec
+from precision_lab.scaling import DelayedState, init_delayed_state, scaled_quantize
+
+_F32 = jnp.float32
+
+
+# -- rounding one tensor --------------------------------------------------------------------------------
+
+
+def _native_dtype(spec: Spec):
+    """The jnp dtype that holds this spec natively, or None (then native mode emulates this spec)."""
+    if spec.scaling != "none" or spec.rounding != "nearest_even":
+        return None
+    fmt = get_format(spec.format)
+    if fmt.dtype is None:
+        return None
+    try:
+        return jnp.dtype(fmt.dtype)
+    except TypeError:  # pragma: no cover - a dtype ml_dtypes has but this jax does not
+        return None
+
+
+def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
+    """Round float32 `x` per spec. Returns (float32 y, new delayed state)."""
+    if spec.is_identity:
+        return x, state
+    dtype = _native_dtype(spec) if mode == "native" else None
+    if dtype is not None:
+        if spec.overflow == "saturate":
+            fmax = get_format(spec.format).max
+            x = jnp.clip(x, -fmax, fmax)
+        return x.astype(dtype).astype(_F32), state
+    if spec.scaling == "delayed" and state is None:
+        # A site without history (an elementwise cast) scales with the current amax instead.
+        spec = Spec(format=spec.format, scaling="current", rounding=spec.rounding, overflow=spec.overflow)
+    return scaled_quantize(x, spec, axis=axis, state=state, key=key)
+
+
+def cast(x, policy: PrecisionPolicy, component: str, *, key=None):
+    """<float32>[...] -> the same values rounded to `component`'s spec (float32 storage)."""
+    return _round(jnp.asarray(x, _F32), policy[component], policy.mode, key=key)[0]
+
+
+# -- matmul ---------------------------------------------------------------------------------------------
+
+
+class DotState(NamedTuple):
+    """Delayed-scaling histories of one matmul site: lhs operand, rhs operand, incoming gradient."""
+
+    lhs: DelayedState | None
+    rhs: DelayedState | None
+    grad: DelayedState | None
+
+
+def init_dot_state(policy: PrecisionPolicy, *, lhs: str, rhs: str, history: int | None = None) -> DotState | None:
+    """The state one `dot` site needs (None unless a spec it uses has delayed scaling)."""
+    specs = (policy[lhs], policy[rhs], policy["grads"])
+    if not any(s.scaling == "delayed" for s in specs):
+        return None
+    make = (lambda: init_delayed_state(history)) if history else init_delayed_state
+    return DotState(*(make() if s.scaling == "delayed" else None for s in specs))
+
+
+def _contracting_axes(eq: str) -> tuple[int, int]:
+    """Index of the (first) contracted axis of each operand of a two-operand einsum (for MX/tile blocks)."""
+    ins, out = eq.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    shared = [c for c in a if c in b and c not in out]
+    if not shared:
+        return a.__len__() - 1, b.__len__() - 1
+    return a.index(shared[0]), b.index(shared[0])
+
+
+class _DotConfig(NamedTuple):
+    eq: str
+    lhs: Spec
+    rhs: Spec
+    out: Spec
+    grad: Spec
+    grad_out: Spec
+    mode: str
+
+
+def _einsum(cfg: _DotConfig, a, b):
+    if cfg.mode == "native":
+        da, db = _native_dtype(cfg.lhs), _native_dtype(cfg.rhs)
+        if da is not None and da == db:
+            return jnp.einsum(cfg.eq, a.astype(da), b.astype(db), preferred_element_type=_F32)
+    return jnp.einsum(cfg.eq, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F32)
+
+
+def _dot_fwd_impl(cfg: _DotConfig, a, b, state):
+    ka, kb = _contracting_axes(cfg.eq)
+    st = state if state is not None else DotState(None, None, None)
+    qa, sa = _round(a, cfg.lhs, cfg.mode, axis=ka, state=st.lhs)
+    qb, sb = _round(b, cfg.rhs, cfg.mode, axis=kb, state=st.rhs)
+    y, _ = _round(_einsum(cfg, qa, qb), cfg.out, cfg.mode)
+    return y, (qa, qb, sa, sb)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dot(cfg: _DotConfig, a, b, state):
+    return _dot_fwd_impl(cfg, a, b, state)[0]
+
+
+def _dot_fwd(cfg, a, b, state):
+    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state)
+    return y, (qa, qb, sa, sb, state)
+
+
+def _dot_bwd(cfg, res, g):
+    qa, qb, sa, sb, state = res
+    st = state if state is not None else DotState(None, None, None)
+    qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad)
+    _, vjp = jax.vjp(lambda a_, b_: _einsum(cfg, a_, b_), qa, qb)
+    da, db = vjp(qg)
+    da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode)
+    new_state = None if state is None else DotState(sa, sb, sg)
+    return da, db.astype(_F32), new_state
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
+        state: DotState | None = None):
+    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation and
+    the output rounded per `out`. The backward pass rounds gradients per the policy's "grads" spec."""
+    cfg = _DotConfig(eq, policy[lhs], policy[rhs], policy[out], policy["grads"], policy["matmul_out"], policy.mode)
+    return _dot(cfg, jnp.asarray(a, _F32), jnp.asarray(b, _F32), state)
+
+
+# -- elementwise and reductions ----------------------------------------------------------------------------
+
+
+def _rounder(policy: PrecisionPolicy, component: str):
+    spec, mode = policy[component], policy.mode
+    return lambda v: _round(v, spec, mode)[0]
+
+
+def exp(x, policy: PrecisionPolicy, component: str):
+    """exp with the input and the output rounded to the component's format."""
+    q = _rounder(policy, component)
+    return q(jnp.exp(q(jnp.asarray(x, _F32))))
+
+
+def sum(x, policy: PrecisionPolicy, component: str, axis=None, keepdims: bool = False):  # noqa: A001
+    """float32 accumulation, one rounding of the result."""
+    q = _rounder(policy, component)
+    return q(jnp.sum(q(jnp.asarray(x, _F32)), axis=axis, keepdims=keepdims))
+
+
+def mean(x, policy: PrecisionPolicy, component: str, axis=None, keepdims: bool = False):
+    q = _rounder(policy, component)
+    x = q(jnp.asarray(x, _F32))
+    n = x.size if axis is None else _count(x.shape, axis)
+    return q(q(jnp.sum(x, axis=axis, keepdims=keepdims)) / jnp.float32(n))
+
+
+def _count(shape, axis) -> int:
+    axes = (axis,) if isinstance(axis, int) else axis
+    n = 1
+    for a in axes:
+        n *= shape[a]
+    return n
+
+
+def softmax(x, policy: PrecisionPolicy, component: str, axis: int = -1, shift: bool = True):
+    """softmax rounded after every elementary op. shift=False exponentiates the raw logits (the form ST-MoE
+    worries about: exp of large logits, whose relative roundoff grows with |logit|)."""
+    q = _rounder(policy, component)
+    x = q(jnp.asarray(x, _F32))
+    if shift:
+        x = q(x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)))
+    e = q(jnp.exp(x))
+    s = q(jnp.sum(e, axis=axis, keepdims=True))
+    return q(e / s)
+
+
+def logsumexp(x, policy: PrecisionPolicy, component: str, axis: int = -1, keepdims: bool = False):
+    """max-shifted logsumexp, rounded after every elementary op."""
+    q = _rounder(policy, component)
+    x = q(jnp.asarray(x, _F32))
+    m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, jnp.float32(0.0))
+    e = q(jnp.exp(q(x - m)))
+    s = q(jnp.sum(e, axis=axis, keepdims=True))
+    out = q(q(jnp.log(s)) + m)
+    return out if keepdims else jnp.squeeze(out, axis=axis)
+
+
+def rms_norm(x, scale, policy: PrecisionPolicy, component: str = "norms", eps: float = 1e-6):
+    """x * rsqrt(mean(x^2) + eps) (* scale), rounded after every elementary op; scale may be None
+    (ST-MoE's "remove RMSNorm scale" ablation)."""
+    q = _rounder(policy, component)
+    x = q(jnp.asarray(x, _F32))
+    ms = q(q(jnp.sum(q(x * x), axis=-1, keepdims=True)) / jnp.float32(x.shape[-1]))
+    r = q(jax.lax.rsqrt(q(ms + jnp.float32(eps))))
+    y = q(x * r)
+    if scale is not None:
+        scale = q(jnp.asarray(scale, _F32))
+        y = q(y * scale.reshape((1,) * (y.ndim - scale.ndim) + scale.shape))  # explicit broadcast
+    return y
+
+
+__all__ = ["cast", "dot", "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm"]

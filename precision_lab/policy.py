@@ -1,0 +1,321 @@
+"""Per-component precision policy: which format every part of an MoE model computes, stores and
+communicates in.
+
+A `PrecisionPolicy` maps every name in `COMPONENTS` to a `Spec` (format, scaling, rounding, overflow) and
+has a `mode`: "emulate" (float32 storage, bit-exact rounding after every elementary op) or "native" (real
+low-precision jax dtypes where they exist: fast, but XLA may keep excess precision).
+
+Compact string form, parsed left to right, later entries override earlier ones:
+
+    st-moe,experts=fp8_e4m3fn:delayed:saturate,grads=fp8_e5m2:delayed,mode=emulate
+
+  * a bare word is a preset name (`PRESETS`), applied first;
+  * `default=SPEC` sets every component; a group name (`GROUPS`: router, attention, experts, ...) sets its
+    members; a component name sets one component;
+  * SPEC is `FORMAT[:token...]`, each token a scaling (`SCALINGS`), rounding (`ROUNDINGS`) or overflow
+    (`OVERFLOWS`) name, in any order.
+
+`str(policy)` prints the canonical form (the most common spec as `default`, then every component that
+differs, in `COMPONENTS` order) and `parse_policy(str(p)) == p` always. TOML: a table of the same keys
+(`policy_to_toml_table` / `policy_from_toml_table`), e.g. `[policy] default = "bf16"  router = "fp32"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from precision_lab.errors import UserError, unknown_choice
+from precision_lab.formats import get_format
+from precision_lab.quantize import OVERFLOWS, ROUNDINGS
+
+COMPONENTS: dict[str, str] = {
+    "params": "parameter storage (the copy the forward pass reads)",
+    "master": "master weights: the parameter update is applied and stored in this format",
+    "activations": "residual stream between blocks",
+    "embeddings": "embedding lookup output",
+    "norms": "RMSNorm arithmetic (mean square, rsqrt, scale)",
+    "attn_operands": "attention matmul operands (Q/K/V/out projections, QK^T, PV)",
+    "attn_logits": "attention logits (QK^T output plus position bias)",
+    "attn_softmax": "attention softmax and its exponentials",
+    "ffn_operands": "dense FFN matmul operands",
+    "expert_operands": "expert FFN matmul operands",
+    "head_operands": "output projection matmul operands",
+    "matmul_out": "matmul outputs, after float32 accumulation",
+    "router_input": "router input (the token representation the router sees)",
+    "router_weights": "router weight matrix as the router matmul reads it",
+    "router_logits": "router logits",
+    "router_softmax": "router softmax and its exponentials (router probabilities)",
+    "combine_weights": "gates that weight expert outputs when combining",
+    "comm": "expert dispatch/combine communication (all-to-all)",
+    "output_logits": "output logits, their softmax/logsumexp and the loss",
+    "grads": "gradients: the cotangent operand of every backward matmul",
+    "grad_allreduce": "gradient all-reduce across data-parallel replicas",
+    "optimizer_state": "optimizer state storage (moments, factored statistics)",
+}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "router": ("router_input", "router_weights", "router_logits", "router_softmax"),
+    "attention": ("attn_operands", "attn_logits", "attn_softmax"),
+    "experts": ("expert_operands",),
+    "ffn": ("ffn_operands",),
+    "operands": ("attn_operands", "ffn_operands", "expert_operands", "head_operands"),
+    "exponentials": ("attn_softmax", "router_softmax", "output_logits"),
+    "weights": ("params", "master"),
+    "gradients": ("grads", "grad_allreduce"),
+}
+
+SCALINGS: tuple[str, ...] = ("none", "current", "delayed", "mx", "tile1x128", "tile128x128")
+MODES: tuple[str, ...] = ("emulate", "native")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Spec:
+    """How one component rounds: format, scaling into the format, rounding mode, overflow behaviour.
+
+    overflow None is the format's own cast (see `precision_lab.quantize.quantize`).
+    """
+
+    format: str = "fp32"
+    scaling: str = "none"
+    rounding: str = "nearest_even"
+    overflow: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", get_format(self.format).name)
+        if self.scaling not in SCALINGS:
+            raise unknown_choice("scaling", self.scaling, SCALINGS)
+        if self.rounding not in ROUNDINGS:
+            raise unknown_choice("rounding", self.rounding, ROUNDINGS)
+        if self.overflow is not None and self.overflow not in OVERFLOWS:
+            raise unknown_choice("overflow", self.overflow, OVERFLOWS)
+
+    @property
+    def fmt(self):
+        return get_format(self.format)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when rounding to this spec never changes a float32 value."""
+        return self.format == "fp32" and self.scaling == "none" and self.overflow != "saturate"
+
+    def __str__(self) -> str:
+        parts = [self.format]
+        if self.scaling != "none":
+            parts.append(self.scaling)
+        if self.rounding != "nearest_even":
+            parts.append(self.rounding)
+        if self.overflow is not None:
+            parts.append(self.overflow)
+        return ":".join(parts)
+
+
+_ROUNDING_ALIASES = {"rne": "nearest_even", "nearest": "nearest_even", "sr": "stochastic", "rtz": "toward_zero"}
+
+
+def parse_spec(text: str, field: str = "spec") -> Spec:
+    """Parse `FORMAT[:token...]` where each token is a scaling, rounding or overflow name."""
+    head, *tokens = [t.strip() for t in str(text).strip().split(":")]
+    if not head:
+        raise UserError(f"{field}: empty spec; expected FORMAT[:scaling][:rounding][:overflow]")
+    try:
+        fmt = get_format(head).name
+    except UserError as err:
+        raise UserError(f"{field}: {err}") from None
+    kw: dict = {}
+    for tok in tokens:
+        tok = _ROUNDING_ALIASES.get(tok.lower(), tok.lower())
+        if tok in SCALINGS:
+            key = "scaling"
+        elif tok in ROUNDINGS:
+            key = "rounding"
+        elif tok in OVERFLOWS:
+            key = "overflow"
+        else:
+            err = unknown_choice(f"{field} option", tok, [*SCALINGS, *ROUNDINGS, *OVERFLOWS])
+            raise UserError(str(err)) from None
+        if key in kw:
+            raise UserError(f"{field}: two {key} options in {text!r}")
+        kw[key] = tok
+    return Spec(format=fmt, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPolicy:
+    """A frozen mapping component -> Spec (every component present), plus the op mode."""
+
+    specs: Mapping[str, Spec]
+    mode: str = "emulate"
+
+    def __post_init__(self):
+        missing = [c for c in COMPONENTS if c not in self.specs]
+        extra = [c for c in self.specs if c not in COMPONENTS]
+        if missing:
+            raise UserError(f"policy is missing components {missing}")
+        if extra:
+            raise unknown_choice("component", extra[0], COMPONENTS)
+        if self.mode not in MODES:
+            raise unknown_choice("mode", self.mode, MODES)
+        ordered = {c: self.specs[c] for c in COMPONENTS}
+        object.__setattr__(self, "specs", MappingProxyType(ordered))
+
+    def __getitem__(self, component: str) -> Spec:
+        try:
+            return self.specs[component]
+        except KeyError:
+            raise unknown_choice("component", component, COMPONENTS) from None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, PrecisionPolicy) and dict(self.specs) == dict(other.specs) and self.mode == other.mode
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.specs.items()), self.mode))
+
+    def replace(self, **components: Spec | str) -> PrecisionPolicy:
+        """A copy with some components (or groups, or `default`, or `mode`) changed."""
+        return parse_policy(",".join(f"{k}={v}" for k, v in components.items()), base=self)
+
+    def uses(self, predicate) -> bool:
+        return any(predicate(s) for s in self.specs.values())
+
+    def __str__(self) -> str:
+        return format_policy(self)
+
+    def to_dict(self) -> dict[str, str]:
+        """Every component's spec as a string, plus the mode (the fully resolved policy, for records)."""
+        return {"mode": self.mode, **{c: str(s) for c, s in self.specs.items()}}
+
+
+def format_policy(policy: PrecisionPolicy) -> str:
+    """Canonical compact string: `default=<most common spec>` then each differing component."""
+    counts = Counter(str(s) for s in policy.specs.values())
+    default = max(counts, key=lambda k: (counts[k], k == "fp32"))  # ties: prefer fp32 as the default
+    parts = [f"default={default}"]
+    parts += [f"{c}={s}" for c, s in policy.specs.items() if str(s) != default]
+    if policy.mode != "emulate":
+        parts.append(f"mode={policy.mode}")
+    return ",".join(parts)
+
+
+def _assign(specs: dict[str, Spec], key: str, spec: Spec) -> None:
+    if key in ("default", "all"):
+        targets = tuple(COMPONENTS)
+    elif key in GROUPS:
+        targets = GROUPS[key]
+    elif key in COMPONENTS:
+        targets = (key,)
+    else:
+        raise unknown_choice("policy component", key, [*COMPONENTS, *GROUPS, "default", "mode"])
+    for t in targets:
+        specs[t] = spec
+
+
+def parse_policy(text: str, base: PrecisionPolicy | None = None) -> PrecisionPolicy:
+    """Parse the compact string form (see module docstring); `base` is the starting policy (fp32)."""
+    specs = dict((base or PRESETS["fp32"]).specs)
+    mode = (base or PRESETS["fp32"]).mode
+    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+        if "=" not in item:
+            preset = get_preset(item)
+            specs, mode = dict(preset.specs), preset.mode
+            continue
+        key, value = (s.strip() for s in item.split("=", 1))
+        key = key.lower()
+        if key == "mode":
+            if value not in MODES:
+                raise unknown_choice("policy mode", value, MODES)
+            mode = value
+            continue
+        if key not in ("default", "all") and key not in GROUPS and key not in COMPONENTS:
+            raise unknown_choice("policy component", key, [*COMPONENTS, *GROUPS, "default", "mode"])
+        _assign(specs, key, parse_spec(value, field=f"policy {key}"))
+    return PrecisionPolicy(specs, mode)
+
+
+def policy_to_toml_table(policy: PrecisionPolicy) -> dict[str, str]:
+    """The canonical form as a TOML table (key = "spec")."""
+    return dict(item.split("=", 1) for item in format_policy(policy).split(","))
+
+
+def policy_from_toml_table(table: Mapping[str, object]) -> PrecisionPolicy:
+    """Inverse of `policy_to_toml_table`; a `preset` key, if present, is applied first."""
+    items = []
+    if "preset" in table:
+        items.append(str(table["preset"]))
+    items += [f"{k}={v}" for k, v in table.items() if k != "preset"]
+    return parse_policy(",".join(items))
+
+
+def get_policy(policy: str | PrecisionPolicy | Mapping | None) -> PrecisionPolicy:
+    """A policy from a preset name, a compact string, a TOML table, or a policy (returned as is)."""
+    if policy is None:
+        return PRESETS["fp32"]
+    if isinstance(policy, PrecisionPolicy):
+        return policy
+    if isinstance(policy, Mapping):
+        return policy_from_toml_table(policy)
+    return parse_policy(policy)
+
+
+def get_preset(name: str) -> PrecisionPolicy:
+    key = str(name).strip().lower()
+    if key not in PRESETS:
+        raise unknown_choice("policy preset", name, PRESETS)
+    return PRESETS[key]
+
+
+# -- presets ------------------------------------------------------------------------------------------------
+
+
+def _uniform(spec: str, **overrides: str) -> PrecisionPolicy:
+    specs = {c: parse_spec(spec) for c in COMPONENTS}
+    for key, value in overrides.items():
+        _assign(specs, key, parse_spec(value))
+    return PrecisionPolicy(specs)
+
+
+_STMOE = dict(
+    # ST-MoE section 3 (PAPER.md): float32 weights cast to bf16 for matmuls with f32 accumulation;
+    # activations stored and operated on in bf16; router computed in float32 ("selective precision");
+    # every exponentiated tensor in float32; gradient all-reduce in float32.
+    params="fp32", master="fp32", optimizer_state="fp32", grad_allreduce="fp32",
+    router="fp32", exponentials="fp32", combine_weights="fp32",
+)
+
+PRESET_SOURCES: dict[str, str] = {
+    "fp32": "reference: everything float32",
+    "bf16": "Switch Transformer Table 2 'bfloat16' (diverged): every compute, communication and gradient "
+            "component bf16, router included; float32 master weights and optimizer state",
+    "bf16-selective": "Switch Table 2 'selective precision': as bf16, with the router (input, weights, "
+                      "logits, softmax) in float32",
+    "st-moe": "ST-MoE section 3: bf16 matmul operands/activations, float32 weights, router, exponentials "
+              "and gradient all-reduce",
+    "fp8-hybrid": "Micikevicius et al. 2022 / Transformer Engine: st-moe with e4m3 forward matmul operands "
+                  "and e5m2 gradients, delayed scaling, saturating casts",
+    "mxfp8": "OCP MX v1.0: st-moe with matmul operands in MXFP8 (e4m3, 32-element e8m0 blocks) and "
+             "gradients in MXFP8 e5m2",
+    "mxfp4-experts": "OCP MX v1.0: st-moe with expert matmul operands in MXFP4 (e2m1, 32-element blocks)",
+    "tpu-default": "TPU at default matmul precision: float32 everywhere, but every matmul rounds its "
+                   "operands to bf16 (one bf16 pass) and accumulates in float32",
+}
+
+_FP8_FWD = "fp8_e4m3fn:delayed:saturate"
+_FP8_BWD = "fp8_e5m2:delayed:saturate"
+
+PRESETS: dict[str, PrecisionPolicy] = {}
+PRESETS["fp32"] = _uniform("fp32")
+PRESETS["bf16"] = _uniform("bf16", params="fp32", master="fp32", optimizer_state="fp32")
+PRESETS["bf16-selective"] = _uniform("bf16", params="fp32", master="fp32", optimizer_state="fp32", router="fp32")
+PRESETS["st-moe"] = _uniform("bf16", **_STMOE)
+PRESETS["fp8-hybrid"] = _uniform("bf16", **_STMOE, operands=_FP8_FWD, grads=_FP8_BWD)
+PRESETS["mxfp8"] = _uniform("bf16", **_STMOE, operands="fp8_e4m3fn:mx:saturate", grads="fp8_e5m2:mx:saturate")
+PRESETS["mxfp4-experts"] = _uniform("bf16", **_STMOE, experts="fp4_e2m1fn:mx:saturate")
+PRESETS["tpu-default"] = _uniform("fp32", operands="bf16", router_input="bf16", router_weights="bf16", grads="bf16")
+
+__all__ = [
+    "COMPONENTS", "GROUPS", "SCALINGS", "MODES", "Spec", "PrecisionPolicy", "PRESETS", "PRESET_SOURCES",
+    "parse_spec", "parse_policy", "format_policy", "get_policy", "get_preset", "policy_to_toml_table",
+    "policy_from_toml_table",
+]

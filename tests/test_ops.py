@@ -1,0 +1,162 @@
+"""Precision-aware ops: emulate mode against an op-by-op numpy + ml_dtypes reference, native mode's
+measured excess precision under jit, gradients under fp8-hybrid, delayed-scaling state via the VJP."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from precision_lab import ops
+from precision_lab.formats import get_format
+from precision_lab.policy import PRESETS, parse_policy
+from precision_lab.quantize import quantize
+
+BF16 = ml_dtypes.bfloat16
+EMU = parse_policy("default=bf16")
+NATIVE = parse_policy("default=bf16,mode=native")
+
+
+def r(x):
+    """Round to bf16 (numpy + ml_dtypes), kept as float32."""
+    return np.asarray(x, np.float32).astype(BF16).astype(np.float32)
+
+
+def xla_exp(x):
+    """The elementary function as XLA:CPU computes it in float32 (numpy's exp may differ in the last bit,
+    which is not what these tests are about)."""
+    return np.asarray(jax.jit(jnp.exp)(jnp.asarray(x, jnp.float32)))
+
+
+def xla_f32(fn, x):
+    return np.asarray(jax.jit(fn)(jnp.asarray(x, jnp.float32)))
+
+
+@pytest.fixture
+def logits():
+    return (np.random.default_rng(0).standard_normal((512, 16)) * 6).astype(np.float32)
+
+
+def same(a, b):
+    np.testing.assert_array_equal(np.asarray(a, np.float32).view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_softmax_matches_op_by_op_reference(logits, shift):
+    x = r(logits)
+    if shift:
+        x = r(x - x.max(-1, keepdims=True))
+    e = r(xla_exp(x))
+    s = r(e.sum(-1, keepdims=True, dtype=np.float32))
+    ref = r(e / s)
+    same(jax.jit(lambda v: ops.softmax(v, EMU, "router_softmax", shift=shift))(logits), ref)
+
+
+def test_logsumexp_exp_sum_mean_match_reference(logits):
+    x = r(logits)
+    m = x.max(-1, keepdims=True)
+    e = r(xla_exp(r(x - m)))
+    ref = r(r(xla_f32(jnp.log, r(e.sum(-1, keepdims=True, dtype=np.float32)))) + m)[:, 0]
+    same(jax.jit(lambda v: ops.logsumexp(v, EMU, "router_softmax"))(logits), ref)
+    same(jax.jit(lambda v: ops.exp(v, EMU, "attn_softmax"))(logits / 4), r(xla_exp(r(logits / 4))))
+    same(ops.sum(logits, EMU, "activations", axis=0), r(x.sum(0, dtype=np.float32)))
+    same(ops.mean(logits, EMU, "activations", axis=1), r(r(x.sum(1, dtype=np.float32)) / np.float32(16)))
+
+
+def test_rms_norm_matches_reference(logits):
+    scale = np.linspace(0.5, 1.5, 16).astype(np.float32)
+    x = r(logits)
+    ms = r(r(r(x * x).sum(-1, keepdims=True, dtype=np.float32)) / np.float32(16))
+    rs = r(xla_f32(jax.lax.rsqrt, r(ms + np.float32(1e-6))))
+    ref = r(r(x * rs) * r(scale))
+    same(jax.jit(lambda v: ops.rms_norm(v, scale, EMU))(logits), ref)
+    same(ops.rms_norm(logits, None, EMU), r(x * rs))
+
+
+def test_dot_rounds_operands_accumulates_f32_rounds_output():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((64, 96)).astype(np.float32)
+    b = rng.standard_normal((96, 32)).astype(np.float32)
+    y = np.asarray(jax.jit(lambda a, b: ops.dot("ik,kj->ij", a, b, EMU, lhs="ffn_operands", rhs="ffn_operands"))(a, b))
+    exact = r(a).astype(np.float64) @ r(b).astype(np.float64)  # the products of bf16 values are exact in f32
+    same(y, r(y))  # the output is bf16
+    # float32 accumulation order may differ from float64's in the last float32 bit; after rounding to bf16
+    # that can only move a value that sits on a bf16 midpoint: at most one bf16 ulp, rarely.
+    ref = r(exact.astype(np.float32))
+    ulp = get_format("bf16").ulp(ref)
+    assert (np.abs(y - ref) <= ulp).all() and (y == ref).mean() > 0.99
+    tpu = PRESETS["tpu-default"]  # operands bf16, output float32
+    yt = np.asarray(ops.dot("ik,kj->ij", a, b, tpu, lhs="ffn_operands", rhs="ffn_operands"))
+    np.testing.assert_allclose(yt, exact, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(yt, r(yt))
+
+
+def test_native_mode_measurably_differs_under_jit(logits):
+    """XLA removes float32->bf16->float32 convert pairs under jit (excess precision): native mode skips
+    roundings that emulate mode performs. Eagerly (no fusion) the two modes agree bit for bit."""
+    fn = lambda p: jax.jit(lambda v: ops.softmax(v, p, "router_softmax"))  # noqa: E731
+    emulated, native_jit = np.asarray(fn(EMU)(logits)), np.asarray(fn(NATIVE)(logits))
+    native_eager = np.asarray(ops.softmax(logits, NATIVE, "router_softmax"))
+    same(native_eager, emulated)
+    differ = (native_jit != emulated).mean()
+    assert differ > 0.5, differ  # measured: 100% of the probabilities differ
+    exact = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1))
+    # the skipped roundings make native mode *more* accurate than the format it claims to simulate
+    assert np.abs(native_jit - exact).mean() < 0.5 * np.abs(emulated - exact).mean()
+    same(emulated, r(emulated))
+
+
+def test_fp8_hybrid_gradients_are_e5m2_after_scaling():
+    """The incoming gradient of every matmul is rounded to e5m2 with delayed scaling: with b = I the input
+    gradient is exactly that rounded gradient (in bf16), so g * scale must be an e5m2 value."""
+    # matmul outputs in float32 so that the rounded gradient is observed without the bf16 output rounding
+    p = PRESETS["fp8-hybrid"].replace(matmul_out="fp32")
+    state = ops.init_dot_state(p, lhs="ffn_operands", rhs="ffn_operands", history=4)
+    a = jnp.asarray(np.random.default_rng(2).standard_normal((8, 16)), jnp.float32)
+    eye = jnp.eye(16, dtype=jnp.float32)
+    g = jnp.asarray(np.random.default_rng(3).standard_normal((8, 16)) * 7, jnp.float32)
+    e5m2 = get_format("fp8_e5m2")
+
+    def input_grad(state):
+        _, vjp = jax.vjp(lambda a_, s_: ops.dot("ik,kj->ij", a_, eye, p, lhs="ffn_operands", rhs="ffn_operands",
+                                                  state=s_), a, state)
+        return vjp(g)
+
+    da, new_state = input_grad(state)  # first step: empty history, scale 1
+    same(da, quantize(da, e5m2))
+    assert float(new_state.grad.amax_history[0]) == float(jnp.max(jnp.abs(g)))
+    da2, _ = input_grad(new_state)  # second step: scale = 57344 / amax(g)
+    scale = e5m2.max / float(jnp.max(jnp.abs(g)))
+    scaled = np.asarray(da2, np.float64) * scale
+    back = np.asarray(quantize(jnp.asarray(scaled, jnp.float32), e5m2), np.float64)
+    np.testing.assert_allclose(scaled, back, rtol=2e-6)  # e5m2 values up to float32 dequantization
+    assert np.abs(back).max() <= e5m2.max and not np.array_equal(da2, da)
+
+
+def test_delayed_state_comes_back_as_the_gradient():
+    p = parse_policy("experts=fp8_e4m3fn:delayed:saturate,grads=fp8_e5m2:delayed")
+    state = ops.init_dot_state(p, lhs="expert_operands", rhs="expert_operands", history=3)
+    a = jnp.full((4, 8), 3.0, jnp.float32)
+    w = jnp.full((8, 2), 0.5, jnp.float32)
+    f = lambda a, w, s: jnp.sum(ops.dot("ik,kj->ij", a, w, p, lhs="expert_operands", rhs="expert_operands", state=s))  # noqa: E731
+    _, _, new = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(a, w, state)
+    np.testing.assert_array_equal(new.lhs.amax_history, [3.0, 0, 0])
+    np.testing.assert_array_equal(new.rhs.amax_history, [0.5, 0, 0])
+    np.testing.assert_array_equal(new.grad.amax_history, [1.0, 0, 0])
+    assert ops.init_dot_state(PRESETS["st-moe"], lhs="expert_operands", rhs="expert_operands") is None
+
+
+def test_footnote_example():
+    """ST-MoE footnote: ten logits of 128 and one of 128.5: 0.142 exact, 0.091 after bf16 rounding."""
+    x = jnp.array([128.0] * 10 + [128.5], jnp.float32)
+    assert float(ops.softmax(x, PRESETS["fp32"], "router_softmax")[-1]) == pytest.approx(0.142, abs=5e-4)
+    assert float(ops.softmax(x, PRESETS["bf16"], "router_softmax")[-1]) == pytest.approx(0.091, abs=5e-4)
+    assert float(ops.softmax(x, PRESETS["bf16-selective"], "router_softmax")[-1]) == pytest.approx(0.142, abs=5e-4)
+
+
+def test_gradients_flow_through_every_op(logits):
+    x = jnp.asarray(logits[:8])
+    for fn in (lambda v: ops.softmax(v, EMU, "router_softmax")[:, 0], lambda v: ops.logsumexp(v, EMU, "router_softmax"),
+               lambda v: ops.rms_norm(v, None, EMU)[:, 0], lambda v: ops.exp(v / 8, EMU, "attn_softmax")[:, 0]):
+        g = jax.grad(lambda v: jnp.sum(fn(v)))(x)
+        assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
