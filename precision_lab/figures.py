@@ -43,3 +43,184 @@ def roundoff_per_binade_figure(out_dir: str | Path, formats: list[str] | None = 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return save(fig, out_dir, "roundoff_per_binade")
+
+
+# -- roundoff analyses (precision_lab.roundoff): each takes the analysis's rows ---------------------------------
+
+from matplotlib import ticker as _ticker  # noqa: E402
+
+
+def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    """Group rows by the values of `keys`, in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def _colors(names) -> dict:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {n: cycle[i % len(cycle)] for i, n in enumerate(dict.fromkeys(names))}
+
+
+def roundoff_table_figure(rows: list[dict], out_dir: str | Path, stem: str = "roundoff_table") -> list[Path]:
+    """`roundoff.binade_table` rows: analytic one ulp (solid) and half ulp (dashed) per binade, the measured
+    maxima (o: round-to-nearest, x: toward zero) and ST-MoE's printed values (black stars)."""
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = _colors(r["format"] for r in rows)
+    for (name,), rs in _by(rows, "format").items():
+        k = [r["k"] for r in rs]
+        c = colors[name]
+        ax.plot(k, [r["one_ulp"] for r in rs], color=c, lw=1.2, label=f"{name}: one ulp (solid), half ulp (dashed)")
+        ax.plot(k, [r["half_ulp"] for r in rs], color=c, lw=1.0, ls="--")
+        ax.plot(k, [r["measured_nearest"] for r in rs], "o", color=c, ms=3, mfc="none")
+        ax.plot(k, [r["measured_toward_zero"] for r in rs], "x", color=c, ms=3)
+    paper = [r for r in rows if r.get("paper") is not None]
+    if paper:
+        ax.plot([r["k"] for r in paper], [r["paper"] for r in paper], "*", color="black", ms=10, mfc="none",
+                label="ST-MoE printed value (one ulp)")
+    ax.plot([], [], "o", color="gray", mfc="none", ms=4, label="measured max, round to nearest even")
+    ax.plot([], [], "x", color="gray", ms=4, label="measured max, round toward zero")
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("binade k: |x| in [2^k, 2^(k+1))")
+    ax.set_ylabel("maximum absolute roundoff |round(x) - x| (same units as x)")
+    ax.set_title("Maximum roundoff per binade: analytic and measured with quantize()")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    return save(fig, out_dir, stem)
+
+
+def exp_error_figure(rows: list[dict], out_dir: str | Path, stem: str = "exp_error") -> list[Path]:
+    """`roundoff.exp_error` rows: max (solid, markers) and median (dotted) relative error of exp per |x| bin,
+    and the analytic bound (1+u) exp(|x| u) - 1 (dashed), per format."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = _colors(r["format"] for r in rows)
+    for (name,), rs in _by(rows, "format").items():
+        c = colors[name]
+        mid = [math.sqrt(r["bin_lo"] * r["bin_hi"]) if r["bin_lo"] > 0 else r["bin_hi"] / 2 for r in rs]
+        ax.plot(mid, [r["max_rel_err"] for r in rs], "o-", color=c, ms=3, label=f"{name}: max")
+        ax.plot(mid, [r["median_rel_err"] for r in rs], ":", color=c, lw=1)
+        u = 2.0 ** -(rs[0]["mantissa_bits"] + 1)
+        xs = np.geomspace(max(rs[0]["bin_lo"], 1e-3), rs[-1]["bin_hi"], 200)
+        ax.plot(xs, (1 + u) * np.exp(xs * u) - 1, "--", color=c, lw=1)
+    ax.plot([], [], ":", color="gray", label="median (dotted)")
+    ax.plot([], [], "--", color="gray", label="bound (1+u) exp(|x| u) - 1, u = 2^-(m+1) (dashed)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_locator(_ticker.NullLocator())
+    ax.set_xlabel("|x| (input of exp, bins of half an octave)")
+    ax.set_ylabel("relative error of exp(x) vs float64")
+    ax.set_title("exp(x) with input and output rounded to the format (emulate mode)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save(fig, out_dir, stem)
+
+
+def _mark_nonfinite(ax, xs, ys, color):
+    """Points whose value is not finite (overflow) as x markers along the top edge of the axes."""
+    bad = [x for x, y in zip(xs, ys) if not math.isfinite(y)]
+    if bad:
+        ax.plot(bad, [0.97] * len(bad), "x", color=color, transform=ax.get_xaxis_transform(), clip_on=False)
+
+
+def softmax_error_figure(rows: list[dict], out_dir: str | Path, stem: str = "softmax_error") -> list[Path]:
+    """`roundoff.softmax_error` rows: one figure per number of experts; columns = (max-shift, mean shift),
+    rows = median over tokens of the all-expert and of the top-1 relative error; lines = format (colour) and
+    mode (solid emulate, dashed native)."""
+    paths: list[Path] = []
+    colors = _colors(r["format"] for r in rows)
+    for (num_experts,), rs_e in _by(rows, "num_experts").items():
+        variants = list(_by(rs_e, "shift", "mean_shift"))
+        fig, axes = plt.subplots(2, len(variants), figsize=(4.2 * len(variants), 7.5), sharex=True, squeeze=False)
+        for j, (shift, mean_shift) in enumerate(variants):
+            for i, (metric, what) in enumerate((("all_median", "worst expert with p >= floor"),
+                                                ("top1_median", "top-1 expert"))):
+                ax = axes[i, j]
+                for (name, mode), rs in _by([r for r in rs_e if r["shift"] == shift and r["mean_shift"] == mean_shift],
+                                            "format", "mode").items():
+                    xs = [r["scale"] for r in rs]
+                    ys = [r[metric] for r in rs]
+                    label = f"{name} {mode}" + ("" if mode == "emulate" or rs[0]["native_dtype"] else " (emulated)")
+                    ax.plot(xs, [y if math.isfinite(y) and y > 0 else float("nan") for y in ys],
+                            "o-" if mode == "emulate" else "s--", ms=3, color=colors[name], label=label,
+                            alpha=1.0 if mode == "emulate" else 0.7)
+                    _mark_nonfinite(ax, xs, ys, colors[name])
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_locator(_ticker.NullLocator())  # ten decades: minor ticks only cost time
+                ax.grid(True, which="major", alpha=0.3)
+                ax.set_title(f"shift={shift}, mean shift={mean_shift:g} x scale", fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"relative error, {what}\n(median over tokens)")
+                if i == 1:
+                    ax.set_xlabel("logit scale (std of router logits)")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+        fig.suptitle(f"Router softmax in the format vs float64, {num_experts} experts "
+                     "(x at the top: non-finite probabilities, exp overflow)")
+        fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+        paths += save(fig, out_dir, f"{stem}_E{num_experts}")
+    return paths
+
+
+def flip_rate_figure(rows: list[dict], out_dir: str | Path, stem: str = "flip_rate") -> list[Path]:
+    """`roundoff.flip_rate` rows: fraction of tokens whose top-k routing changes, one panel per k; lines =
+    format (colour) and variant (mode, max-shift, mean shift); dotted = ties at the selection boundary."""
+    ks = sorted({r["k"] for r in rows})
+    colors = _colors(r["format"] for r in rows)
+    fig, axes = plt.subplots(1, len(ks), figsize=(6 * len(ks), 5), squeeze=False)
+    variants = list(_by(rows, "mode", "shift", "mean_shift"))
+    styles = ["o-", "s--", "^-.", "v:", "d-", "p--", "h-.", "*:"]
+    for ax, k in zip(axes[0], ks):
+        for (name, mode, shift, ms), rs in _by([r for r in rows if r["k"] == k], "format", "mode", "shift",
+                                                "mean_shift").items():
+            style = styles[variants.index((mode, shift, ms)) % len(styles)]
+            label = name if len(variants) == 1 else f"{name} {mode} shift={shift} mean shift={ms:g}"
+            xs = [r["scale"] for r in rs]
+            ax.plot(xs, [r["flip_rate"] for r in rs], style, ms=4, color=colors[name], label=label)
+            ax.plot(xs, [r["tie_frac"] for r in rs], ":", lw=0.8, color=colors[name])
+        ax.plot([], [], ":", color="gray", label="tokens with a tie at the k-th place (dotted)")
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("logit scale (std of router logits)")
+        ax.set_ylabel(f"fraction of tokens whose top-{k} {'expert' if k == 1 else 'set'} changes")
+        ax.set_title(f"top-{k} routing in the format vs float64 ({rs[0]['num_experts']} experts, "
+                     f"{rs[0]['tokens']} tokens)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Routing flips caused by rounding the router logits and softmax (ties: lowest index first)")
+    return save(fig, out_dir, stem)
+
+
+def footnote_figure(rows: list[dict], out_dir: str | Path, stem: str = "footnote") -> list[Path]:
+    """`roundoff.footnote_example` rows: softmax probability of the 128.5 logit per format (max-shift, each
+    mode), the exact value and ST-MoE's printed numbers; formats whose unshifted softmax overflows say so."""
+    shifted = [r for r in rows if r["shift"]]
+    modes = list(dict.fromkeys(r["mode"] for r in shifted))
+    names = list(dict.fromkeys(r["format"] for r in shifted))
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3, 5))
+    width = 0.8 / max(len(modes), 1)
+    for m, mode in enumerate(modes):
+        ps = [next((r["p"] for r in shifted if r["format"] == n and r["mode"] == mode), float("nan")) for n in names]
+        xs = [i + (m - (len(modes) - 1) / 2) * width for i in range(len(names))]
+        ax.bar(xs, [p if math.isfinite(p) else 0.0 for p in ps], width, label=f"{mode} (max-shift)")
+        for x, p in zip(xs, ps):
+            ax.annotate(f"{p:.4f}" if math.isfinite(p) else "NaN", (x, p / 2 if math.isfinite(p) else 0.0),
+                        ha="center", va="center", fontsize=7, rotation=90, color="white" if math.isfinite(p) else "k")
+    exact = rows[0]["exact"]
+    ax.axhline(exact, color="black", lw=1, label=f"exact (float64) {exact:.4f}")
+    ax.axhline(0.142, color="black", ls="--", lw=0.8, label="ST-MoE: exact 0.142")
+    ax.axhline(0.091, color="red", ls="--", lw=0.8, label="ST-MoE: bf16 0.091")
+    unshifted_nan = sorted({r["format"] for r in rows if not r["shift"] and not math.isfinite(r["p"])})
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("softmax probability of the 128.5 logit")
+    ax.set_title("ST-MoE footnote: ten logits of 128, one of 128.5"
+                 + (f"\nwithout the max-shift exp overflows (NaN) in: {', '.join(unshifted_nan)}" if unshifted_nan
+                    else ""), fontsize=9)
+    ax.set_ylim(0, 0.2)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax.grid(True, axis="y", alpha=0.3)
+    return save(fig, out_dir, stem)
