@@ -1,0 +1,133 @@
+"""The sparse (mixture-of-experts) FFN sublayer: router -> dense one-hot dispatch -> experts -> combine.
+
+Tokens [B, L] are flattened and split into G groups of S tokens (`router.num_groups`); each group routes
+independently with C = capacity slots per expert. Dispatch and combine are einsums with one-hot tensors
+[G, S, E, C] (Mesh TF / flaxformer "masked" routing), so everything is static-shape, vectorised, and shards
+by annotating the expert axis (see model/sharding.py):
+
+    tokens (G, S, D) --dispatch--> expert inputs (E, G, C, D) --experts--> (E, G, C, D) --combine--> (G, S, D)
+
+The two arrows through "comm" are the all-to-all of expert parallelism: what crosses them is rounded to the
+policy's `comm` component. Expert matmuls use `expert_operands`; the gates `combine_weights`.
+
+Telemetry per layer (float32, no gradient): max |router logit|, mean logsumexp^2, dropped fraction (requested
+assignments that found no slot), unrouted fraction (tokens with no expert at all), expert load coefficient of
+variation (std/mean of requested assignments per expert, summed over groups), routing entropy (mean over
+tokens of the router distribution's entropy, nats), and the flip rate vs a float32 shadow router.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from precision_lab import ops, router
+from precision_lab.model import sharding
+from precision_lab.model.config import ModelConfig
+from precision_lab.model.layers import dot_state, dropout, ffn_hidden_activation, init_ffn_weights, normal
+from precision_lab.policy import PrecisionPolicy
+
+TELEMETRY: tuple[str, ...] = ("max_abs_logit", "mean_lse_sq", "dropped_fraction", "unrouted_fraction", "load_cv",
+                              "entropy", "flip_rate")
+
+
+def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
+    """Router [D, E] and experts' FFN weights with a leading expert axis: wi_* [E, D, F], wo [E, F, D]."""
+    k_router, k_experts = jax.random.split(key)
+    d, e = cfg.d_model, cfg.num_experts
+    if cfg.router_init == "normal":
+        w_router = normal(k_router, (d, e), cfg.router_init_std)
+    else:  # Switch: truncated normal (2 std), variance scaling s / fan_in
+        std = (cfg.router_init_scale / d) ** 0.5
+        w_router = jax.random.truncated_normal(k_router, -2.0, 2.0, (d, e), jnp.float32) * jnp.float32(std)
+    params = {"router": w_router, **init_ffn_weights(k_experts, cfg, cfg.expert_hidden, lead=(e,))}
+    state = {"router": dot_state(policy, "router_input", "router_weights"),
+             "dispatch": dot_state(policy, "activations", "activations"),
+             "combine": dot_state(policy, "comm", "combine_weights")}
+    state |= {name: dot_state(policy, "expert_operands", "expert_operands") for name in params if name != "router"}
+    return params, state
+
+
+def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: PrecisionPolicy, train: bool,
+            prioritized: bool, key=None):
+    """Sparse FFN.
+
+    Args:
+      x: <float32>[B, L, D] normalised sublayer input.
+      token_mask: <float32>[B, L] 1 for real tokens (padding is never routed).
+      train: training capacity factor, jitter, expert dropout, GShard's random second expert.
+      prioritized: Batch Prioritized Routing (encoder only, when cfg.batch_prioritized_routing).
+      key: needed when train and any randomness is on.
+    Returns:
+      (<float32>[B, L, D] output (0 for tokens no expert took), aux dict: "z_loss", "load_balancing_loss"
+      <float32>[], "telemetry" {name: <float32>[]}, "expert_index" <int32>[G, S, K]).
+    """
+    batch, length, d = x.shape
+    e, k = cfg.num_experts, cfg.num_selected_experts
+    g = router.num_groups(batch * length, cfg.group_size)
+    s = batch * length // g
+    cf = cfg.train_capacity_factor if train else cfg.eval_capacity_factor
+    capacity = router.expert_capacity(s, e, cf, cfg.min_capacity)
+    k_jitter, k_route, k_drop = jax.random.split(key, 3) if key is not None else (None, None, None)
+
+    tokens = sharding.constrain(x.reshape(g, s, d), "groups")  # (G, S, D)
+    mask = token_mask.reshape(g, s)  # (G, S)
+    x_router = router.jitter(tokens, cfg.router_jitter_eps if train else 0.0, k_jitter)  # (G, S, D)
+    logits = router.router_logits(x_router, params["router"], policy, state=state["router"])  # (G, S, E)
+    probs = router.router_probs(logits, policy, shift=cfg.router_softmax_shift)  # (G, S, E)
+    routing = router.route(probs, policy, routing=cfg.routing, k=k, capacity=capacity, token_mask=mask,
+                           batch_prioritized=prioritized, gshard_threshold=cfg.gshard_threshold,
+                           key=k_route if train else None)
+
+    # Dispatch (the all-to-all): each expert's C slots per group.
+    expert_in = ops.dot("gsd,gsec->egcd", tokens, routing.dispatch, policy, lhs="activations", rhs="activations",
+                        out="comm", state=state["dispatch"])  # (E, G, C, D)
+    expert_in = sharding.constrain(expert_in, "experts")
+    pre = {name: ops.dot("egcd,edf->egcf", expert_in, params[name], policy, lhs="expert_operands",
+                         rhs="expert_operands", state=state[name])
+           for name in params if name not in ("router", "wo")}  # (E, G, C, F) each
+    hidden = dropout(ffn_hidden_activation(pre, cfg, policy), cfg.expert_dropout_rate if train else 0.0, k_drop,
+                     policy)
+    expert_out = ops.dot("egcf,efd->egcd", hidden, params["wo"], policy, lhs="expert_operands",
+                         rhs="expert_operands", out="comm", state=state["wo"])  # (E, G, C, D)
+    expert_out = sharding.constrain(expert_out, "experts")
+    # Combine (the return all-to-all), weighted by the gates.
+    y = ops.dot("egcd,gsec->gsd", expert_out, routing.combine, policy, lhs="comm", rhs="combine_weights",
+                out="activations", state=state["combine"])  # (G, S, D)
+    y = sharding.constrain(y, "groups")
+
+    balance_mask = router.expert_choice_mask(routing.expert_index, e, cfg.load_balance_mask)
+    aux = {
+        "z_loss": router.z_loss(logits, policy=policy, token_mask=mask),
+        "load_balancing_loss": router.load_balancing_loss(probs, balance_mask, token_mask=mask),
+        "telemetry": _telemetry(x_router, params["router"], logits, probs, routing, mask, cfg=cfg),
+        "expert_index": routing.expert_index,
+    }
+    return y.reshape(batch, length, d), aux
+
+
+def _telemetry(x_router, w_router, logits, probs, routing: router.Routing, mask, *, cfg: ModelConfig):
+    """Router statistics (float32 scalars, no gradient); padding tokens excluded."""
+    x_router, w_router, logits, probs, mask = jax.lax.stop_gradient((x_router, w_router, logits, probs, mask))
+    valid = mask > 0
+    n_valid = jnp.maximum(jnp.sum(mask), 1.0)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # (G, S)
+    requested = jnp.sum(jnp.where(routing.requested, 1.0, 0.0))
+    kept = jnp.sum(jnp.where(routing.kept, 1.0, 0.0))
+    routed_somewhere = jnp.any(routing.kept, axis=-1) & valid
+    load = jnp.sum(jnp.where(routing.requested[..., None],
+                             jax.nn.one_hot(routing.expert_index, cfg.num_experts, dtype=jnp.float32), 0.0),
+                   axis=(0, 1, 2))  # (E,)
+    entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)  # (G, S)
+    # The float32 shadow router sees the same (jittered, unrounded) input and weights, so the flip rate
+    # measures the policy's rounding alone: exactly 0 under an all-fp32 policy.
+    shadow = router.shadow_expert_index(x_router, w_router, k=cfg.num_selected_experts, shift=cfg.router_softmax_shift)
+    return {
+        "max_abs_logit": jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0)),
+        "mean_lse_sq": jnp.sum(jnp.where(valid, lse * lse, 0.0)) / n_valid,
+        "dropped_fraction": 1.0 - kept / jnp.maximum(requested, 1.0),
+        "unrouted_fraction": 1.0 - jnp.sum(jnp.where(routed_somewhere, 1.0, 0.0)) / n_valid,
+        "load_cv": jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-30),
+        "entropy": jnp.sum(jnp.where(valid, entropy, 0.0)) / n_valid,
+        "flip_rate": router.flip_rate(routing.expert_index, shadow, mask),
+    }

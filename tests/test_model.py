@@ -1,0 +1,241 @@
+"""The ST-MoE model: config validation, shapes, causality, dropping, expert permutation, determinism, router
+precision isolation, vmap over seeds, end-to-end training on `tiny`, model-info sizes."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from precision_lab import router
+from precision_lab.errors import UserError
+from precision_lab.model import apply, get_model_config, init, moe
+from precision_lab.model.info import model_info
+from precision_lab.optim import OptimConfig, make_optimizer
+from precision_lab.policy import get_policy
+
+FP32 = get_policy("fp32")
+TINY = get_model_config("tiny")
+
+
+def make_batch(seed=0, batch=4, len_in=32, len_out=8, vocab=512):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(2, vocab, (batch, len_in)).astype(np.int32)
+    inputs[0, -5:] = 0  # some encoder padding
+    targets = rng.integers(2, vocab, (batch, len_out)).astype(np.int32)
+    targets[1, -2:] = 0  # some target padding
+    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), targets[:, :-1]], axis=1)
+    return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets), "decoder_inputs": jnp.asarray(dec_in),
+            "loss_mask": jnp.asarray((targets != 0).astype(np.float32))}
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(cfg, policy, train, return_logits=False):
+    return jax.jit(lambda p, s, b, k: apply(p, s, b, cfg=cfg, policy=policy, train=train, key=k,
+                                            return_logits=return_logits))
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(routing="topk", top_k=3, num_experts=2), "top_k"),
+    (dict(moe_every=0), "moe_every"),
+    (dict(moe_every=5), "moe_every"),
+    (dict(d_kv=None, d_model=66, num_heads=4), "d_model"),
+    (dict(routing="top3"), "routing"),
+    (dict(ffn_type="swiglu"), "ffn_type"),
+    (dict(train_capacity_factor=0.0), "train_capacity_factor"),
+    (dict(extra_dense_ffn="middle"), "extra_dense_ffn"),
+])
+def test_config_validation_names_the_field(change, field):
+    with pytest.raises(UserError, match=field) as err:
+        dataclasses.replace(TINY, **change)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(UserError, match="model preset.*closest match: 'st-moe-l'"):
+        get_model_config("st-moe-L1")
+
+
+def test_sparse_layout_is_flaxformer_mixed():
+    cfg = get_model_config("st-moe-l")
+    assert cfg.sparse_blocks("encoder") == (3, 7, 11, 15, 19, 23)
+    assert TINY.moe_layer_names() == ("encoder/1", "decoder/1")
+
+
+# -- forward -------------------------------------------------------------------------------------------------------
+
+
+def test_forward_shapes_and_finite():
+    params, state = init(jax.random.PRNGKey(0), TINY, FP32)
+    out = jitted_apply(TINY, FP32, False, True)(params, state, make_batch(), None)
+    assert out.logits.shape == (4, 8, 512) and out.token_ce.shape == (4, 8)
+    assert out.router_z_loss.shape == out.load_balancing_loss.shape == (2,)
+    assert set(out.router) == set(moe.TELEMETRY) and all(v.shape == (2,) for v in out.router.values())
+    assert out.expert_index[0].shape[-1] == 2 and out.expert_index[0].dtype == jnp.int32
+    assert np.isfinite(float(out.loss)) and abs(float(out.ce_loss) - np.log(512)) < 1.0
+    np.testing.assert_array_equal(np.asarray(out.router["flip_rate"]), 0.0)  # fp32 router == its shadow
+
+
+@pytest.mark.parametrize("change", [dict(num_experts=0), dict(extra_dense_ffn="before", tie_embeddings=True,
+                                                              rmsnorm_scale=False, ffn_type="relu", routing="top1")])
+def test_variants_run(change):
+    cfg = dataclasses.replace(TINY, **change)
+    params, state = init(jax.random.PRNGKey(0), cfg, FP32)
+    out = jitted_apply(cfg, FP32, False)(params, state, make_batch(), None)
+    assert np.isfinite(float(out.loss))
+    assert ("lm_head" in params) != cfg.tie_embeddings
+
+
+def test_decoder_is_causal():
+    """Changing decoder input t leaves the outputs at positions < t unchanged. Top-2 routing is causal only
+    when nothing is dropped (a later first choice can outrank an earlier second choice), so evaluation runs
+    with a capacity factor large enough to drop nothing; asserted below."""
+    cfg = dataclasses.replace(TINY, eval_capacity_factor=20.0)
+    params, state = init(jax.random.PRNGKey(1), cfg, FP32)
+    batch = make_batch()
+    t = 5
+    changed = dict(batch, decoder_inputs=batch["decoder_inputs"].at[:, t].set(7))
+    f = jitted_apply(cfg, FP32, False)
+    a, b = f(params, state, batch, None), f(params, state, changed, None)
+    assert float(jnp.max(a.router["dropped_fraction"])) == 0.0
+    np.testing.assert_array_equal(np.asarray(a.token_ce[:, :t]), np.asarray(b.token_ce[:, :t]))
+    assert not np.array_equal(np.asarray(a.token_ce[:, t:]), np.asarray(b.token_ce[:, t:]))
+
+
+def test_jitter_only_in_training_and_seed_determinism():
+    cfg = dataclasses.replace(TINY, router_jitter_eps=0.5)
+    params, state = init(jax.random.PRNGKey(0), cfg, FP32)
+    params2, _ = init(jax.random.PRNGKey(0), cfg, FP32)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)))
+    batch, k1, k2 = make_batch(), jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+    ev, tr = jitted_apply(cfg, FP32, False), jitted_apply(cfg, FP32, True)
+    assert float(ev(params, state, batch, k1).loss) == float(ev(params, state, batch, k2).loss)
+    assert float(tr(params, state, batch, k1).loss) == float(tr(params, state, batch, k1).loss)
+    assert float(tr(params, state, batch, k1).loss) != float(tr(params, state, batch, k2).loss)
+    with pytest.raises(ValueError, match="PRNG key"):
+        apply(params, state, batch, cfg=cfg, policy=FP32, train=True, key=None)
+
+
+# -- the MoE sublayer ----------------------------------------------------------------------------------------------
+
+
+def _moe_setup(cfg, seed=0, tokens=64):
+    params, state = moe.init_moe(jax.random.PRNGKey(seed), cfg, FP32)
+    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (2, tokens // 2, cfg.d_model), jnp.float32)
+    return params, state, x, jnp.ones((2, tokens // 2), jnp.float32)
+
+
+def test_dropped_tokens_get_zero_moe_output():
+    """With capacity forced to 1 slot per expert most tokens are dropped: their MoE output is exactly 0 (the
+    block then passes them through the residual alone); kept tokens get a nonzero output."""
+    cfg = dataclasses.replace(TINY, routing="top1", eval_capacity_factor=0.01, min_capacity=1)
+    params, state, x, mask = _moe_setup(cfg)
+    y, aux = moe.moe_ffn(params, state, x, mask, cfg=cfg, policy=FP32, train=False, prioritized=False)
+    g = router.num_groups(64, cfg.group_size)
+    logits = router.router_logits(x.reshape(g, -1, cfg.d_model), params["router"], FP32)
+    r = router.route(router.router_probs(logits, FP32), FP32, routing="top1", k=1, capacity=1)
+    kept = np.asarray(r.kept[..., 0]).reshape(2, -1)
+    norms = np.abs(np.asarray(y)).sum(-1)
+    assert (~kept).sum() > 0 and kept.sum() > 0
+    assert (norms[~kept] == 0).all() and (norms[kept] > 0).all()
+    assert float(aux["telemetry"]["dropped_fraction"]) == pytest.approx((~kept).mean())
+
+
+def test_permuting_experts_with_router_columns_leaves_output_unchanged():
+    cfg = TINY
+    params, state, x, mask = _moe_setup(cfg)
+    perm = np.random.default_rng(0).permutation(cfg.num_experts)
+    permuted = {name: (w[:, perm] if name == "router" else w[perm]) for name, w in params.items()}
+    y, aux = moe.moe_ffn(params, state, x, mask, cfg=cfg, policy=FP32, train=False, prioritized=False)
+    yp, auxp = moe.moe_ffn(permuted, state, x, mask, cfg=cfg, policy=FP32, train=False, prioritized=False)
+    np.testing.assert_allclose(np.asarray(yp), np.asarray(y), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(perm[np.asarray(auxp["expert_index"])], np.asarray(aux["expert_index"]))
+    np.testing.assert_allclose(float(auxp["z_loss"]), float(aux["z_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(auxp["load_balancing_loss"]), float(aux["load_balancing_loss"]), rtol=1e-6)
+
+
+def test_bf16_router_changes_only_router_numerics():
+    """Policy "router=bf16" (router input, weights, logits, softmax in bf16; everything else fp32) vs fp32,
+    same input and weights, top-1, nothing dropped (checked). For every token both pick the same expert for
+    (most tokens; the rest are the flips the telemetry counts), the dispatched expert input and the expert
+    output are identical, so the token's output is gate * expert_out(x) with only the gate differing:
+    y_bf16 * gate_fp32 == y_fp32 * gate_bf16 up to float32 roundoff of the two products. The bf16 gates are
+    bf16 values (combine_weights stays fp32, it only carries them)."""
+    cfg = dataclasses.replace(TINY, routing="top1", eval_capacity_factor=8.0)
+    params, state, x, mask = _moe_setup(cfg, seed=2)
+    bf16_router = get_policy("router=bf16")
+
+    def run(policy):
+        y, aux = moe.moe_ffn(params, state, x, mask, cfg=cfg, policy=policy, train=False, prioritized=False)
+        logits = router.router_logits(x.reshape(1, -1, cfg.d_model), params["router"], policy)
+        gate = jnp.max(router.router_probs(logits, policy), axis=-1).reshape(2, -1, 1)
+        return y, aux, gate
+
+    y32, aux32, g32 = run(FP32)
+    y16, aux16, g16 = run(bf16_router)
+    assert float(aux32["telemetry"]["dropped_fraction"]) == 0.0 == float(aux16["telemetry"]["dropped_fraction"])
+    same = (np.asarray(aux16["expert_index"]) == np.asarray(aux32["expert_index"])).reshape(2, -1)
+    assert 0.8 < same.mean()
+    assert float(aux16["telemetry"]["flip_rate"]) == pytest.approx(1 - same.mean())
+    assert not np.array_equal(np.asarray(g16), np.asarray(g32))
+    bf16_values = np.asarray(g16).astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(bf16_values, np.asarray(g16))
+    np.testing.assert_allclose(np.asarray(y16 * g32)[same], np.asarray(y32 * g16)[same], rtol=1e-6, atol=1e-9)
+    assert float(aux16["z_loss"]) != float(aux32["z_loss"])
+
+
+# -- seeds, gradients, training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_vmap_over_seeds_matches_single_runs():
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    params, state = jax.vmap(lambda k: init(k, TINY, FP32))(keys)
+    batch = make_batch()
+    losses = jax.jit(jax.vmap(lambda p, s: apply(p, s, batch, cfg=TINY, policy=FP32, train=False).loss))(params, state)
+    for i, k in enumerate(keys):
+        p, s = init(k, TINY, FP32)
+        np.testing.assert_allclose(float(losses[i]), float(jitted_apply(TINY, FP32, False)(p, s, batch, None).loss),
+                                   rtol=1e-5)
+
+
+def test_tiny_trains_end_to_end():
+    """A few Adam steps on one fixed batch drive the loss down (train=True: jitter and expert dropout on)."""
+    cfg = dataclasses.replace(TINY, router_jitter_eps=0.01, expert_dropout_rate=0.1)
+    params, state = init(jax.random.PRNGKey(0), cfg, FP32)
+    batch = make_batch()
+    opt = make_optimizer(OptimConfig(name="adamw", lr=3e-3, schedule="constant"))
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, key):
+        (loss, out), grads = jax.value_and_grad(
+            lambda p: (lambda o: (o.loss, o))(apply(p, state, batch, cfg=cfg, policy=FP32, train=True, key=key)),
+            has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for i in range(12):
+        params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(i))
+        losses.append(float(loss))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+
+
+# -- model info ----------------------------------------------------------------------------------------------------
+
+
+def test_model_info_matches_paper_sizes():
+    for name, rel in (("st-moe-l", 0.01), ("st-moe-32b", 0.005)):
+        info = model_info(name)
+        assert abs(info["params"] / info["paper"]["params"] - 1) < rel, (name, info["params"])
+    tiny = model_info("tiny")
+    assert tiny["active_params"] < tiny["params"] and tiny["flops_per_sequence"] > 0
+    dense = model_info("dense-l")
+    assert dense["active_params"] == dense["params"] and dense["expert_params"] == 0
