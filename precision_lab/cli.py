@@ -85,6 +85,26 @@ def _roundoff_table(args) -> int:
     return 0
 
 
+def _add_roundoff_cmd(p):
+    p.add_argument("experiment", nargs="?", help="a roundoff experiment TOML (default: all analyses)")
+    p.add_argument("--out", default="figures", help="folder for figures, tables and roundoff.md")
+
+
+@command("roundoff", "roundoff analyses (no training): binade table, exp, softmax, flip rate, footnote")(
+    _add_roundoff_cmd)
+def _roundoff(args) -> int:
+    from precision_lab import roundoff
+
+    if args.experiment:
+        paths = roundoff.run_roundoff_experiment(args.experiment, args.out)
+    else:
+        paths = roundoff.roundoff_report(args.out)
+        print(roundoff.footnote_text())
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
 def _add_run(p):
     p.add_argument("--out", default="figures", help="folder for figures (default: figures)")
 
@@ -98,6 +118,78 @@ def _run(args) -> int:
     paths = figures.roundoff_per_binade_figure(args.out)
     for p in paths:
         print(f"wrote {p}")
+    return 0
+
+
+def _parse_value(text: str):
+    """A --set value: TOML scalar syntax (numbers, true/false, quoted strings), else a bare string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set section.field=value pairs as a nested dict."""
+    out: dict = {}
+    for pair in pairs or []:
+        if "=" not in pair or "." not in pair.split("=", 1)[0]:
+            raise UserError(f"--set {pair!r}: expected SECTION.FIELD=VALUE, e.g. model.d_model=64")
+        key, value = pair.split("=", 1)
+        section, field = key.split(".", 1)
+        out.setdefault(section, {})[field] = _parse_value(value)
+    return out
+
+
+def _add_train(p):
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, small, switch-base, gshard, ...)")
+    p.add_argument("--policy", default="fp32", help="precision policy: a preset or a compact string")
+    p.add_argument("--z-loss", type=float, default=None, help="router z-loss coefficient c_z")
+    p.add_argument("--aux-loss", type=float, default=None, help="load-balancing coefficient c_B")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--optimizer", default=None, help="adamw or adafactor")
+    p.add_argument("--seeds", type=int, default=None, help="seeds, vmapped into one program")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--data", default=None, metavar="FILE", help="train on a local text file (byte level)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any config field, e.g. --set model.router_softmax_shift=false (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (config.json, metrics.npz, summary.json)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("train", "train seeds of one configuration (vmapped), detect divergence, write a summary")(_add_train)
+def _train(args) -> int:
+    from precision_lab.config import run_config
+    from precision_lab.train import train
+
+    spec: dict = {"model": {"preset": args.preset}, "policy": args.policy}
+    for section, field, value in (("model", "router_z_loss_coef", args.z_loss),
+                                  ("model", "load_balance_coef", args.aux_loss),
+                                  ("optim", "lr", args.lr), ("optim", "name", args.optimizer),
+                                  ("train", "seeds", args.seeds), ("train", "steps", args.steps),
+                                  ("train", "batch_size", args.batch_size)):
+        if value is not None:
+            spec.setdefault(section, {})[field] = value
+    if args.data:
+        spec.setdefault("data", {}).update(kind="text", path=args.data)
+    for section, fields in _overrides(args.set).items():
+        if isinstance(spec.get(section), dict):
+            spec[section].update(fields)
+        else:
+            spec[section] = fields
+    run = run_config(spec)
+    result = train(run, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    s = result.summary
+    print(f"backend {s['backend']}; policy {s['policy']}")
+    for i, seed in enumerate(s["seeds"]):
+        status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})" if s["diverged"][i] else "stable"
+        loss = s["final_eval_loss"][i]
+        print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
+    print(f"wrote {args.out}/summary.json")
     return 0
 
 

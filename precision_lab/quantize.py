@@ -128,8 +128,45 @@ def _build_bits(n, q):
     return jnp.where(nonzero, bits, _u(0))
 
 
+def _nearest_even_magnitude(a, fmt: Format):
+    """Fast path for round-to-nearest-even (the rounding of every emulated op): |x| bits in, bits out.
+
+    In the format's normal range the quantum is a fixed 2^(23 - m) float32 bit units, so rounding the bit
+    pattern as an integer is exact, and the carry walks into the exponent by itself. Formats with float32's
+    exponent range (bf16, tf32, e8mY) need nothing else: float32 subnormals are linear in the bit pattern
+    too. Below a narrower format's smallest normal the quantum is the fixed 2^(emin - m): the significand is
+    shifted right by a per-element amount and rounded as an integer, and the integer n is turned back into
+    n * 2^(emin - m) by an exact float32 multiply (n < 2^24, the product is a normal float32). Float32
+    inputs below 2^-126 round to zero for every such format (its smallest subnormal is >= 2^-85).
+    (A float magic-number trick, (t + 2^23) - 2^23, does NOT survive XLA: it folds the pair away.)
+    """
+    m = fmt.mantissa_bits
+    shift = 23 - m
+    if shift == 0:
+        return a
+    # Ties go to the even significand. With no mantissa bits every significand is 1 (odd): ties round up.
+    lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
+    normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+    if fmt.emin <= -126:
+        return normal
+    biased = lax.shift_right_logical(a, _u(23)).astype(jnp.int32)
+    sig = (a & _u(0x7FFFFF)) | _u(0x800000)
+    drop = jnp.clip(shift + (fmt.emin + 127) - biased, 0, 25).astype(_U32)  # s >= 25: below half a quantum
+    trunc = lax.shift_right_logical(sig, drop)
+    rem = sig - lax.shift_left(trunc, drop)
+    half = lax.shift_left(_u(1), jnp.maximum(drop, _u(1)) - _u(1))
+    n = trunc + ((rem > half) | ((rem == half) & ((trunc & _u(1)) == 1))).astype(_U32)
+    n = jnp.where(biased == 0, _u(0), n)
+    sub = lax.bitcast_convert_type(n.astype(jnp.float32) * jnp.float32(2.0 ** (fmt.emin - m)), _U32)
+    return jnp.where(a < _u(_f32_bits(fmt.min_normal)), sub, normal)
+
+
 def _quantize_bits(u, fmt: Format, rounding: str, overflow, subnormals: bool, key):
     """Core: float32 bit patterns in, float32 bit patterns of the rounded values out."""
+    if rounding == "nearest_even" and fmt.specials != "e8m0":
+        sign = u & _u(_SIGN)
+        a = u & _u(_ABS)
+        return _apply_specials(u, sign, a, _nearest_even_magnitude(a, fmt), fmt, rounding, overflow, subnormals)
     m = fmt.mantissa_bits
     sign = u & _u(_SIGN)
     negative = sign != 0
@@ -159,6 +196,16 @@ def _quantize_bits(u, fmt: Format, rounding: str, overflow, subnormals: bool, ke
     if fmt.specials == "e8m0":
         return _e8m0_specials(u, mag, negative, is_nan, is_inf, max_bits, min_bits, overflow, rounding)
 
+    return _apply_specials(u, sign, a, mag, fmt, rounding, overflow, subnormals)
+
+
+def _apply_specials(u, sign, a, mag, fmt: Format, rounding: str, overflow, subnormals: bool):
+    """Subnormal flushing, overflow, inf, NaN and signed zero, given the rounded magnitude bits `mag`."""
+    negative = sign != 0
+    is_nan = a > _u(_INF)
+    is_inf = a == _u(_INF)
+    max_bits = _u(_f32_bits(fmt.max))
+    min_bits = _u(_f32_bits(fmt.min_normal))
     if not subnormals or not fmt.has_subnormals:
         mag = jnp.where(mag < min_bits, _u(0), mag)
 

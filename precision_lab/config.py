@@ -1,0 +1,150 @@
+"""A run's whole configuration: model, data, training, optimiser, divergence rules and precision policy.
+
+`RunConfig` is built from a nested dict (the form a sweep TOML or the CLI produces):
+
+    {"model": {"preset": "tiny", "num_experts": 8}, "data": {"inputs_length": 64},
+     "train": {"steps": 300, "batch_size": 16}, "optim": {"name": "adamw", "lr": 1e-2},
+     "divergence": {"sigma_k": 6.0}, "policy": "bf16"}
+
+Every section is optional; unknown sections or fields fail with one line naming the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from precision_lab.data import DataConfig
+from precision_lab.divergence import DivergenceConfig
+from precision_lab.errors import UserError, unknown_choice
+from precision_lab.model.config import ModelConfig, get_model_config
+from precision_lab.optim import OptimConfig
+from precision_lab.policy import PrecisionPolicy, format_policy, get_policy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training loop.
+
+    steps: optimiser steps; batch_size: sequences per step; seeds: how many seeds `precision-lab train`
+    runs (vmapped into one program); seed: the first seed (seeds are seed, seed+1, ...);
+    chunk_steps: steps per compiled call (lax.scan) between host-side divergence checks and logging;
+    eval_every / eval_batches: held-out evaluation cadence and size; checkpoint_every: steps between
+    checkpoints (0 = only at the end); shadow_router: compute the float32 shadow router's flip rate.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seeds: int = 1
+    seed: int = 0
+    chunk_steps: int = 10
+    eval_every: int = 100
+    eval_batches: int = 2
+    checkpoint_every: int = 100
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("seed", "eval_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be a non-negative integer, got {getattr(self, name)!r}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+    "divergence": DivergenceConfig,
+}
+
+# Defaults a lab user expects from a quick run: the tiny model, short sequences, AdamW with warm-up.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"preset": "tiny"},
+    "data": {"inputs_length": 64},
+    "optim": {"name": "adamw", "lr": 1e-2, "schedule": "rsqrt", "warmup_steps": 20, "b2": 0.95},
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig
+    divergence: DivergenceConfig
+    policy: PrecisionPolicy
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, fully resolved (every field, the policy in canonical and per-component form)."""
+        out = {name: _jsonable(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        out["policy"] = format_policy(self.policy)
+        out["policy_resolved"] = self.policy.to_dict()
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of everything except the seeds: runs with equal fingerprints compile to one program."""
+        d = self.to_dict()
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("seeds", "seed")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _section(name: str, cls: type, values: Mapping[str, Any] | None):
+    values = dict(values or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if name == "model":
+        base = get_model_config(values.pop("preset", "tiny"))
+        fields.add("preset")
+    else:
+        base = cls()
+    for key in values:
+        if key not in fields:
+            raise unknown_choice(f"{name} field", key, sorted(fields))
+    for key, default in dataclasses.asdict(base).items():  # tuples in configs arrive as TOML lists
+        if isinstance(default, tuple) and isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    try:
+        return dataclasses.replace(base, **values)
+    except TypeError as err:
+        raise UserError(f"{name}: {err}") from None
+
+
+def _merge(base: Mapping, override: Mapping) -> dict:
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (missing parts take `DEFAULTS`)."""
+    spec = _merge(DEFAULTS, spec or {})
+    unknown = [k for k in spec if k not in (*SECTIONS, "policy")]
+    if unknown:
+        raise unknown_choice("config section", unknown[0], [*SECTIONS, "policy"])
+    parts = {name: _section(name, cls, spec.get(name)) for name, cls in SECTIONS.items()}
+    if spec.get("data", {}).get("vocab_size") not in (None, parts["model"].vocab_size):
+        raise UserError("data.vocab_size must equal model.vocab_size (the model's vocabulary is the data's); "
+                        "set model.vocab_size only")
+    parts["data"] = dataclasses.replace(parts["data"], vocab_size=parts["model"].vocab_size)
+    optim = parts["optim"]
+    if optim.schedule == "cosine" and optim.total_steps == 0:
+        parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
+    return RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
+
+
+def validate(spec: Mapping[str, Any]) -> None:
+    """For sweep expansion: raise UserError if `spec` is not a valid run configuration."""
+    run_config(spec)

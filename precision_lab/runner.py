@@ -1,0 +1,51 @@
+"""Sweep execution: turn a group of runs (one configuration, several seeds) into stored records by training
+the seeds vmapped in one compiled program.
+
+This is where `sweep` (expansion, store, resume) meets `train`; `sweep.py` itself knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from precision_lab.config import run_config, validate
+from precision_lab.sweep import RunSpec, SweepSummary, load_sweep, run_sweep
+from precision_lab.train import train
+
+# Per-step metrics kept in the store per run (the rest of the telemetry stays in the summary).
+STORED_METRICS = None  # None = every metric the trainer logs
+
+
+def run_group(runs: list[RunSpec]) -> list[dict]:
+    """Train every run of one group (identical configurations, different seeds) in one vmapped program."""
+    run = run_config(runs[0].config)
+    result = train(run, seeds=[r.seed for r in runs], progress=False)
+    s = result.summary
+    records = []
+    for i, _ in enumerate(runs):
+        per_seed = {
+            "final_eval_loss": s["final_eval_loss"][i],
+            "final_train_loss": s["final_train_loss"][i],
+            "quality_gap": None if s["quality_gap"] is None else s["quality_gap"][i],
+            "diverged": s["diverged"][i],
+            "divergence_step": s["divergence_step"][i],
+            "divergence_rule": s["divergence_rule"][i],
+            "eval_history": [{"step": e["step"], "loss": e["loss"][i]} for e in s["eval_history"]],
+        }
+        shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
+                                    "policy_resolved", "timing")}
+        metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()
+                   if STORED_METRICS is None or name in STORED_METRICS}
+        records.append({"result": per_seed, "env": shared, "metrics": metrics})
+    return records
+
+
+def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
+          resume: bool = True, progress: bool = True) -> SweepSummary:
+    """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`)."""
+    spec = load_sweep(path, validate=validate)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress)

@@ -1,0 +1,344 @@
+"""Training: a jitted step with many seeds of one configuration vmapped into one program, the precision
+policy applied to parameters, gradients and optimizer state, divergence detection, telemetry, eval and
+checkpoints that resume bit-identically.
+
+Per step and seed:
+    loss = CE + c_B * L_B + c_z * L_z (+ c_out * output z-loss)       (the model computes it)
+    grads    -> rounded to the policy's grad_allreduce format          (the data-parallel all-reduce)
+    updates  <- optimiser (state stored in the optimizer_state format)
+    master   <- round(master + updates) in the master format           (stochastic rounding allowed)
+    forward reads round(master) in the params format
+A seed whose loss turns non-finite is frozen inside the step; every other rule of `divergence` runs on the
+host between compiled chunks of `train.chunk_steps` steps and freezes the seed from then on. NaN and
+divergence are results, recorded per seed, never exceptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from precision_lab import model as stmoe
+from precision_lab import ops
+from precision_lab.config import RunConfig
+from precision_lab.data import Dataset, make_dataset
+from precision_lab.divergence import DivergenceMonitor
+from precision_lab.optim import make_optimizer, map_float_leaves
+from precision_lab.policy import PrecisionPolicy
+
+_F32 = jnp.float32
+
+
+class TrainState(NamedTuple):
+    master: Any  # float32 storage of the master weights (values in the master format)
+    opt_state: Any
+    scale_state: Any  # delayed-scaling histories, one per dot site (or None)
+    active: jax.Array  # <bool>[]: False once the seed diverged (frozen)
+
+
+def _rounder(policy: PrecisionPolicy, component: str):
+    """A tree function that rounds every float leaf to `component`'s spec (stochastic needs the key)."""
+
+    def round_tree(tree, key=None):
+        leaves, treedef = jax.tree.flatten(tree)
+        keys = list(jax.random.split(key, len(leaves))) if key is not None else [None] * len(leaves)
+        out = [ops.cast(x, policy, component, key=k) if jnp.issubdtype(x.dtype, jnp.floating) else x
+               for x, k in zip(leaves, keys)]
+        return jax.tree.unflatten(treedef, out)
+
+    return round_tree
+
+
+def _needs_key(policy: PrecisionPolicy, component: str) -> bool:
+    return policy[component].rounding == "stochastic"
+
+
+class Trainer:
+    """Compiles and runs the vmapped train/eval steps of one RunConfig (one shape) for a list of seeds."""
+
+    def __init__(self, run: RunConfig, dataset: Dataset | None = None):
+        self.run = run
+        self.dataset = dataset or make_dataset(run.data)
+        self.model_cfg = run.model
+        if self.dataset.vocab_size != run.model.vocab_size:  # text data decides the vocabulary
+            self.model_cfg = dataclasses.replace(run.model, vocab_size=self.dataset.vocab_size)
+        self.policy = run.policy
+        state_rounding = self.policy["optimizer_state"]
+        quantize_state = None if state_rounding.is_identity else map_float_leaves(
+            lambda x: ops.cast(x, self.policy, "optimizer_state"))
+        self.optimizer = make_optimizer(run.optim, quantize_state=quantize_state)
+        self._chunk = jax.jit(self._chunk_impl, donate_argnums=(0,))
+        self._eval = jax.jit(jax.vmap(self._eval_one, in_axes=(0, 0, None)))
+
+    # -- one seed ------------------------------------------------------------------------------------------
+
+    def init_one(self, seed_key):
+        master, scale_state = stmoe.init(jax.random.fold_in(seed_key, 0), self.model_cfg, self.policy)
+        master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
+                                                  if _needs_key(self.policy, "master") else None)
+        return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
+
+    def _loss(self, params, scale_state, batch, key):
+        out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True, key=key)
+        return out.loss, out
+
+    def step_one(self, state: TrainState, batch, seed_key, step):
+        """One optimiser step of one seed. Returns (new state, metrics dict of scalars/[layers] arrays)."""
+        key = jax.random.fold_in(jax.random.fold_in(seed_key, 2), step)
+        k_model, k_params, k_master = jax.random.split(key, 3)
+        params = _rounder(self.policy, "params")(state.master, k_params if _needs_key(self.policy, "params") else None)
+        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
+        (loss, out), (grads, new_scale_state) = grad_fn(params, state.scale_state, batch, k_model)
+        grads = _rounder(self.policy, "grad_allreduce")(grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master)
+        stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
+        master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
+
+        grad_norm = _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = state.active & finite  # a non-finite step freezes the seed before it poisons the state
+        new = TrainState(master, opt_state, new_scale_state, keep)
+        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state._replace(active=keep))
+        metrics = _telemetry(out)
+        metrics.update(loss=loss, grad_norm=grad_norm, update_rms=_rms(updates), param_rms=_rms(state.master))
+        # after a seed froze its numbers are not training results any more: NaN marks them
+        metrics = jax.tree.map(lambda m: jnp.where(state.active, m.astype(_F32), jnp.nan), metrics)
+        return new, metrics
+
+    def _eval_one(self, state: TrainState, seed_key, batch):
+        params = _rounder(self.policy, "params")(state.master)
+        out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
+                          key=jax.random.fold_in(seed_key, 3))
+        return out.ce_loss
+
+    # -- many seeds, many steps ------------------------------------------------------------------------------
+
+    def _chunk_impl(self, state, seed_keys, batches, step0):
+        """lax.scan over the leading (step) axis of `batches` <int32>[k, seeds, B, L]."""
+
+        def body(state, xs):
+            batch, i = xs
+            return jax.vmap(self.step_one, in_axes=(0, 0, 0, None))(state, batch, seed_keys, step0 + i)
+
+        k = jax.tree.leaves(batches)[0].shape[0]
+        return jax.lax.scan(body, state, (batches, jnp.arange(k)))
+
+    def init(self, seeds: list[int]):
+        seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+        return jax.jit(jax.vmap(self.init_one))(seed_keys), seed_keys
+
+    def batches(self, seeds: list[int], step0: int, k: int):
+        per_step = []
+        for i in range(k):
+            per_seed = [self.dataset.batch(step0 + i, self.run.train.batch_size, seed=s) for s in seeds]
+            per_step.append({n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]})
+        return {n: np.stack([b[n] for b in per_step]) for n in per_step[0]}
+
+    def evaluate(self, state, seed_keys) -> np.ndarray:
+        """Mean held-out cross entropy per seed (nats per target token), at the eval capacity factor."""
+        losses = [np.asarray(self._eval(state, seed_keys, b))
+                  for b in self.dataset.eval_batches(self.run.train.eval_batches, self.run.train.batch_size)]
+        return np.mean(losses, axis=0)
+
+
+def _telemetry(out) -> dict:
+    """Per-step scalars and per-sparse-layer [M] arrays from a ModelOutput."""
+    metrics = dict(ce=out.ce_loss, router_z_loss=out.router_z_loss, load_balancing_loss=out.load_balancing_loss,
+                   output_z_loss=out.output_z_loss, output_lse=out.output_lse_mean,
+                   max_attention_logit=out.max_attention_logit)
+    metrics.update({f"router_{k}": v for k, v in out.router.items()})
+    return metrics
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def _rms(tree):
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves) / sum(x.size for x in leaves))
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunResult:
+    summary: dict
+    metrics: dict[str, np.ndarray]  # name -> [steps, seeds, ...]
+
+
+def train(run: RunConfig, seeds: list[int] | None = None, *, out_dir: str | Path | None = None,
+          resume: bool = False, progress: bool = True) -> RunResult:
+    """Train `seeds` (default: run.train.seeds seeds from run.train.seed) of one configuration, vmapped.
+
+    With `out_dir`, checkpoints go to out_dir/checkpoint every `train.checkpoint_every` steps and `resume`
+    continues from the last one; the result is bit-identical to an uninterrupted run.
+    """
+    cfg = run.train
+    seeds = list(seeds if seeds is not None else range(cfg.seed, cfg.seed + cfg.seeds))
+    trainer = Trainer(run)
+    t0 = time.perf_counter()
+    state, seed_keys = trainer.init(seeds)
+    monitor = DivergenceMonitor(run.divergence, num_seeds=len(seeds))
+    history: dict[str, list[np.ndarray]] = {}
+    evals: list[tuple[int, np.ndarray]] = []
+    step = 0
+    ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    if resume and ckpt is not None and (ckpt / "meta.json").exists():
+        state, monitor, history, evals, step = _load_checkpoint(ckpt, run, seeds, state)
+
+    bar = _progress(cfg.steps, step, progress)
+    compile_s, step_s = 0.0, 0.0
+    while step < cfg.steps:
+        k = min(cfg.chunk_steps, cfg.steps - step)
+        batches = trainer.batches(seeds, step, k)
+        tic = time.perf_counter()
+        state, metrics = trainer._chunk(state, seed_keys, batches, jnp.int32(step))
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - tic
+        if compile_s == 0.0:
+            compile_s = elapsed
+        else:
+            step_s += elapsed
+        for name, value in metrics.items():
+            history.setdefault(name, []).append(np.asarray(value))
+        monitor.update(step, metrics["loss"], metrics["grad_norm"])
+        diverged = np.asarray(monitor.diverged)
+        if diverged.any():  # host-side rules freeze the seed from the next step on
+            state = state._replace(active=jnp.logical_and(state.active, jnp.asarray(~diverged)))
+        step += k
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            evals.append((step, trainer.evaluate(state, seed_keys)))
+        if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            _save_checkpoint(ckpt, run, seeds, state, monitor, history, evals, step)
+        if bar is not None:
+            bar.update(k)
+            bar.set_postfix(loss=f"{np.nanmean(metrics['loss'][-1]):.3f}", diverged=int(diverged.sum()))
+    if bar is not None:
+        bar.close()
+
+    final_eval = trainer.evaluate(state, seed_keys)
+    evals.append((cfg.steps, final_eval))
+    metrics = {name: np.concatenate(chunks, axis=0) for name, chunks in history.items()}
+    summary = _summary(run, trainer, seeds, monitor, final_eval, evals, metrics,
+                       timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
+                                   step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1)))
+    if out_dir is not None:
+        _write_outputs(Path(out_dir), run, summary, metrics)
+        if ckpt is not None and ckpt.exists():
+            shutil.rmtree(ckpt)
+    return RunResult(summary, metrics)
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
+
+
+def _summary(run, trainer, seeds, monitor, final_eval, evals, metrics, timing) -> dict:
+    results = monitor.results()
+    best = trainer.dataset.best_loss
+    return {
+        "seeds": seeds,
+        "final_eval_loss": [None if not np.isfinite(v) else float(v) for v in final_eval],
+        "quality_gap": None if best is None else [None if not np.isfinite(v) else float(v - best) for v in final_eval],
+        "best_loss": best,
+        "entropy_rate": trainer.dataset.entropy_rate,
+        "diverged": [bool(r.diverged) for r in results],
+        "divergence_step": [r.step for r in results],
+        "divergence_rule": [r.rule for r in results],
+        "eval_history": [{"step": s, "loss": [float(x) for x in v]} for s, v in evals],
+        "final_train_loss": [float(np.nanmean(metrics["loss"][-10:, i])) if np.isfinite(metrics["loss"][-10:, i]).any()
+                             else None for i in range(len(seeds))],
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "jax_version": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "policy": run.to_dict()["policy"],
+        "policy_resolved": run.policy.to_dict(),
+        "timing": timing,
+    }
+
+
+def _write_outputs(out: Path, run: RunConfig, summary: dict, metrics: dict) -> None:
+    from precision_lab.store import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.json", json.dumps(run.to_dict(), indent=2).encode())
+    buf = _npz_bytes(metrics)
+    atomic_write(out / "metrics.npz", buf)
+    atomic_write(out / "summary.json", json.dumps(_json_safe(summary), indent=2).encode())
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return _json_safe(v.item())
+    return v
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, run, seeds, state, monitor, history, evals, step) -> None:
+    """Write the whole loop state atomically: a temp folder renamed over the old checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    leaves = jax.tree.leaves(jax.device_get(state))
+    np.savez(tmp / "state.npz", *[np.asarray(x) for x in leaves])
+    np.savez(tmp / "history.npz", **{k: np.concatenate(v, axis=0) for k, v in history.items()})
+    meta = dict(step=step, seeds=seeds, fingerprint=run.fingerprint(), monitor=monitor.to_json(),
+                evals=[[s, [float(x) for x in v]] for s, v in evals])
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(path: Path, run, seeds, template):
+    from precision_lab.errors import UserError
+
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["fingerprint"] != run.fingerprint() or meta["seeds"] != seeds:
+        raise UserError(f"{path}: the checkpoint belongs to another configuration or seed list; "
+                        "use a new --out folder or drop --resume")
+    with np.load(path / "state.npz") as z:
+        leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
+    treedef = jax.tree.structure(template)
+    state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
+    with np.load(path / "history.npz") as z:
+        history = {k: [z[k]] for k in z.files}
+    monitor = DivergenceMonitor.from_json(meta["monitor"])
+    evals = [(s, np.asarray(v)) for s, v in meta["evals"]]
+    return state, monitor, history, evals, meta["step"]
