@@ -204,6 +204,38 @@ def make_optimizer(
     return tx
 
 
+def make_optimizer_traced_lr(
+    cfg: OptimConfig,
+    *,
+    weight_decay_mask: Any = None,
+    quantize_state: TreeFn | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """As `make_optimizer`, but the peak learning rate is a runtime value: `update(..., peak_lr=x)`.
+
+    The schedule runs with peak 1 and the update is multiplied by `peak_lr` (a traced scalar), so runs that
+    differ only in their learning rate compile to one program and can be vmapped together. Equal to
+    `make_optimizer(cfg)` with `cfg.lr = peak_lr`: AdamW's decoupled weight decay is lr-scaled anyway, and
+    Adafactor's absolute weight decay (T5X) is applied after the scaling, as optax's adafactor does.
+    """
+    absolute_decay = cfg.name == "adafactor" and cfg.weight_decay > 0
+    unit = dataclasses.replace(cfg, lr=1.0, weight_decay=0.0 if absolute_decay else cfg.weight_decay)
+    inner = make_optimizer(unit, weight_decay_mask=weight_decay_mask, quantize_state=quantize_state)
+    decay = optax.add_decayed_weights(cfg.weight_decay, mask=weight_decay_mask) if absolute_decay else None
+
+    def init_fn(params):
+        return inner.init(params)
+
+    def update_fn(updates, state, params=None, *, peak_lr, **extra_args):
+        updates, state = inner.update(updates, state, params, **extra_args)
+        updates = jax.tree.map(lambda u: u * jnp.asarray(peak_lr, u.dtype), updates)
+        if decay is not None:  # optax's adafactor subtracts weight_decay * p after the lr (absolute decay)
+            decayed, _ = decay.update(jax.tree.map(jnp.zeros_like, updates), decay.init(params), params)
+            updates = jax.tree.map(lambda u, d: u - d, updates, decayed)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _standard_promotion(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     """`inner` run under jax's standard dtype promotion, whatever the caller's setting.
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from precision_lab.config import run_config, validate
 from precision_lab.sweep import RunSpec, SweepSummary, load_sweep, run_sweep
-from precision_lab.train import train
+from precision_lab.train import BATCHABLE_FIELDS, hparams_of, train
 
 # Per-step metrics kept in the store per run (the rest of the telemetry stays in the summary).
 STORED_METRICS = None  # None = every metric the trainer logs
@@ -21,8 +21,9 @@ STORED_METRICS = None  # None = every metric the trainer logs
 
 def run_group(runs: list[RunSpec]) -> list[dict]:
     """Train every run of one group (identical configurations, different seeds) in one vmapped program."""
-    run = run_config(runs[0].config)
-    result = train(run, seeds=[r.seed for r in runs], progress=False)
+    configs = [run_config(r.config) for r in runs]
+    run = configs[0]  # the group shares everything but seeds and BATCHABLE_FIELDS (traced hyperparameters)
+    result = train(run, seeds=[r.seed for r in runs], hparams=[hparams_of(c) for c in configs], progress=False)
     s = result.summary
     records = []
     for i, _ in enumerate(runs):
@@ -48,4 +49,5 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | t
     """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`)."""
     spec = load_sweep(path, validate=validate)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress)
+    return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
+                     batchable_fields=tuple(BATCHABLE_FIELDS))

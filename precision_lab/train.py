@@ -32,10 +32,25 @@ from precision_lab import ops
 from precision_lab.config import RunConfig
 from precision_lab.data import Dataset, make_dataset
 from precision_lab.divergence import DivergenceMonitor
-from precision_lab.optim import make_optimizer, map_float_leaves
+from precision_lab.optim import make_optimizer_traced_lr, map_float_leaves
 from precision_lab.policy import PrecisionPolicy
 
 _F32 = jnp.float32
+
+# Hyperparameters that enter the compiled step as traced values, one per vmapped member: runs that differ
+# only in these (and in their seed) share one program and train side by side.
+BATCHABLE_FIELDS: dict[str, str] = {
+    "optim.lr": "lr",
+    "model.load_balance_coef": "load_balance_coef",
+    "model.router_z_loss_coef": "router_z_loss_coef",
+    "model.output_z_loss_coef": "output_z_loss_coef",
+}
+
+
+def hparams_of(run: RunConfig) -> dict[str, float]:
+    """The batchable hyperparameters of a run, by their short names."""
+    return dict(lr=run.optim.lr, load_balance_coef=run.model.load_balance_coef,
+                router_z_loss_coef=run.model.router_z_loss_coef, output_z_loss_coef=run.model.output_z_loss_coef)
 
 
 class TrainState(NamedTuple):
@@ -75,7 +90,7 @@ class Trainer:
         state_rounding = self.policy["optimizer_state"]
         quantize_state = None if state_rounding.is_identity else map_float_leaves(
             lambda x: ops.cast(x, self.policy, "optimizer_state"))
-        self.optimizer = make_optimizer(run.optim, quantize_state=quantize_state)
+        self.optimizer = make_optimizer_traced_lr(run.optim, quantize_state=quantize_state)
         self._chunk = jax.jit(self._chunk_impl, donate_argnums=(0,))
         self._eval = jax.jit(jax.vmap(self._eval_one, in_axes=(0, 0, None)))
 
@@ -87,19 +102,23 @@ class Trainer:
                                                   if _needs_key(self.policy, "master") else None)
         return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
 
-    def _loss(self, params, scale_state, batch, key):
+    def _loss(self, params, scale_state, batch, key, hp):
         out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True, key=key)
-        return out.loss, out
+        loss = stmoe.total_loss(out.ce_loss, out.output_z_loss, out.router_z_loss, out.load_balancing_loss,
+                                cfg=self.model_cfg, load_balance_coef=hp["load_balance_coef"],
+                                router_z_loss_coef=hp["router_z_loss_coef"],
+                                output_z_loss_coef=hp["output_z_loss_coef"])
+        return loss, out
 
-    def step_one(self, state: TrainState, batch, seed_key, step):
+    def step_one(self, state: TrainState, batch, seed_key, hp, step):
         """One optimiser step of one seed. Returns (new state, metrics dict of scalars/[layers] arrays)."""
         key = jax.random.fold_in(jax.random.fold_in(seed_key, 2), step)
         k_model, k_params, k_master = jax.random.split(key, 3)
         params = _rounder(self.policy, "params")(state.master, k_params if _needs_key(self.policy, "params") else None)
         grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
-        (loss, out), (grads, new_scale_state) = grad_fn(params, state.scale_state, batch, k_model)
+        (loss, out), (grads, new_scale_state) = grad_fn(params, state.scale_state, batch, k_model, hp)
         grads = _rounder(self.policy, "grad_allreduce")(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
         stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
         master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
 
@@ -122,12 +141,12 @@ class Trainer:
 
     # -- many seeds, many steps ------------------------------------------------------------------------------
 
-    def _chunk_impl(self, state, seed_keys, batches, step0):
-        """lax.scan over the leading (step) axis of `batches` <int32>[k, seeds, B, L]."""
+    def _chunk_impl(self, state, seed_keys, hps, batches, step0):
+        """lax.scan over the leading (step) axis of `batches` <int32>[k, members, B, L]."""
 
         def body(state, xs):
             batch, i = xs
-            return jax.vmap(self.step_one, in_axes=(0, 0, 0, None))(state, batch, seed_keys, step0 + i)
+            return jax.vmap(self.step_one, in_axes=(0, 0, 0, 0, None))(state, batch, seed_keys, hps, step0 + i)
 
         k = jax.tree.leaves(batches)[0].shape[0]
         return jax.lax.scan(body, state, (batches, jnp.arange(k)))
@@ -177,15 +196,19 @@ class RunResult:
     metrics: dict[str, np.ndarray]  # name -> [steps, seeds, ...]
 
 
-def train(run: RunConfig, seeds: list[int] | None = None, *, out_dir: str | Path | None = None,
-          resume: bool = False, progress: bool = True) -> RunResult:
+def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict] | None = None,
+          out_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> RunResult:
     """Train `seeds` (default: run.train.seeds seeds from run.train.seed) of one configuration, vmapped.
 
+    `hparams` (one dict per seed, keys from BATCHABLE_FIELDS' values) lets the vmapped members differ in
+    learning rate and loss coefficients too; default: the run's own values for every member.
     With `out_dir`, checkpoints go to out_dir/checkpoint every `train.checkpoint_every` steps and `resume`
     continues from the last one; the result is bit-identical to an uninterrupted run.
     """
     cfg = run.train
     seeds = list(seeds if seeds is not None else range(cfg.seed, cfg.seed + cfg.seeds))
+    hparams = list(hparams) if hparams is not None else [hparams_of(run)] * len(seeds)
+    hps = {name: jnp.asarray([h[name] for h in hparams], _F32) for name in hparams_of(run)}
     trainer = Trainer(run)
     t0 = time.perf_counter()
     state, seed_keys = trainer.init(seeds)
@@ -195,7 +218,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, out_dir: str | Path
     step = 0
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if resume and ckpt is not None and (ckpt / "meta.json").exists():
-        state, monitor, history, evals, step = _load_checkpoint(ckpt, run, seeds, state)
+        state, monitor, history, evals, step = _load_checkpoint(ckpt, run, seeds, hparams, state)
 
     bar = _progress(cfg.steps, step, progress)
     compile_s, step_s = 0.0, 0.0
@@ -203,7 +226,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, out_dir: str | Path
         k = min(cfg.chunk_steps, cfg.steps - step)
         batches = trainer.batches(seeds, step, k)
         tic = time.perf_counter()
-        state, metrics = trainer._chunk(state, seed_keys, batches, jnp.int32(step))
+        state, metrics = trainer._chunk(state, seed_keys, hps, batches, jnp.int32(step))
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - tic
         if compile_s == 0.0:
@@ -220,7 +243,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, out_dir: str | Path
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append((step, trainer.evaluate(state, seed_keys)))
         if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save_checkpoint(ckpt, run, seeds, state, monitor, history, evals, step)
+            _save_checkpoint(ckpt, run, seeds, hparams, state, monitor, history, evals, step)
         if bar is not None:
             bar.update(k)
             bar.set_postfix(loss=f"{np.nanmean(metrics['loss'][-1]):.3f}", diverged=int(diverged.sum()))
@@ -230,7 +253,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, out_dir: str | Path
     final_eval = trainer.evaluate(state, seed_keys)
     evals.append((cfg.steps, final_eval))
     metrics = {name: np.concatenate(chunks, axis=0) for name, chunks in history.items()}
-    summary = _summary(run, trainer, seeds, monitor, final_eval, evals, metrics,
+    summary = _summary(run, trainer, seeds, hparams, monitor, final_eval, evals, metrics,
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1)))
     if out_dir is not None:
@@ -248,11 +271,12 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
-def _summary(run, trainer, seeds, monitor, final_eval, evals, metrics, timing) -> dict:
+def _summary(run, trainer, seeds, hparams, monitor, final_eval, evals, metrics, timing) -> dict:
     results = monitor.results()
     best = trainer.dataset.best_loss
     return {
         "seeds": seeds,
+        "hparams": hparams,
         "final_eval_loss": [None if not np.isfinite(v) else float(v) for v in final_eval],
         "quality_gap": None if best is None else [None if not np.isfinite(v) else float(v - best) for v in final_eval],
         "best_loss": best,
@@ -306,7 +330,7 @@ def _json_safe(v):
 # -- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, run, seeds, state, monitor, history, evals, step) -> None:
+def _save_checkpoint(path: Path, run, seeds, hparams, state, monitor, history, evals, step) -> None:
     """Write the whole loop state atomically: a temp folder renamed over the old checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -315,7 +339,7 @@ def _save_checkpoint(path: Path, run, seeds, state, monitor, history, evals, ste
     leaves = jax.tree.leaves(jax.device_get(state))
     np.savez(tmp / "state.npz", *[np.asarray(x) for x in leaves])
     np.savez(tmp / "history.npz", **{k: np.concatenate(v, axis=0) for k, v in history.items()})
-    meta = dict(step=step, seeds=seeds, fingerprint=run.fingerprint(), monitor=monitor.to_json(),
+    meta = dict(step=step, seeds=seeds, hparams=hparams, fingerprint=run.fingerprint(), monitor=monitor.to_json(),
                 evals=[[s, [float(x) for x in v]] for s, v in evals])
     (tmp / "meta.json").write_text(json.dumps(meta))
     old = path.with_name(path.name + ".old")
@@ -326,11 +350,11 @@ def _save_checkpoint(path: Path, run, seeds, state, monitor, history, evals, ste
         shutil.rmtree(old)
 
 
-def _load_checkpoint(path: Path, run, seeds, template):
+def _load_checkpoint(path: Path, run, seeds, hparams, template):
     from precision_lab.errors import UserError
 
     meta = json.loads((path / "meta.json").read_text())
-    if meta["fingerprint"] != run.fingerprint() or meta["seeds"] != seeds:
+    if meta["fingerprint"] != run.fingerprint() or meta["seeds"] != seeds or meta["hparams"] != hparams:
         raise UserError(f"{path}: the checkpoint belongs to another configuration or seed list; "
                         "use a new --out folder or drop --resume")
     with np.load(path / "state.npz") as z:

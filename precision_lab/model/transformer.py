@@ -250,10 +250,7 @@ def apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPoli
 
     z_losses = jnp.stack([a["z_loss"] for a in aux]) if aux else jnp.zeros((0,), jnp.float32)
     lb_losses = jnp.stack([a["load_balancing_loss"] for a in aux]) if aux else jnp.zeros((0,), jnp.float32)
-    agg = jnp.mean if cfg.aux_loss_aggregation == "mean" else jnp.sum
-    loss = ce_loss + cfg.output_z_loss_coef * output_z
-    if aux:
-        loss = loss + cfg.load_balance_coef * agg(lb_losses) + cfg.router_z_loss_coef * agg(z_losses)
+    loss = total_loss(ce_loss, output_z, z_losses, lb_losses, cfg=cfg)
     telemetry = {name: (jnp.stack([a["telemetry"][name] for a in aux]) if aux else jnp.zeros((0,), jnp.float32))
                  for name in moe.TELEMETRY}
     return ModelOutput(
@@ -262,3 +259,18 @@ def apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPoli
         router=telemetry, expert_index=tuple(a["expert_index"] for a in aux),
         max_attention_logit=jnp.maximum(max_enc, max_dec), logits=logits if return_logits else None,
     )
+
+
+def total_loss(ce_loss, output_z_loss, router_z_loss, load_balancing_loss, *, cfg: ModelConfig,
+               load_balance_coef=None, router_z_loss_coef=None, output_z_loss_coef=None):
+    """L = CE + c_B * agg(L_B) + c_z * agg(L_z) + c_out * output z-loss, agg = cfg.aux_loss_aggregation over
+    sparse layers. Coefficients default to cfg's; the trainer passes traced ones so that runs differing only
+    in a coefficient share one compiled program."""
+    c_b = cfg.load_balance_coef if load_balance_coef is None else load_balance_coef
+    c_z = cfg.router_z_loss_coef if router_z_loss_coef is None else router_z_loss_coef
+    c_out = cfg.output_z_loss_coef if output_z_loss_coef is None else output_z_loss_coef
+    loss = ce_loss + c_out * output_z_loss
+    if router_z_loss.shape[0]:
+        agg = jnp.mean if cfg.aux_loss_aggregation == "mean" else jnp.sum
+        loss = loss + c_b * agg(load_balancing_loss) + c_z * agg(router_z_loss)
+    return loss
