@@ -105,19 +105,85 @@ def _roundoff(args) -> int:
     return 0
 
 
+def _add_model_info(p):
+    p.add_argument("preset", help="model preset: tiny, small, switch-base, gshard, st-moe-l, st-moe-32b, dense-l")
+    p.add_argument("--json", action="store_true")
+
+
+@command("model-info", "total and active parameters and FLOPs per sequence of a model preset")(_add_model_info)
+def _model_info(args) -> int:
+    from precision_lab.model.info import model_info_text
+
+    print(model_info_text(args.preset, as_json=args.json))
+    return 0
+
+
+def _add_sweep(p):
+    p.add_argument("file", help="sweep TOML (see experiments/)")
+    p.add_argument("--out", required=True, help="results store folder")
+    p.add_argument("--shard", default="0/1", metavar="I/N", help="run shard I of N (groups split evenly)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed sweep (finished runs are always kept and skipped; this says so)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("sweep", "run a sweep TOML into a results store (resumable, shardable)")(_add_sweep)
+def _sweep(args) -> int:
+    from precision_lab.runner import sweep
+
+    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress)
+    print(f"{summary.name}: {summary.computed} runs computed, {summary.skipped} already stored, "
+          f"shard {summary.shard[0]}/{summary.shard[1]} of {summary.total_runs} runs; store: {args.out}")
+    return 0
+
+
+def _add_figures(p):
+    p.add_argument("dir", help="a sweep's results store")
+    p.add_argument("--out", default="figures", help="folder for the figures (default: figures)")
+
+
+@command("figures", "draw a sweep's figures (PNG and SVG) from its results store")(_add_figures)
+def _figures(args) -> int:
+    from precision_lab.report import write_figures
+
+    for p in write_figures(args.dir, args.out):
+        print(f"wrote {p}")
+    return 0
+
+
+def _add_report(p):
+    p.add_argument("dir", help="a sweep's results store")
+    p.add_argument("--figures", default=None, help="folder for the figures (default: DIR/figures)")
+
+
+@command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment")(_add_report)
+def _report(args) -> int:
+    from precision_lab.report import write_report
+
+    print(f"wrote {write_report(args.dir, args.figures)}")
+    return 0
+
+
 def _add_run(p):
-    p.add_argument("--out", default="figures", help="folder for figures (default: figures)")
+    p.add_argument("--out", default="runs/quickstart", help="results store of the quick-start sweep")
+    p.add_argument("--figures", default="figures", help="folder for figures (default: figures)")
+    p.add_argument("--sweep", default=None, help="sweep TOML (default: the built-in quick-start sweep)")
 
 
-@command("run", "the lab's main job on built-in defaults: format table and roundoff figure")(_add_run)
+@command("run", "the main job: roundoff analyses, then the quick-start sweep, its figures and report")(_add_run)
 def _run(args) -> int:
-    from precision_lab import figures
+    from precision_lab import figures, roundoff
+    from precision_lab.report import write_report
+    from precision_lab.runner import QUICKSTART, sweep
 
     _formats(argparse.Namespace(json=False))
     print()
-    paths = figures.roundoff_per_binade_figure(args.out)
-    for p in paths:
+    for p in [*figures.roundoff_per_binade_figure(args.figures), *roundoff.roundoff_report(args.figures)]:
         print(f"wrote {p}")
+    print(roundoff.footnote_text())
+    summary = sweep(args.sweep or QUICKSTART, args.out)
+    report = write_report(args.out, args.figures)
+    print(f"quick-start sweep: {summary.computed} runs computed, {summary.skipped} reused; report: {report}")
     return 0
 
 
@@ -164,7 +230,7 @@ def _add_train(p):
 @command("train", "train seeds of one configuration (vmapped), detect divergence, write a summary")(_add_train)
 def _train(args) -> int:
     from precision_lab.config import run_config
-    from precision_lab.train import train
+    from precision_lab.train import enable_compilation_cache, train
 
     spec: dict = {"model": {"preset": args.preset}, "policy": args.policy}
     for section, field, value in (("model", "router_z_loss_coef", args.z_loss),
@@ -182,6 +248,7 @@ def _train(args) -> int:
         else:
             spec[section] = fields
     run = run_config(spec)
+    enable_compilation_cache()
     result = train(run, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     s = result.summary
     print(f"backend {s['backend']}; policy {s['policy']}")

@@ -33,7 +33,7 @@ class TrainConfig:
     runs (vmapped into one program); seed: the first seed (seeds are seed, seed+1, ...);
     chunk_steps: steps per compiled call (lax.scan) between host-side divergence checks and logging;
     eval_every / eval_batches: held-out evaluation cadence and size; checkpoint_every: steps between
-    checkpoints (0 = only at the end); shadow_router: compute the float32 shadow router's flip rate.
+    checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it).
     """
 
     steps: int = 300
@@ -44,6 +44,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 2
     checkpoint_every: int = 100
+    label: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches"):
@@ -59,11 +60,15 @@ SECTIONS: dict[str, type] = {
     "divergence": DivergenceConfig,
 }
 
-# Defaults a lab user expects from a quick run: the tiny model, short sequences, AdamW with warm-up.
+# Defaults a lab user expects from a quick run: the tiny model, short sequences (T5's 100 sentinels would
+# crowd a small vocabulary; a 64-token input has at most a handful of spans), AdamW with warm-up, and the
+# divergence rules that mean "training broke" (the mean + k sigma rule flags loss spikes that recover; the
+# trainer records its first firing per seed as a spike, without freezing the seed).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"preset": "tiny"},
-    "data": {"inputs_length": 64},
+    "data": {"num_sentinels": 16},
     "optim": {"name": "adamw", "lr": 1e-2, "schedule": "rsqrt", "warmup_steps": 20, "b2": 0.95},
+    "divergence": {"rules": ("nonfinite", "early_max", "spikes")},
 }
 
 
@@ -138,7 +143,10 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
     if spec.get("data", {}).get("vocab_size") not in (None, parts["model"].vocab_size):
         raise UserError("data.vocab_size must equal model.vocab_size (the model's vocabulary is the data's); "
                         "set model.vocab_size only")
-    parts["data"] = dataclasses.replace(parts["data"], vocab_size=parts["model"].vocab_size)
+    data_fields = {"vocab_size": parts["model"].vocab_size}
+    if "inputs_length" not in spec.get("data", {}):  # the preset's sequence length, unless asked otherwise
+        data_fields["inputs_length"] = parts["model"].inputs_length
+    parts["data"] = dataclasses.replace(parts["data"], **data_fields)
     optim = parts["optim"]
     if optim.schedule == "cosine" and optim.total_steps == 0:
         parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)

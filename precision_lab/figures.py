@@ -224,3 +224,149 @@ def footnote_figure(rows: list[dict], out_dir: str | Path, stem: str = "footnote
     ax.legend(fontsize=7, loc="upper right", ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
     return save(fig, out_dir, stem)
+
+
+# -- sweep figures (read ConfigResults from precision_lab.report; never train) -------------------------------
+
+
+def _curves(configs, metric: str, reduce_layers, out_dir, stem, ylabel: str, title: str, logy: bool = False):
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for c in configs:
+        m = c.metric(metric)
+        if m.size == 0:
+            continue
+        if m.ndim == 3:  # (seeds, steps, layers)
+            m = reduce_layers(m, axis=2)
+        steps = np.arange(1, m.shape[1] + 1)
+        with np.errstate(all="ignore"):
+            mid = np.nanmedian(m, axis=0)
+            lo, hi = np.nanmin(m, axis=0), np.nanmax(m, axis=0)
+        line, = ax.plot(steps, mid, label=f"{c.label} ({c.stable}/{c.n} stable)", lw=1.2)
+        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def loss_curves_figure(configs, out_dir, stem):
+    import numpy as np
+
+    return _curves(configs, "loss", np.nanmean, out_dir, stem, "training loss (nats/token; median over seeds, "
+                   "band = min..max)", "Training loss per configuration", logy=True)
+
+
+def router_logits_figure(configs, out_dir, stem):
+    import numpy as np
+
+    return _curves(configs, "router_max_abs_logit", np.nanmax, out_dir, stem,
+                   "max |router logit| over sparse layers", "Router logit growth")
+
+
+def router_lse_figure(configs, out_dir, stem):
+    import numpy as np
+
+    return _curves(configs, "router_mean_lse_sq", np.nanmean, out_dir, stem,
+                   "mean logsumexp(router logits)^2 (the z-loss)", "Router z-loss over training", logy=True)
+
+
+def flip_rate_curves_figure(configs, out_dir, stem):
+    import numpy as np
+
+    return _curves(configs, "router_flip_rate", np.nanmean, out_dir, stem,
+                   "routing flip rate vs float32 shadow router (fraction of tokens)", "Routing flips from precision")
+
+
+def dropped_figure(configs, out_dir, stem):
+    import numpy as np
+
+    return _curves(configs, "router_dropped_fraction", np.nanmean, out_dir, stem,
+                   "dropped fraction of expert assignments", "Tokens dropped by capacity")
+
+
+def lr_sweep_figure(configs, out_dir, stem):
+    """Final held-out loss vs peak learning rate, one line per configuration without its lr; x = diverged."""
+    import numpy as np
+
+    from precision_lab.report import label_of
+
+    lines: dict[str, list] = {}
+    for c in configs:
+        rest = {k: v for k, v in c.overrides.items() if k != "optim.lr"}
+        lines.setdefault(label_of(rest), []).append(c)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, cs in lines.items():
+        cs = sorted(cs, key=lambda c: c.value("optim.lr"))
+        lrs = [c.value("optim.lr") for c in cs]
+        means = []
+        for c in cs:
+            vals = np.array([r["result"]["final_eval_loss"] if r["result"]["final_eval_loss"] is not None
+                             else np.nan for r in c.records], float)
+            means.append(np.nanmean(vals) if np.isfinite(vals).any() else np.nan)
+        line, = ax.plot(lrs, means, marker="o", label=name)
+        div = [(lr, c.stable < c.n) for lr, c in zip(lrs, cs)]
+        for lr, d in div:
+            if d:
+                ax.axvline(lr, color=line.get_color(), ls=":", alpha=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final held-out loss (nats/token, mean over seeds)")
+    ax.set_title("Loss vs learning rate (dotted: a seed diverged at that lr)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def fraction_stable_figure(configs, out_dir, stem):
+    import numpy as np
+
+    from precision_lab.divergence import clopper_pearson
+
+    fig, ax = plt.subplots(figsize=(max(6, len(configs) * 0.8), 4.5))
+    fracs = [c.stable / c.n for c in configs]
+    ci = [clopper_pearson(c.stable, c.n) for c in configs]
+    x = np.arange(len(configs))
+    ax.bar(x, fracs, color="tab:blue", alpha=0.7)
+    ax.errorbar(x, fracs, yerr=[[f - lo for f, (lo, _) in zip(fracs, ci)], [hi - f for f, (_, hi) in zip(fracs, ci)]],
+                fmt="none", color="k", capsize=3)
+    ax.set_xticks(x, [c.label for c in configs], rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction of seeds stable (95% Clopper-Pearson)")
+    ax.set_title("Fraction stable per configuration")
+    return save(fig, out_dir, stem)
+
+
+def sentinel_entropy_figure(configs, out_dir, stem):
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for c in configs:
+        m = c.metric("router_sentinel_entropy")
+        if m.size == 0:
+            continue
+        final = np.nanmean(m[:, -10:], axis=(0, 1))
+        ax.plot(np.arange(final.size), final, marker="o", label=c.label)
+    ax.set_xlabel("sparse layer (encoder layers first, then decoder)")
+    ax.set_ylabel("entropy of sentinel-token routing (nats)")
+    ax.set_title("Expert specialisation of sentinel tokens (ST-MoE Table 14)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+SWEEP_FIGURES = {
+    "loss_curves": loss_curves_figure,
+    "router_logits": router_logits_figure,
+    "router_lse": router_lse_figure,
+    "flip_rate": flip_rate_curves_figure,
+    "dropped": dropped_figure,
+    "lr_sweep": lr_sweep_figure,
+    "fraction_stable": fraction_stable_figure,
+    "sentinel_entropy": sentinel_entropy_figure,
+}

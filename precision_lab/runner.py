@@ -13,7 +13,10 @@ import numpy as np
 
 from precision_lab.config import run_config, validate
 from precision_lab.sweep import RunSpec, SweepSummary, load_sweep, run_sweep
-from precision_lab.train import BATCHABLE_FIELDS, hparams_of, train
+from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, train
+
+# The built-in sweep of `precision-lab run` (shipped inside the package so an installed lab has it).
+QUICKSTART = Path(__file__).with_name("quickstart.toml")
 
 # Per-step metrics kept in the store per run (the rest of the telemetry stays in the summary).
 STORED_METRICS = None  # None = every metric the trainer logs
@@ -34,19 +37,23 @@ def run_group(runs: list[RunSpec]) -> list[dict]:
             "diverged": s["diverged"][i],
             "divergence_step": s["divergence_step"][i],
             "divergence_rule": s["divergence_rule"][i],
+            "first_loss_spike_step": s["first_loss_spike_step"][i],
             "eval_history": [{"step": e["step"], "loss": e["loss"][i]} for e in s["eval_history"]],
         }
         shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
-                                    "policy_resolved", "timing")}
+                                    "policy_resolved")}
         metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()
                    if STORED_METRICS is None or name in STORED_METRICS}
-        records.append({"result": per_seed, "env": shared, "metrics": metrics})
+        # timing is the one part of a record that differs between identical reruns: the store keeps it apart
+        records.append({"result": per_seed, "env": shared, "resolved": configs[i].to_dict(), "metrics": metrics,
+                        "timing": dict(s["timing"])})
     return records
 
 
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
           resume: bool = True, progress: bool = True) -> SweepSummary:
     """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`)."""
+    enable_compilation_cache()
     spec = load_sweep(path, validate=validate)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,

@@ -53,6 +53,17 @@ def hparams_of(run: RunConfig) -> dict[str, float]:
                 router_z_loss_coef=run.model.router_z_loss_coef, output_z_loss_coef=run.model.output_z_loss_coef)
 
 
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
+    """Keep compiled programs on disk, so a sweep compiles each shape once across processes and reruns.
+
+    Default folder: $PRECISION_LAB_CACHE, else ~/.cache/precision_lab/jax.
+    """
+    path = path or os.environ.get("PRECISION_LAB_CACHE") or Path.home() / ".cache" / "precision_lab" / "jax"
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 class TrainState(NamedTuple):
     master: Any  # float32 storage of the master weights (values in the master format)
     opt_state: Any
@@ -213,12 +224,14 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     t0 = time.perf_counter()
     state, seed_keys = trainer.init(seeds)
     monitor = DivergenceMonitor(run.divergence, num_seeds=len(seeds))
+    # Loss spikes (mean + k sigma) that are not a rule of run.divergence are recorded, not acted on.
+    spikes = DivergenceMonitor(dataclasses.replace(run.divergence, rules=("sigma",)), num_seeds=len(seeds))
     history: dict[str, list[np.ndarray]] = {}
     evals: list[tuple[int, np.ndarray]] = []
     step = 0
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if resume and ckpt is not None and (ckpt / "meta.json").exists():
-        state, monitor, history, evals, step = _load_checkpoint(ckpt, run, seeds, hparams, state)
+        state, monitor, spikes, history, evals, step = _load_checkpoint(ckpt, run, seeds, hparams, state)
 
     bar = _progress(cfg.steps, step, progress)
     compile_s, step_s = 0.0, 0.0
@@ -236,6 +249,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         for name, value in metrics.items():
             history.setdefault(name, []).append(np.asarray(value))
         monitor.update(step, metrics["loss"], metrics["grad_norm"])
+        spikes.update(step, metrics["loss"], metrics["grad_norm"])
         diverged = np.asarray(monitor.diverged)
         if diverged.any():  # host-side rules freeze the seed from the next step on
             state = state._replace(active=jnp.logical_and(state.active, jnp.asarray(~diverged)))
@@ -243,7 +257,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append((step, trainer.evaluate(state, seed_keys)))
         if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save_checkpoint(ckpt, run, seeds, hparams, state, monitor, history, evals, step)
+            _save_checkpoint(ckpt, run, seeds, hparams, state, monitor, spikes, history, evals, step)
         if bar is not None:
             bar.update(k)
             bar.set_postfix(loss=f"{np.nanmean(metrics['loss'][-1]):.3f}", diverged=int(diverged.sum()))
@@ -253,7 +267,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     final_eval = trainer.evaluate(state, seed_keys)
     evals.append((cfg.steps, final_eval))
     metrics = {name: np.concatenate(chunks, axis=0) for name, chunks in history.items()}
-    summary = _summary(run, trainer, seeds, hparams, monitor, final_eval, evals, metrics,
+    summary = _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval, evals, metrics,
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1)))
     if out_dir is not None:
@@ -271,7 +285,7 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True)
 
 
-def _summary(run, trainer, seeds, hparams, monitor, final_eval, evals, metrics, timing) -> dict:
+def _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval, evals, metrics, timing) -> dict:
     results = monitor.results()
     best = trainer.dataset.best_loss
     return {
@@ -284,6 +298,7 @@ def _summary(run, trainer, seeds, hparams, monitor, final_eval, evals, metrics, 
         "diverged": [bool(r.diverged) for r in results],
         "divergence_step": [r.step for r in results],
         "divergence_rule": [r.rule for r in results],
+        "first_loss_spike_step": [r.step for r in spikes.results()],
         "eval_history": [{"step": s, "loss": [float(x) for x in v]} for s, v in evals],
         "final_train_loss": [float(np.nanmean(metrics["loss"][-10:, i])) if np.isfinite(metrics["loss"][-10:, i]).any()
                              else None for i in range(len(seeds))],
@@ -330,7 +345,7 @@ def _json_safe(v):
 # -- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, run, seeds, hparams, state, monitor, history, evals, step) -> None:
+def _save_checkpoint(path: Path, run, seeds, hparams, state, monitor, spikes, history, evals, step) -> None:
     """Write the whole loop state atomically: a temp folder renamed over the old checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -340,6 +355,7 @@ def _save_checkpoint(path: Path, run, seeds, hparams, state, monitor, history, e
     np.savez(tmp / "state.npz", *[np.asarray(x) for x in leaves])
     np.savez(tmp / "history.npz", **{k: np.concatenate(v, axis=0) for k, v in history.items()})
     meta = dict(step=step, seeds=seeds, hparams=hparams, fingerprint=run.fingerprint(), monitor=monitor.to_json(),
+                spikes=spikes.to_json(),
                 evals=[[s, [float(x) for x in v]] for s, v in evals])
     (tmp / "meta.json").write_text(json.dumps(meta))
     old = path.with_name(path.name + ".old")
@@ -364,5 +380,6 @@ def _load_checkpoint(path: Path, run, seeds, hparams, template):
     with np.load(path / "history.npz") as z:
         history = {k: [z[k]] for k in z.files}
     monitor = DivergenceMonitor.from_json(meta["monitor"])
+    spikes = DivergenceMonitor.from_json(meta["spikes"])
     evals = [(s, np.asarray(v)) for s, v in meta["evals"]]
-    return state, monitor, history, evals, meta["step"]
+    return state, monitor, spikes, history, evals, meta["step"]
