@@ -1,6 +1,7 @@
 """Make silent numeric bugs loud: strict dtype promotion and rank promotion raise in every test."""
 
 import os
+import tempfile
 
 # Several tests need more than one CPU device (expert parallelism); this must happen before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,6 +9,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+# Compiled programs are reused across tests (and across the subprocesses the CLI tests start) through
+# jax's persistent compilation cache: many tests train the same micro model.
+_CACHE = os.environ.setdefault("PRECISION_LAB_CACHE", os.path.join(tempfile.gettempdir(), "precision_lab_test_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
