@@ -124,6 +124,8 @@ def _add_sweep(p):
     p.add_argument("--shard", default="0/1", metavar="I/N", help="run shard I of N (groups split evenly)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed sweep (finished runs are always kept and skipped; this says so)")
+    p.add_argument("--smoke", action="store_true",
+                   help="run the seconds-long smoke version (micro model, few steps, first axis points)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -131,7 +133,7 @@ def _add_sweep(p):
 def _sweep(args) -> int:
     from precision_lab.runner import sweep
 
-    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress)
+    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke)
     print(f"{summary.name}: {summary.computed} runs computed, {summary.skipped} already stored, "
           f"shard {summary.shard[0]}/{summary.shard[1]} of {summary.total_runs} runs; store: {args.out}")
     return 0

@@ -6,13 +6,14 @@ This is where `sweep` (expansion, store, resume) meets `train`; `sweep.py` itsel
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import numpy as np
 
 from precision_lab.config import run_config, validate
-from precision_lab.sweep import RunSpec, SweepSummary, load_sweep, run_sweep
+from precision_lab.sweep import RunSpec, SweepSpec, SweepSummary, load_sweep, run_sweep
 from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, train
 
 # The built-in sweep of `precision-lab run` (shipped inside the package so an installed lab has it).
@@ -50,11 +51,34 @@ def run_group(runs: list[RunSpec]) -> list[dict]:
     return records
 
 
+# The smoke version of a sweep: seconds instead of minutes, same code path (what CI runs for every shipped
+# experiment). A micro model, a few steps, two seeds, and each axis cut to its first point, except axes of
+# batchable hyperparameters, which keep two points so the vmapped-hyperparameter path is exercised too.
+SMOKE_BASE = {
+    "model": {"d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_encoder_layers": 2,
+              "num_decoder_layers": 2, "num_experts": 4},
+    "train": {"steps": 6, "chunk_steps": 3, "batch_size": 4, "eval_every": 0, "eval_batches": 1,
+              "checkpoint_every": 0},
+}
+
+
+def smoke(spec: SweepSpec) -> SweepSpec:
+    base = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.base.items()}
+    for section, fields in SMOKE_BASE.items():
+        base[section] = {**base.get(section, {}), **fields}
+    axes = tuple(dataclasses.replace(a, points=a.points[: 2 if set(a.fields) <= set(BATCHABLE_FIELDS) else 1])
+                 for a in spec.axes)
+    return dataclasses.replace(spec, name=spec.name + "_smoke", base=base, axes=axes, seeds=spec.seeds[:2])
+
+
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
-          resume: bool = True, progress: bool = True) -> SweepSummary:
-    """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`)."""
+          resume: bool = True, progress: bool = True, smoke_test: bool = False) -> SweepSummary:
+    """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`).
+    `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`)."""
     enable_compilation_cache()
     spec = load_sweep(path, validate=validate)
+    if smoke_test:
+        spec = smoke(spec)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
                      batchable_fields=tuple(BATCHABLE_FIELDS))

@@ -269,7 +269,7 @@ def _parse_axis(source: str, k: int, raw: Any, base: Mapping[str, Any], validate
             raise _err(source, label, "has no values; give at least one")
         _check_plain(source, label, values)
         keys = [canonical_json(v) for v in values]
-        if len(set(keys)) != len(keys):
+        if not zipped and len(set(keys)) != len(keys):
             dup = next(v for v, key in zip(values, keys) if keys.count(key) > 1)
             raise _err(source, label, f"repeats the value {dup!r}; every value must be distinct")
     lengths = {field: len(values) for field, values in columns.items()}
@@ -278,6 +278,11 @@ def _parse_axis(source: str, k: int, raw: Any, base: Mapping[str, Any], validate
         raise _err(source, f"{where}.zip", f"lists have different lengths ({shown}); make them equally long")
     fields = tuple(columns)
     points = tuple(zip(*(columns[f] for f in fields)))
+    # In a zip a column may repeat a value (rows share a setting); a whole point must not repeat.
+    point_keys = [canonical_json(list(p)) for p in points]
+    if len(set(point_keys)) != len(point_keys):
+        dup = next(p for p, key in zip(points, point_keys) if point_keys.count(key) > 1)
+        raise _err(source, f"{where}.zip", f"repeats the point {dict(zip(fields, dup))!r}; every point must be distinct")
     return Axis(fields=fields, points=points, zipped=zipped)
 
 
