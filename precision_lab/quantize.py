@@ -161,8 +161,47 @@ def _nearest_even_magnitude(a, fmt: Format):
     return jnp.where(a < _u(_f32_bits(fmt.min_normal)), sub, normal)
 
 
+def _wide_ieee_fast_path(fmt: Format, rounding: str, overflow, subnormals: bool) -> bool:
+    """Whether `_nearest_even_wide_ieee` applies: round-to-nearest-even into an IEEE format with float32's
+    exponent range (bf16, tf32, e8mY), keeping subnormals, overflowing to inf or saturating."""
+    return (rounding == "nearest_even" and fmt.specials == "ieee" and fmt.emin <= -126
+            and fmt.mantissa_bits < 23 and overflow in (None, "nonfinite", "saturate")
+            and subnormals and fmt.has_subnormals)
+
+
+def _nearest_even_wide_ieee(u, fmt: Format, overflow):
+    """The whole of `_quantize_bits` for the formats `_wide_ieee_fast_path` accepts, in 7-9 integer ops
+    instead of ~20 (this is the rounding after every emulated bf16 op, so its cost is the emulation's cost).
+
+    Why it equals the general path bit for bit (tests/test_quantize.py checks it exhaustively per binade):
+      * rounding: `_nearest_even_magnitude` with fmt.emin <= -126 is exactly `normal` below. Applying it to
+        the signed pattern u instead of |u| changes nothing for non-NaN inputs: |u| + 2^(shift-1) <=
+        0x7F7FFFFF + 2^22 < 2^31, so the carry never reaches the sign bit, and the tie bit (bit `shift`) is
+        the same in u and |u|. So r = sign | rounded magnitude.
+      * specials: the format's max is float32's largest value with the low `shift` bits cleared, so a finite
+        input whose rounded magnitude exceeds it has carried into the exponent field and IS inf (0x7F800000),
+        as is +-inf itself. With overflow None/"nonfinite" an IEEE format's overflow value is inf (the
+        rounding is nearest, never truncating): nothing to change. With "saturate" the value is +-max:
+        min(magnitude, max) restores the sign afterwards. Subnormals are kept (flush only when asked), the
+        format has -0, and no rounded non-NaN magnitude equals the quiet NaN pattern, so the remaining
+        `_apply_specials` rules are no-ops. NaN inputs stay NaN, quieted (u | 0x400000), as in the general path.
+    """
+    shift = 23 - fmt.mantissa_bits
+    a = u & _u(_ABS)
+    lsb = lax.shift_right_logical(u, _u(shift)) & _u(1) if fmt.mantissa_bits > 0 else _u(1)
+    keep = _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+    if overflow == "saturate":
+        mag = jnp.minimum((a + _u((1 << (shift - 1)) - 1) + lsb) & keep, _u(_f32_bits(fmt.max)))
+        out = mag | (u & _u(_SIGN))
+    else:
+        out = (u + _u((1 << (shift - 1)) - 1) + lsb) & keep
+    return jnp.where(a > _u(_INF), u | _u(0x400000), out)
+
+
 def _quantize_bits(u, fmt: Format, rounding: str, overflow, subnormals: bool, key):
     """Core: float32 bit patterns in, float32 bit patterns of the rounded values out."""
+    if _wide_ieee_fast_path(fmt, rounding, overflow, subnormals):
+        return _nearest_even_wide_ieee(u, fmt, overflow)
     if rounding == "nearest_even" and fmt.specials != "e8m0":
         sign = u & _u(_SIGN)
         a = u & _u(_ABS)

@@ -545,8 +545,8 @@ def run_sweep(
 ) -> SweepSummary:
     """Run one shard of a sweep into the results store at `out_dir`.
 
-    `run_group(runs)` gets the runs of one group that are not stored yet (same group_key, so one compiled
-    program) and returns one record dict per run, in the same order. A record's optional "metrics" entry
+    `run_group(runs)` gets all the runs of one group that still misses a run (same group_key, so one compiled
+    program) and returns one record dict per run, in the same order; only the missing ones are stored. A record's optional "metrics" entry
     (name -> per-step array) goes to the run's metrics file; run_sweep adds run_id, sweep, seed,
     group_key, overrides, config and "timing" (the only fields that differ between identical reruns).
 
@@ -583,17 +583,23 @@ def run_sweep(
                 continue
             bar.set_postfix_str(missing[0].run_id.rsplit("-s", 1)[0], refresh=False)
             t0 = time.perf_counter()
-            results = list(run_group(missing))
-            if len(results) != len(missing):
-                raise ValueError(f"run_group returned {len(results)} records for {len(missing)} runs")
+            # The whole group runs again even if only some of it is missing (a kill between two of its
+            # records): a vmapped program's numbers may depend on which members it holds (XLA orders batched
+            # reductions by batch size), so only the original membership reproduces the original records.
+            results = list(run_group(list(group)))
+            if len(results) != len(group):
+                raise ValueError(f"run_group returned {len(results)} records for {len(group)} runs")
             timing = {
                 "group_seconds": time.perf_counter() - t0,
-                "group_runs": len(missing),
+                "group_runs": len(group),
                 "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "pid": os.getpid(),
             }
             groups_run += 1
-            for run, result in zip(missing, results):
+            wanted = {r.run_id for r in missing}
+            for run, result in zip(group, results):
+                if run.run_id not in wanted:
+                    continue
                 record, metrics = _record(spec, run, result, timing)
                 try:
                     store.put(run.run_id, record, metrics, overwrite=not resume)

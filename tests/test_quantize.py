@@ -360,3 +360,33 @@ def test_exhaustive_all_float32(name):
         assert not bad.any(), f"{name}: x={x[bad][:5]} ours={ours[bad][:5]} ref={ref[bad][:5]}"
         checked += x.size
     assert checked == 1 << 32
+
+
+@pytest.mark.parametrize("name", ["bf16", "tf32", "e8m3", "e8m1"])
+@pytest.mark.parametrize("overflow", [None, "nonfinite", "saturate"])
+def test_wide_ieee_fast_path_equals_general_path(name, overflow):
+    """The short bf16-like round-to-nearest-even path gives the general path's bit patterns exactly (NaN
+    payloads included): every sign/exponent/high-mantissa pattern with tie, near-tie and random low bits,
+    plus random patterns over all of float32."""
+    from precision_lab.quantize import (_apply_specials, _nearest_even_magnitude, _nearest_even_wide_ieee,
+                                        _wide_ieee_fast_path)
+
+    fmt = get_format(name)
+    assert _wide_ieee_fast_path(fmt, "nearest_even", overflow, True)
+    shift = 23 - fmt.mantissa_bits
+    half = 1 << (shift - 1)
+    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)  # every sign, exponent, top 7 mantissa bits
+    lows = [0, 1, half - 1, half, half + 1, (1 << shift) - 1, (1 << shift) | half, 0xFFFF]
+    rng = np.random.default_rng(7)
+    u = np.concatenate([(high[:, None] | (np.array(lows, np.uint32) & np.uint32(0xFFFF))[None, :]).ravel(),
+                        high | (rng.integers(0, 1 << 16, high.size, dtype=np.uint32)),
+                        rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
+
+    def general(v):
+        sign, a = v & jnp.uint32(0x80000000), v & jnp.uint32(0x7FFFFFFF)
+        return _apply_specials(v, sign, a, _nearest_even_magnitude(a, fmt), fmt, "nearest_even", overflow, True)
+
+    fast = np.asarray(jax.jit(lambda v: _nearest_even_wide_ieee(v, fmt, overflow))(u))
+    ref = np.asarray(jax.jit(general)(u))
+    bad = fast != ref
+    assert not bad.any(), f"{name} {overflow}: u={u[bad][:4]} fast={fast[bad][:4]} general={ref[bad][:4]}"

@@ -1,0 +1,110 @@
+"""Every shipped experiment: documented, runs (smoke version) through sweep -> store -> figures -> report;
+a real SIGKILL of a sweep process resumes to identical results; bad sweep input exits 2 and loses nothing."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from precision_lab.cli import main
+from precision_lab.report import load_sweep_results, write_report
+from precision_lab.runner import QUICKSTART, sweep
+from precision_lab.store import ResultsStore
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+TRAINING = sorted(p for p in EXPERIMENTS.glob("*.toml") if tomllib.loads(p.read_text()).get("kind") != "roundoff")
+
+
+def test_every_experiment_documents_itself():
+    assert len(TRAINING) >= 7
+    for path in [*EXPERIMENTS.glob("*.toml"), QUICKSTART]:
+        head = path.read_text().split("\n[")[0]
+        for word in ("command:", "runtime:"):
+            assert word in head, f"{path.name} lacks '{word}' in its header comment"
+        assert "RUNTIME_" not in head, f"{path.name}: runtime placeholder not filled in"
+        assert re.search(r"reproduces|shows", head), path.name
+
+
+@pytest.mark.parametrize("path", [*TRAINING, QUICKSTART], ids=lambda p: p.stem)
+def test_experiment_smoke(path, tmp_path):
+    summary = sweep(path, tmp_path, progress=False, smoke_test=True)
+    assert summary.computed == summary.shard_runs > 0
+    report = write_report(tmp_path)
+    text = report.read_text()
+    manifest, configs = load_sweep_results(tmp_path)
+    for table in manifest["report"].get("tables", []):
+        assert f"## {table.replace('_', ' ').capitalize()}" in text
+    for fig in manifest["report"].get("figures", []):
+        assert (tmp_path / "figures" / f"{manifest['name']}_{fig}.png").stat().st_size > 1000
+        assert f"{manifest['name']}_{fig}.png" in text
+    assert "backend cpu" in text and "jax" in text
+    record = ResultsStore(tmp_path).records()[0]
+    assert {"final_eval_loss", "diverged", "divergence_step", "divergence_rule"} <= set(record["result"])
+    assert record["env"]["policy_resolved"]["mode"] in ("emulate", "native")
+
+
+SWEEP_ARGS = ["sweep", "experiments/z_loss.toml", "--smoke", "--no-progress"]
+
+
+def _sweep_proc(out: Path):
+    return subprocess.Popen([sys.executable, "-m", "precision_lab.cli", *SWEEP_ARGS, "--out", str(out)],
+                            cwd=EXPERIMENTS.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _comparable(store: Path) -> dict:
+    s = ResultsStore(store)
+    return {rid: ({k: v for k, v in s.get(rid).items() if k != "timing"}, s.metrics(rid)) for rid in s.ids()}
+
+
+def test_sweep_killed_and_resumed_ends_identical(tmp_path):
+    whole = _sweep_proc(tmp_path / "whole")
+    assert whole.wait(timeout=600) == 0, whole.stdout.read()
+    victim = _sweep_proc(tmp_path / "killed")
+    runs = tmp_path / "killed" / "runs"
+    deadline = time.time() + 600
+    while victim.poll() is None and time.time() < deadline and not (runs.exists() and any(runs.glob("*.json"))):
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = subprocess.run([sys.executable, "-m", "precision_lab.cli", *SWEEP_ARGS, "--out", str(tmp_path / "killed"),
+                              "--resume"], cwd=EXPERIMENTS.parent, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a, b = _comparable(tmp_path / "whole"), _comparable(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for rid in a:
+        assert a[rid][0] == b[rid][0], rid
+        for name in a[rid][1]:
+            np.testing.assert_array_equal(a[rid][1][name], b[rid][1][name])
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("name = 'x'\n[base\n", "TOML"),
+    ("seeds = 1\n[base]\ntrain = { steps = 3 }\n[[axes]]\nfield = 'train.stpes'\nvalues = [1]\n", "train.stpes"),
+    ("seeds = 1\n[base]\ntrain = { steps = 3 }\n[[axes]]\nfield = 'train.steps'\nvalues = []\n", "no values"),
+    ("seeds = 1\n[base]\npolicy = 'bf61'\n", "bf16"),
+    ("seeds = 1\n[base]\nmodel = { routing = 'topk', top_k = 3, num_experts = 2 }\n", "top_k"),
+])
+def test_bad_sweep_input_exits_2_and_keeps_the_store(tmp_path, capsys, content, needle):
+    store = tmp_path / "store"
+    ResultsStore(store).put("keep-me", {"result": {"x": 1}})
+    before = sorted(p.name for p in (store / "runs").iterdir())
+    bad = tmp_path / "bad.toml"
+    bad.write_text(content)
+    assert main(["sweep", str(bad), "--out", str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "bad.toml" in err, err
+    assert sorted(p.name for p in (store / "runs").iterdir()) == before
+    assert ResultsStore(store).get("keep-me")["result"] == {"x": 1}
+
+
+def test_report_of_a_missing_store_is_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no sweep results" in capsys.readouterr().err
