@@ -587,12 +587,18 @@ class Dataset:
     def _corrupt(self, rng: np.random.Generator, tokens: np.ndarray) -> dict[str, np.ndarray]:
         mask = random_spans_noise_mask(rng, self.layout, tokens.shape[0])
         inputs, targets = span_corrupt(tokens, mask, vocab_size=self.vocab_size)
-        return to_features(
+        features = to_features(
             inputs,
             targets,
             inputs_length=self.layout.inputs_length,
             targets_length=self.layout.targets_length,
         )
+        # Where the sentinels are, for ST-MoE's specialisation telemetry (Table 14): sentinels occupy the top
+        # `num_sentinels` ids of the vocabulary.
+        first_sentinel = self.vocab_size - self.config.num_sentinels
+        for name in ("inputs", "decoder_inputs"):
+            features[f"{name}_sentinel"] = (features[name] >= first_sentinel).astype(np.float32)
+        return features
 
     def _train_tokens(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         raise NotImplementedError

@@ -43,6 +43,7 @@ def run_group(runs: list[RunSpec]) -> list[dict]:
         }
         shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
                                     "policy_resolved")}
+        shared["moe_layer_names"] = list(run.model.moe_layer_names())
         metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()
                    if STORED_METRICS is None or name in STORED_METRICS}
         # timing is the one part of a record that differs between identical reruns: the store keeps it apart

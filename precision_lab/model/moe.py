@@ -28,7 +28,7 @@ from precision_lab.model.layers import dot_state, dropout, ffn_hidden_activation
 from precision_lab.policy import PrecisionPolicy
 
 TELEMETRY: tuple[str, ...] = ("max_abs_logit", "mean_lse_sq", "dropped_fraction", "unrouted_fraction", "load_cv",
-                              "entropy", "flip_rate")
+                              "entropy", "flip_rate", "sentinel_entropy")
 
 
 def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
@@ -49,7 +49,7 @@ def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
 
 
 def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: PrecisionPolicy, train: bool,
-            prioritized: bool, key=None):
+            prioritized: bool, key=None, sentinel_mask=None):
     """Sparse FFN.
 
     Args:
@@ -58,6 +58,7 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
       train: training capacity factor, jitter, expert dropout, GShard's random second expert.
       prioritized: Batch Prioritized Routing (encoder only, when cfg.batch_prioritized_routing).
       key: needed when train and any randomness is on.
+      sentinel_mask: <float32>[B, L] 1 for sentinel tokens (for the specialisation telemetry), or None.
     Returns:
       (<float32>[B, L, D] output (0 for tokens no expert took), aux dict: "z_loss", "load_balancing_loss"
       <float32>[], "telemetry" {name: <float32>[]}, "expert_index" <int32>[G, S, K]).
@@ -100,14 +101,20 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
     aux = {
         "z_loss": router.z_loss(logits, policy=policy, token_mask=mask),
         "load_balancing_loss": router.load_balancing_loss(probs, balance_mask, token_mask=mask),
-        "telemetry": _telemetry(x_router, params["router"], logits, probs, routing, mask, cfg=cfg),
+        "telemetry": _telemetry(x_router, params["router"], logits, probs, routing, mask, cfg=cfg,
+                                sentinels=None if sentinel_mask is None else sentinel_mask.reshape(g, s)),
         "expert_index": routing.expert_index,
     }
     return y.reshape(batch, length, d), aux
 
 
-def _telemetry(x_router, w_router, logits, probs, routing: router.Routing, mask, *, cfg: ModelConfig):
-    """Router statistics (float32 scalars, no gradient); padding tokens excluded."""
+def _telemetry(x_router, w_router, logits, probs, routing: router.Routing, mask, *, cfg: ModelConfig,
+               sentinels=None):
+    """Router statistics (float32 scalars, no gradient); padding tokens excluded.
+
+    sentinel_entropy (ST-MoE Table 14): entropy (nats) of the distribution of sentinel tokens' top-1 experts
+    over the experts: ln(num_experts) when sentinels spread uniformly, 0 when one expert takes them all;
+    NaN when the batch has no sentinel (or no mask was given)."""
     x_router, w_router, logits, probs, mask = jax.lax.stop_gradient((x_router, w_router, logits, probs, mask))
     valid = mask > 0
     n_valid = jnp.maximum(jnp.sum(mask), 1.0)
@@ -122,7 +129,17 @@ def _telemetry(x_router, w_router, logits, probs, routing: router.Routing, mask,
     # The float32 shadow router sees the same (jittered, unrounded) input and weights, so the flip rate
     # measures the policy's rounding alone: exactly 0 under an all-fp32 policy.
     shadow = router.shadow_expert_index(x_router, w_router, k=cfg.num_selected_experts, shift=cfg.router_softmax_shift)
+    if sentinels is None:
+        sentinel_entropy = jnp.float32(jnp.nan)
+    else:
+        top1 = jax.nn.one_hot(routing.expert_index[..., 0], cfg.num_experts, dtype=jnp.float32)  # (G, S, E)
+        counts = jnp.sum(top1 * (jax.lax.stop_gradient(sentinels) * mask)[..., None], axis=(0, 1))  # (E,)
+        share = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        sentinel_entropy = jnp.where(jnp.sum(counts) > 0,
+                                     -jnp.sum(jnp.where(share > 0, share * jnp.log(jnp.maximum(share, 1e-30)), 0.0)),
+                                     jnp.nan)
     return {
+        "sentinel_entropy": sentinel_entropy,
         "max_abs_logit": jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0)),
         "mean_lse_sq": jnp.sum(jnp.where(valid, lse * lse, 0.0)) / n_valid,
         "dropped_fraction": 1.0 - kept / jnp.maximum(requested, 1.0),

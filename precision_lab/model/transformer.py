@@ -144,6 +144,7 @@ class _Stack(NamedTuple):
     self_mask: jax.Array  # (B or 1, 1, L, L) bool
     token_mask: jax.Array  # (B, L) float32, 1 = real token (routing)
     prioritized: bool
+    sentinel_mask: jax.Array | None = None  # (B, L) float32, 1 = sentinel token (telemetry only)
 
 
 def _run_stack(params, state, x, stack: _Stack, enc_out, cross_mask, aux: list, *, cfg, policy, train, key):
@@ -177,7 +178,8 @@ def _run_stack(params, state, x, stack: _Stack, enc_out, cross_mask, aux: list, 
                 x = dense_ffn(x)
             h = layers.rms_norm(p["moe_norm"], x, cfg=cfg, policy=policy)
             y, layer_aux = moe.moe_ffn(p["moe"], s["moe"], h, stack.token_mask, cfg=cfg, policy=policy, train=train,
-                                       prioritized=stack.prioritized, key=_site_key(key, f"{site}/moe"))
+                                       prioritized=stack.prioritized, key=_site_key(key, f"{site}/moe"),
+                                       sentinel_mask=stack.sentinel_mask)
             aux.append(layer_aux)
             x = residual(x, y, "moe")
             if cfg.extra_dense_ffn == "after":
@@ -215,6 +217,7 @@ def apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPoli
         self_mask=enc_valid[:, None, None, :],  # (B, 1, 1, Li): queries see every real key
         token_mask=jnp.where(enc_valid, jnp.float32(1.0), jnp.float32(0.0)),
         prioritized=cfg.batch_prioritized_routing,
+        sentinel_mask=batch.get("inputs_sentinel"),
     )
     x = _embed(params, inputs, cfg=cfg, policy=policy, rate=rate, key=_site_key(key, "encoder/embed"))
     enc_out, max_enc = _run_stack(params["encoder"], scale_state["encoder"], x, enc_stack, None, None, aux,
@@ -228,6 +231,7 @@ def apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPoli
         self_mask=causal,
         token_mask=loss_mask,
         prioritized=False,
+        sentinel_mask=batch.get("decoder_inputs_sentinel"),
     )
     y = _embed(params, dec_inputs, cfg=cfg, policy=policy, rate=rate, key=_site_key(key, "decoder/embed"))
     dec_out, max_dec = _run_stack(params["decoder"], scale_state["decoder"], y, dec_stack, enc_out,
