@@ -141,3 +141,24 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(tmp_path, capsys, a
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert (out / "summary.json").read_text() == "precious"
+
+
+def test_bf16_params_with_stochastic_rounding_train():
+    """A valid configuration: master weights stored in bf16 with stochastic rounding of every update; the
+    optimizer state in bf16 too. After training, every parameter and state leaf is a bf16 value."""
+    import jax
+    import ml_dtypes
+
+    from precision_lab.train import Trainer
+
+    run = micro(policy="fp32,master=bf16:stochastic,optimizer_state=bf16", steps=6, chunk_steps=3)
+    result = train(run, seeds=[0], progress=False)
+    assert np.isfinite(result.metrics["loss"]).all()
+    trainer = Trainer(run)
+    state, keys = trainer.init([0])
+    state, _ = trainer._chunk(state, keys, {k: np.asarray([v], np.float32) for k, v in hparams_of(run).items()},
+                              trainer.batches([0], 0, 3), np.int32(0))
+    for leaf in jax.tree.leaves((state.master, state.opt_state)):
+        leaf = np.asarray(leaf)
+        if leaf.dtype == np.float32:
+            np.testing.assert_array_equal(leaf, leaf.astype(ml_dtypes.bfloat16).astype(np.float32))
