@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -238,7 +239,9 @@ def _curves(configs, metric: str, reduce_layers, out_dir, stem, ylabel: str, tit
         if m.size == 0:
             continue
         if m.ndim == 3:  # (seeds, steps, layers)
-            m = reduce_layers(m, axis=2)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # frozen seeds are all-NaN rows
+                m = reduce_layers(m, axis=2)
         steps = np.arange(1, m.shape[1] + 1)
         with np.errstate(all="ignore"):
             mid = np.nanmedian(m, axis=0)
@@ -255,39 +258,32 @@ def _curves(configs, metric: str, reduce_layers, out_dir, stem, ylabel: str, tit
     return save(fig, out_dir, stem)
 
 
-def loss_curves_figure(configs, out_dir, stem):
+# Per-step curves: metric, how sparse layers combine, y label, title, log scale.
+CURVES = {
+    "loss_curves": ("loss", "mean", "training loss (nats/token; median over seeds, band = min..max)",
+                    "Training loss per configuration", True),
+    "router_logits": ("router_max_abs_logit", "max", "max |router logit| over sparse layers", "Router logit growth",
+                      False),
+    "router_lse": ("router_mean_lse_sq", "mean", "mean logsumexp(router logits)^2 (the z-loss)",
+                   "Router z-loss over training", True),
+    "flip_rate": ("router_flip_rate", "mean", "routing flip rate vs float32 shadow router (fraction of tokens)",
+                  "Routing flips from precision", False),
+    "dropped": ("router_dropped_fraction", "mean", "dropped fraction of expert assignments",
+                "Tokens dropped by capacity", False),
+}
+
+
+def curve_figure(name: str):
+    """The figure function of one entry of CURVES."""
     import numpy as np
 
-    return _curves(configs, "loss", np.nanmean, out_dir, stem, "training loss (nats/token; median over seeds, "
-                   "band = min..max)", "Training loss per configuration", logy=True)
+    metric, layers, ylabel, title, logy = CURVES[name]
+    reduce = np.nanmax if layers == "max" else np.nanmean
 
+    def figure(configs, out_dir, stem):
+        return _curves(configs, metric, reduce, out_dir, stem, ylabel, title, logy=logy)
 
-def router_logits_figure(configs, out_dir, stem):
-    import numpy as np
-
-    return _curves(configs, "router_max_abs_logit", np.nanmax, out_dir, stem,
-                   "max |router logit| over sparse layers", "Router logit growth")
-
-
-def router_lse_figure(configs, out_dir, stem):
-    import numpy as np
-
-    return _curves(configs, "router_mean_lse_sq", np.nanmean, out_dir, stem,
-                   "mean logsumexp(router logits)^2 (the z-loss)", "Router z-loss over training", logy=True)
-
-
-def flip_rate_curves_figure(configs, out_dir, stem):
-    import numpy as np
-
-    return _curves(configs, "router_flip_rate", np.nanmean, out_dir, stem,
-                   "routing flip rate vs float32 shadow router (fraction of tokens)", "Routing flips from precision")
-
-
-def dropped_figure(configs, out_dir, stem):
-    import numpy as np
-
-    return _curves(configs, "router_dropped_fraction", np.nanmean, out_dir, stem,
-                   "dropped fraction of expert assignments", "Tokens dropped by capacity")
+    return figure
 
 
 def lr_sweep_figure(configs, out_dir, stem):
@@ -361,11 +357,7 @@ def sentinel_entropy_figure(configs, out_dir, stem):
 
 
 SWEEP_FIGURES = {
-    "loss_curves": loss_curves_figure,
-    "router_logits": router_logits_figure,
-    "router_lse": router_lse_figure,
-    "flip_rate": flip_rate_curves_figure,
-    "dropped": dropped_figure,
+    **{name: curve_figure(name) for name in CURVES},
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,

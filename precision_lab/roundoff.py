@@ -37,7 +37,6 @@ import dataclasses
 import functools
 import math
 import os
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from precision_lab import ops
-from precision_lab.errors import UserError, unknown_choice
+from precision_lab.errors import UserError, read_toml, unknown_choice
 from precision_lab.formats import Format, get_format, roundoff_per_binade
 from precision_lab.policy import MODES, get_policy
 from precision_lab.quantize import quantize
@@ -479,13 +478,7 @@ def load_roundoff_experiment(path: str | os.PathLike) -> tuple[str, dict]:
     Every problem (missing file, malformed TOML, wrong kind, unknown analysis or field, bad value, unknown
     format) raises a one-line UserError naming the file and the field, with the valid choices."""
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{source}: experiment file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{source}: malformed TOML: {' '.join(str(e).split())}") from None
+    data = read_toml(path, "experiment file")
     kind = data.get("kind")
     if kind != "roundoff":
         raise UserError(f"{source}: field 'kind' must be \"roundoff\" for a roundoff experiment, got {kind!r}")

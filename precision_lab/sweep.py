@@ -48,12 +48,11 @@ import os
 import re
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from precision_lab.errors import UserError, unknown_choice
+from precision_lab.errors import UserError, read_toml, unknown_choice
 from precision_lab.store import NONFINITE, RecordConflict, ResultsStore, canonical_json, to_jsonable
 
 TOP_LEVEL_KEYS = ("name", "description", "seeds", "base", "axes", "report")
@@ -350,15 +349,7 @@ def parse_sweep(
 def load_sweep(path: str | os.PathLike, validate: Validate | None = None) -> SweepSpec:
     """Read and check a sweep TOML file. Every problem raises a one-line UserError naming the file and
     the field; `validate(config)` (optional, from the trainer) may raise UserError for a bad config."""
-    source = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{source}: sweep file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{source}: malformed TOML: {_one_line(e)}") from None
-    return parse_sweep(data, source, validate)
+    return parse_sweep(read_toml(path, "sweep file"), str(path), validate)
 
 
 # -- expansion --------------------------------------------------------------------------------------------
