@@ -118,6 +118,44 @@ def _model_info(args) -> int:
     return 0
 
 
+def _add_compare(p):
+    p.add_argument("dirs", nargs="+", help="output folders of `precision-lab train`")
+    p.add_argument("--last", type=int, default=100, help="average telemetry over the last N steps (default 100)")
+
+
+COMPARED = ("loss", "router_max_abs_logit", "router_mean_lse_sq", "router_flip_rate", "router_entropy",
+            "router_dropped_fraction", "router_load_cv", "max_attention_logit", "grad_norm")
+
+
+@command("compare", "final telemetry of several train runs side by side (mean over seeds and last steps)")(
+    _add_compare)
+def _compare(args) -> int:
+    import warnings
+
+    import numpy as np
+
+    from precision_lab.train import read_run
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # a frozen seed's steps are NaN: averaged over the rest
+    rows = []
+    for d in args.dirs:
+        summary, metrics = read_run(d)
+        cells = [d, summary["policy"]]
+        for name in COMPARED:
+            m = metrics[name][-args.last:]
+            m = m.reshape(m.shape[0], m.shape[1], -1)
+            # per seed: mean over steps and layers (router_max_abs_logit: max over layers)
+            reduce = np.nanmax if name == "router_max_abs_logit" else np.nanmean
+            per_seed = np.nanmean(reduce(m, axis=2), axis=0)
+            cells.append(f"{np.nanmean(per_seed):.4g} +- {np.nanstd(per_seed):.2g}")
+        losses = [x for x in summary["final_eval_loss"] if x is not None]
+        cells.append(f"{np.mean(losses):.4f}" if losses else "-")
+        cells.append(f"{sum(summary['diverged'])}/{len(summary['diverged'])}")
+        rows.append(cells)
+    _print_table(["run", "policy", *COMPARED, "eval loss", "diverged"], rows)
+    return 0
+
+
 def _add_sweep(p):
     p.add_argument("file", help="sweep TOML (see experiments/)")
     p.add_argument("--out", required=True, help="results store folder")

@@ -383,3 +383,15 @@ def _load_checkpoint(path: Path, run, seeds, hparams, template):
     spikes = DivergenceMonitor.from_json(meta["spikes"])
     evals = [(s, np.asarray(v)) for s, v in meta["evals"]]
     return state, monitor, spikes, history, evals, meta["step"]
+
+
+def read_run(out_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(summary, per-step metrics) of a finished `precision-lab train` output folder."""
+    from precision_lab.errors import UserError
+
+    out = Path(out_dir)
+    if not (out / "summary.json").exists():
+        raise UserError(f"{out}: no summary.json here; is it the --out folder of a finished `precision-lab train`?")
+    with np.load(out / "metrics.npz") as z:
+        metrics = {k: z[k] for k in z.files}
+    return json.loads((out / "summary.json").read_text()), metrics

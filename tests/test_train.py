@@ -124,6 +124,8 @@ def test_checkpoint_resume_after_sigkill_is_bit_identical(tmp_path):
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["model"]["router_z_loss_coef"] == 1e-3 and config["optim"]["lr"] == 1e-2
     assert not (tmp_path / "full" / "checkpoint").exists()  # a finished run leaves no checkpoint behind
+    assert main(["compare", str(tmp_path / "full"), str(tmp_path / "killed")]) == 0
+    assert main(["compare", str(tmp_path / "nothing")]) == 2
 
 
 @pytest.mark.parametrize("args,needle", [
