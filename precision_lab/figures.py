@@ -295,7 +295,7 @@ def lr_sweep_figure(configs, out_dir, stem):
     lines: dict[str, list] = {}
     for c in configs:
         rest = {k: v for k, v in c.overrides.items() if k != "optim.lr"}
-        lines.setdefault(label_of(rest), []).append(c)
+        lines.setdefault(label_of(rest, c.hidden), []).append(c)
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, cs in lines.items():
         cs = sorted(cs, key=lambda c: c.value("optim.lr"))

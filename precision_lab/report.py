@@ -32,6 +32,7 @@ class ConfigResult:
     config: dict
     records: list[dict]
     metrics: list[dict[str, np.ndarray]]
+    hidden: frozenset = frozenset()  # fields named by train.label (zipped with it)
 
     @property
     def n(self) -> int:
@@ -94,7 +95,7 @@ def load_sweep_results(out_dir: str | Path) -> tuple[dict, list[ConfigResult]]:
         key = json.dumps(rec.get("overrides", {}), sort_keys=True)
         if key not in groups:
             groups[key] = ConfigResult(label_of(rec.get("overrides", {}), hidden), rec.get("overrides", {}),
-                                       rec["config"], [], [])
+                                       rec["config"], [], [], hidden)
         groups[key].records.append(rec)
         groups[key].metrics.append(store.metrics(rec["run_id"]))
     order = []
@@ -198,7 +199,8 @@ def table_stability(configs) -> str:
 def table_selective_precision(configs) -> str:
     text = _paper_table(configs, SELECTIVE_ROWS, "Switch Table 2")
     steps = "\n".join(
-        f"- {c.label}: {np.nanmedian([r.get('timing', {}).get('step_s', float('nan')) for r in c.records]) * 1e3:.1f} ms/step"
+        f"- {c.label}: {np.nanmedian([r.get('timing', {}).get('step_s', float('nan')) for r in c.records]) * 1e3:.1f} "
+        f"ms per step of its vmapped program ({c.records[0].get('timing', {}).get('group_runs', '?')} members)"
         for c in configs)
     return (text + "\n\nStep time on this machine (emulating bf16 costs time on a CPU; on a TPU bf16 is the faster "
             "one, which is what Switch's examples/s compare):\n\n" + steps)
@@ -248,7 +250,7 @@ def table_lr_sensitivity(configs) -> str:
     by_line: dict[str, list[ConfigResult]] = {}
     for c in configs:
         rest = {k: v for k, v in c.overrides.items() if k != "optim.lr"}
-        by_line.setdefault(label_of(rest), []).append(c)
+        by_line.setdefault(label_of(rest, c.hidden), []).append(c)
     out = ["| configuration | lr grid | final eval loss per lr (mean over seeds; x = all diverged) | "
            "divergence onset (lowest lr with a diverged seed) | LR sensitivity |", "|---|---|---|---|---|"]
     for line, cs in by_line.items():
