@@ -225,7 +225,13 @@ def table_capacity_factor(configs) -> str:
 
 
 def table_z_loss(configs) -> str:
-    out = ["| c_z | stable | neg. log perplexity | max router logit (final) | mean logsumexp^2 (final) | "
+    return ("ST-MoE: the z-loss keeps router logits small, so bf16 rounding of a logit (relative 2^-9, absolute "
+            "|z| 2^-9) becomes a small relative error of the gate after exp.\n\n" + table_router(configs))
+
+
+def table_router(configs) -> str:
+    """Router telemetry at the end of training, per configuration (mean over seeds, last 10 steps)."""
+    out = ["| configuration | stable | neg. log perplexity | max router logit (final) | mean logsumexp^2 (final) | "
            "gate roundoff bound in bf16 (= max logit * 2^-9) | flip rate vs fp32 router |", "|---|---|---|---|---|---|---|"]
     for c in configs:
         logit = _final(c, "router_max_abs_logit", np.nanmax)
@@ -233,8 +239,7 @@ def table_z_loss(configs) -> str:
         flip = _final(c, "router_flip_rate", np.nanmean)
         out.append(f"| {c.label} | {_stable_cell(c)} | {_neg_log_ppl(c)} | {_fmt(logit, 2)} | {_fmt(lse, 2)} | "
                    f"{_fmt(logit * 2**-9 if logit is not None else None, 4)} | {_fmt(flip, 4)} |")
-    return ("ST-MoE: the z-loss keeps router logits small, so bf16 rounding of a logit (relative 2^-9, absolute "
-            "|z| 2^-9) becomes a small relative error of the gate after exp.\n\n" + "\n".join(out))
+    return "\n".join(out)
 
 
 def _final(c: ConfigResult, name: str, reduce: Callable) -> float | None:
@@ -316,6 +321,7 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "selective_precision": table_selective_precision,
     "capacity_factor": table_capacity_factor,
     "z_loss": table_z_loss,
+    "router": table_router,
     "lr_sensitivity": table_lr_sensitivity,
     "specialization": table_specialization,
     "backends": table_backends,
