@@ -208,6 +208,7 @@ def _add_run(p):
     p.add_argument("--out", default="runs/quickstart", help="results store of the quick-start sweep")
     p.add_argument("--figures", default="figures", help="folder for figures (default: figures)")
     p.add_argument("--sweep", default=None, help="sweep TOML (default: the built-in quick-start sweep)")
+    p.add_argument("--smoke", action="store_true", help="the seconds-long smoke version of the sweep")
 
 
 @command("run", "the main job: roundoff analyses, then the quick-start sweep, its figures and report")(_add_run)
@@ -221,7 +222,7 @@ def _run(args) -> int:
     for p in [*figures.roundoff_per_binade_figure(args.figures), *roundoff.roundoff_report(args.figures)]:
         print(f"wrote {p}")
     print(roundoff.footnote_text())
-    summary = sweep(args.sweep or QUICKSTART, args.out)
+    summary = sweep(args.sweep or QUICKSTART, args.out, smoke_test=args.smoke)
     report = write_report(args.out, args.figures)
     print(f"quick-start sweep: {summary.computed} runs computed, {summary.skipped} reused; report: {report}")
     return 0

@@ -27,7 +27,13 @@ def test_wrong_format_name_exits_2_with_one_line(capsys):
     assert len(err.splitlines()) == 1 and "closest match: 'bf16'" in err and "fp8_e4m3fn" in err
 
 
-def test_main_job_writes_the_roundoff_figure(tmp_path, capsys):
-    assert main(["run", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "roundoff_per_binade.png").stat().st_size > 1000
-    assert (tmp_path / "roundoff_per_binade.svg").exists()
+def test_main_job_writes_figures_and_a_report(tmp_path, capsys):
+    """The main job (smoke version of its sweep): roundoff figures and report, then the quick-start sweep's
+    figures and report."""
+    figs, store = tmp_path / "figures", tmp_path / "store"
+    assert main(["run", "--out", str(store), "--figures", str(figs), "--smoke"]) == 0
+    assert (figs / "roundoff_per_binade.png").stat().st_size > 1000
+    assert (figs / "roundoff_per_binade.svg").exists() and (figs / "roundoff.md").exists()
+    assert (figs / "quickstart_smoke_loss_curves.png").exists()
+    assert "Selective precision" in (store / "report.md").read_text()
+    assert "0.142" in capsys.readouterr().out  # the footnote example, printed
