@@ -25,6 +25,7 @@ Conventions, the same in both modes:
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import NamedTuple
 
 import jax
@@ -35,6 +36,7 @@ from precision_lab.policy import PrecisionPolicy, Spec
 from precision_lab.scaling import DelayedState, init_delayed_state, scaled_quantize
 
 _F32 = jnp.float32
+_FP32_SPEC = Spec(format="fp32")
 
 
 # -- rounding one tensor --------------------------------------------------------------------------------
@@ -53,10 +55,65 @@ def _native_dtype(spec: Spec):
         return None
 
 
+# -- skipping roundings that are provably no-ops -------------------------------------------------------------
+#
+# Emulation rounds after every op, and many of those roundings receive a value that is ALREADY in the
+# target spec: a matmul output rounded to `matmul_out` (bf16) that the next matmul rounds again as its
+# `attn_operands` (bf16), RMSNorm's output rounded to `norms` and again as a matmul operand, relu of a
+# rounded value cast to `activations`... Each is a full pass over the tensor (and, through XLA's fusion,
+# often recomputed in the backward pass too). Rounding is idempotent: for a deterministic rounding mode and
+# no scaling, quantize(quantize(x, S), S) == quantize(x, S) bit for bit, NaN payloads included (the first
+# rounding quiets NaN; a quiet NaN is kept as is) -- tests/test_quantize.py::test_idempotent proves it for
+# every format and mode, tests/test_ops.py::test_skipped_roundings_change_no_bit the whole-model effect.
+#
+# So every value an emulated rounding produces is remembered (by object identity, for the duration of the
+# trace) together with its spec, and rounding it again to an EQUAL spec returns it unchanged. A weak
+# reference guards the identity: a dead value's entry is dropped, and a new object that reuses its id()
+# never matches. Anything not found (a new tracer made by a transformation, a sum, a reshape) is rounded as
+# before: the cache can only skip provable no-ops. Emulate mode only: native-mode casts are left to XLA.
+
+_ROUNDED: dict[int, tuple[weakref.ref, Spec]] = {}
+
+
+def _idempotent(spec: Spec) -> bool:
+    return spec.scaling == "none" and spec.rounding != "stochastic" and not spec.is_identity
+
+
+def _remember(y, spec: Spec):
+    """Record that the values of `y` are exactly representable in `spec` (and round to themselves)."""
+    if not _idempotent(spec):
+        return y
+    key = id(y)
+    try:
+        ref = weakref.ref(y, lambda _, key=key: _ROUNDED.pop(key, None))
+    except TypeError:  # pragma: no cover - an object without weak references: just do not remember it
+        return y
+    _ROUNDED[key] = (ref, spec)
+    return y
+
+
+def _already(x, spec: Spec) -> bool:
+    """True if `x` is a value this module rounded to an equal spec (so rounding it again changes no bit)."""
+    entry = _ROUNDED.get(id(x))
+    return entry is not None and entry[0]() is x and entry[1] == spec
+
+
+def exact(y, like):
+    """Declare that every value of `y` is a value of `like` or +0 (relu, max with 0, selecting between the
+    two), so `y` is representable wherever `like` is. Used by the model for relu of a rounded matmul output;
+    a no-op unless `like` is a remembered rounded value of a format with a zero."""
+    entry = _ROUNDED.get(id(like))
+    if entry is not None and entry[0]() is like and get_format(entry[1].format).specials != "e8m0":
+        _remember(y, entry[1])
+    return y
+
+
 def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
     """Round float32 `x` per spec. Returns (float32 y, new delayed state)."""
     if spec.is_identity:
         return x, state
+    if mode == "emulate" and _already(x, spec):
+        return x, state  # idempotent: see "skipping roundings" above
     dtype = _native_dtype(spec) if mode == "native" else None
     if dtype is not None:
         if spec.overflow == "saturate":
@@ -66,7 +123,10 @@ def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
     if spec.scaling == "delayed" and state is None:
         # A site without history (an elementwise cast) scales with the current amax instead.
         spec = Spec(format=spec.format, scaling="current", rounding=spec.rounding, overflow=spec.overflow)
-    return scaled_quantize(x, spec, axis=axis, state=state, key=key)
+    y, state = scaled_quantize(x, spec, axis=axis, state=state, key=key)
+    if mode == "emulate":
+        _remember(y, spec)
+    return y, state
 
 
 def cast(x, policy: PrecisionPolicy, component: str, *, key=None):
@@ -159,8 +219,19 @@ def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str 
         state: DotState | None = None):
     """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation and
     the output rounded per `out`. The backward pass rounds gradients per the policy's "grads" spec."""
-    cfg = _DotConfig(eq, policy[lhs], policy[rhs], policy[out], policy["grads"], policy["matmul_out"], policy.mode)
-    return _dot(cfg, jnp.asarray(a, _F32), jnp.asarray(b, _F32), state)
+    a, b = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
+    lhs_spec, rhs_spec = policy[lhs], policy[rhs]
+    if policy.mode == "emulate":
+        # An operand already rounded to its spec (e.g. the previous matmul's output) is not rounded again
+        # (see "skipping roundings"). Decided here, outside the custom_vjp, where the operands are the
+        # caller's own values; the fp32 spec makes the rounding inside the identity.
+        lhs_spec = _FP32_SPEC if _already(a, lhs_spec) else lhs_spec
+        rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
+    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode)
+    y = _dot(cfg, a, b, state)
+    if policy.mode == "emulate":
+        _remember(y, policy[out])
+    return y
 
 
 # -- elementwise and reductions ----------------------------------------------------------------------------
@@ -236,4 +307,7 @@ def rms_norm(x, scale, policy: PrecisionPolicy, component: str = "norms", eps: f
     return y
 
 
-__all__ = ["cast", "dot", "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm"]
+__all__ = [
+    "cast", "exact", "dot",
+    "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm",
+]

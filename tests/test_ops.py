@@ -160,3 +160,69 @@ def test_gradients_flow_through_every_op(logits):
                lambda v: ops.rms_norm(v, None, EMU)[:, 0], lambda v: ops.exp(v / 8, EMU, "attn_softmax")[:, 0]):
         g = jax.grad(lambda v: jnp.sum(fn(v)))(x)
         assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+
+
+def test_skipped_roundings_are_noops_and_happen():
+    """A value rounded to a spec is not rounded to an equal spec again (ops' "skipping roundings"): the
+    result is bit-identical to rounding again, and the skip really happens (fewer roundings in the HLO)."""
+    x = jnp.asarray((np.random.default_rng(1).standard_normal((64, 32)) * 3).astype(np.float32))
+    w = jnp.asarray((np.random.default_rng(2).standard_normal((32, 32)) * 0.2).astype(np.float32))
+
+    def chain(x, w):
+        h = ops.dot("ij,jk->ik", x, w, EMU, lhs="attn_operands", rhs="attn_operands")  # rounded (matmul_out)
+        h = ops.exact(jax.nn.relu(h), like=h)
+        h = ops.cast(h, EMU, "activations")  # already bf16: skipped
+        return ops.dot("ij,jk->ik", h, w, EMU, lhs="attn_operands", rhs="attn_operands")  # lhs skipped
+
+    def reference(x, w):  # every rounding explicit, in numpy + ml_dtypes
+        xn, wn = np.asarray(x), np.asarray(w)
+        h = r(r(r(xn) @ r(wn)))
+        h = r(np.maximum(h, 0))
+        return r(r(h) @ r(wn))
+
+    out = np.asarray(jax.jit(chain)(x, w))
+    same(out, reference(x, w))
+    grads = jax.jit(jax.grad(lambda x, w: chain(x, w).sum(), argnums=(0, 1)))(x, w)
+    orig = ops._already
+    try:
+        ops._already = lambda *a: False  # the same chain with every rounding performed
+        grads_all = jax.jit(jax.grad(lambda x, w: chain(x, w).sum(), argnums=(0, 1)))(x, w)
+        n_all = jax.jit(lambda *a: chain(*a)).lower(x, w).as_text().count("bitcast_convert")  # fresh trace
+    finally:
+        ops._already = orig
+    n_skip = jax.jit(lambda *a: chain(*a)).lower(x, w).as_text().count("bitcast_convert")
+    for a, b in zip(grads, grads_all):
+        same(a, b)
+    assert n_skip < n_all
+
+
+@pytest.mark.parametrize("policy", ["bf16", "fp8-hybrid", "st-moe"])
+def test_skipped_roundings_change_no_bit_of_a_train_step(policy):
+    """The whole model: loss and every gradient bit-identical with and without skipping no-op roundings."""
+    from precision_lab import model as stmoe
+    from precision_lab.model.config import get_model_config
+
+    pol = PRESETS[policy]
+    cfg = get_model_config("tiny")
+    params, state = stmoe.init(jax.random.key(0), cfg, pol)
+    rng = np.random.default_rng(0)
+    batch = {"inputs": jnp.asarray(rng.integers(2, 512, (4, 32)), jnp.int32),
+             "decoder_inputs": jnp.asarray(rng.integers(0, 512, (4, 8)), jnp.int32),
+             "targets": jnp.asarray(rng.integers(2, 512, (4, 8)), jnp.int32),
+             "loss_mask": jnp.ones((4, 8), jnp.float32)}
+
+    def loss(p, s):
+        return stmoe.apply(p, s, batch, cfg=cfg, policy=pol, train=True, key=jax.random.key(1)).loss
+
+    def run():
+        return jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1)))(params, state)  # fresh trace
+
+    fast = run()
+    orig = ops._already
+    try:
+        ops._already = lambda *a: False
+        slow = run()
+    finally:
+        ops._already = orig
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
+        assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))

@@ -180,7 +180,9 @@ def ffn_hidden_activation(pre: dict, cfg: ModelConfig, policy: PrecisionPolicy):
     if cfg.ffn_type == "geglu":
         gelu = ops.cast(jax.nn.gelu(pre["wi_0"], approximate=True), policy, "activations")
         return ops.cast(gelu * pre["wi_1"], policy, "activations")
-    return ops.cast(jax.nn.relu(pre["wi"]), policy, "activations")
+    # relu(v) is v or +0, so it is representable wherever the rounded matmul output v is: `ops.exact` lets
+    # the cast below skip a rounding that cannot change a bit when `activations` equals `matmul_out`.
+    return ops.cast(ops.exact(jax.nn.relu(pre["wi"]), like=pre["wi"]), policy, "activations")
 
 
 def ffn(params, state, x, *, cfg: ModelConfig, policy: PrecisionPolicy, dropout_rate: float = 0.0, key=None):
