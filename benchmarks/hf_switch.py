@@ -188,7 +188,12 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON line with all numbers")
+    p.add_argument("--serve", action="store_true",
+                   help="worker mode for interleaved comparisons (benchmarks/lab_bench.py): build, warm up, "
+                        "print one JSON line, then answer each stdin line 'time N' with the ms/step of N steps")
     args = p.parse_args(argv)
+    if args.serve:
+        return serve(args)
 
     import numpy
     import torch
@@ -295,6 +300,42 @@ def main(argv=None) -> int:
         print(f"  load average at start/end: {load_start} / {load_end}; other processes' CPU "
               f"during timing: {res['cpu_guard']}")
         print(f"  initial loss terms: {res['initial_loss_terms']}")
+    return 0
+
+
+def serve(args) -> int:
+    """Interleaving worker: the driver alternates timed blocks of this model and of the lab's, so both
+    see the same machine load. Protocol: one JSON line when ready; then per stdin line 'time N' one JSON
+    line {"ms_per_step", "cpu_guard"}; 'quit' or EOF ends."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    cfg, model = build(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    batches = make_batches(args, 4)
+    flops = count_flops(model, opt, batches[0])
+    for i in range(args.warmup):
+        train_step(model, opt, batches[i % len(batches)])
+    flops_warm = count_flops(model, opt, batches[0])
+    print(json.dumps({"ready": True, "gflop_per_step_init": flops["total"] / 1e9,
+                      "gflop_per_step_warm": flops_warm["total"] / 1e9, "flops_by_op": flops["by_op"],
+                      "n_params": sum(p.numel() for p in model.parameters()),
+                      "torch": torch.__version__, "transformers": transformers.__version__,
+                      "torch_num_threads": torch.get_num_threads()}), flush=True)
+    k = 0
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        n = int(cmd[1])
+        with CpuGuard() as guard:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                train_step(model, opt, batches[k % len(batches)])
+                k += 1
+            dt = time.perf_counter() - t0
+        print(json.dumps({"ms_per_step": dt * 1e3 / n, "cpu_guard": guard.result()}), flush=True)
     return 0
 
 

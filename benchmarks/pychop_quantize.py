@@ -126,8 +126,8 @@ CONTENDERS: list[Contender] = [
     Contender("pychop.Chop numpy (default chunk_size=800, dask)", "pychop", _pychop_light(None)),
     Contender("pychop.Chop numpy (chunk_size=N, no dask)", "pychop", _pychop_light(1 << 40)),
     Contender("pychop classic np Chop_(prec)", "pychop", _pychop_classic),
-    # Contender("precision_lab.quantize (jit)", "precision_lab.quantize",
-    #           jax_jit(lambda x, fmt: _imp("precision_lab.quantize").quantize(x, fmt))),
+    Contender("precision_lab.quantize (jit)", "precision_lab.quantize",
+              jax_jit(lambda x, fmt: _imp("precision_lab.quantize").quantize(x, fmt))),
 ]
 
 

@@ -1,0 +1,426 @@
+#!/usr/bin/env python
+"""precision_lab's own train-step benchmarks, each measured as ratios inside ONE run, interleaved.
+
+    .venv/bin/python benchmarks/lab_bench.py all --json > /tmp/lab.jsonl     # ~10 min on 2 cores
+    .venv/bin/python benchmarks/lab_bench.py hf|policies|seeds|small|compile [--reps 5] [--json]
+
+Sections (each prints one JSON line with --json):
+  hf        the lab's fp32 train step vs HuggingFace SwitchTransformersForConditionalGeneration at the matched
+            configuration (see MATCHED below and hf_switch.py). HF runs in a worker process of its own venv
+            (`hf_switch.py --serve`); the driver alternates timed blocks: lab, HF, lab, HF, ... so both see the
+            same machine load. Also the JAX f32 2048^3 matmul peak, interleaved the same way.
+  policies  fp32, bf16 (emulated: every op rounded), fp8-hybrid (delayed scaling) and native bf16 at the
+            matched configuration and at the `tiny` preset, interleaved; ratios to fp32 of the same rep.
+  seeds     1 vs 8 vmapped seeds (Trainer._chunk), tiny preset and the matched configuration.
+  small     the `small` preset's fp32 train step: model FLOP utilisation against the matmul peak.
+  compile   compile time of a tiny train run (Trainer._chunk) in a fresh process: no persistent cache, cold
+            cache, warm cache (jax_compilation_cache_dir, min compile time 0).
+
+Every timed block is a call of the Trainer's jitted `_chunk` (a lax.scan over --k steps of the vmapped train
+step), ended by block_until_ready; ms/step = block time / k. FLOPs: the matmul FLOPs of one train step
+(forward + backward + optimizer), summed over the `dot` instructions of the compiled HLO (2 * output size *
+contracted size; the scan body is one step), plus XLA's `cost_analysis()['flops']` (all ops). The cpu_guard
+field is the CPU other processes used meanwhile (cores); compare ratios from the same run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cpuguard import CpuGuard  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+HF_PY = REPO / "benchmarks" / ".venv-hf" / "bin" / "python"
+
+# The configuration matched to hf_switch.py's SwitchTransformers model (see RESULTS.md for the mapping):
+# HF's expert_capacity 64 is per sequence and expert: group_size 128 (= one input sequence) and capacity
+# factor 64 * 8 / 128 = 4.0. Tied embeddings with the d_model^-0.5 output scaling, ReLU FFN of width d_ff,
+# top-1, every 2nd block sparse, z-loss and load-balance coefficients 1e-3 (HF's), AdamW lr 1e-3, wd 0.01.
+MATCHED = {
+    "preset": "tiny", "vocab_size": 512, "d_model": 128, "d_ff": 512, "num_heads": 4, "d_kv": 32,
+    "num_encoder_layers": 4, "num_decoder_layers": 4, "num_experts": 8, "moe_every": 2, "routing": "top1",
+    "ffn_type": "relu", "relu_flop_matched": False, "tie_embeddings": True, "group_size": 128,
+    "train_capacity_factor": 4.0, "eval_capacity_factor": 4.0, "load_balance_coef": 1e-3,
+    "router_z_loss_coef": 1e-3, "inputs_length": 128, "targets_length": 32,
+}
+MATCHED_OPTIM = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "schedule": "constant", "warmup_steps": 0,
+                 "b2": 0.999}
+BATCH, SRC_LEN, TGT_LEN = 16, 128, 32
+
+
+# -- building and timing programs -----------------------------------------------------------------------------
+
+
+def run_for(model: dict, policy: str, *, batch: int = BATCH, optim: dict | None = None):
+    from precision_lab.config import run_config
+
+    return run_config({"model": model, "optim": optim or MATCHED_OPTIM, "train": {"batch_size": batch},
+                       "policy": policy})
+
+
+def make_batches(k: int, members: int, batch: int, src: int, tgt: int, vocab: int, seed: int = 0) -> dict:
+    """Random token batches <int32>[k, members, B, L] (ids 2.., no padding: every token is routed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    inp = rng.integers(2, vocab, (k, members, batch, src), dtype=np.int32)
+    tgt_ids = rng.integers(2, vocab, (k, members, batch, tgt), dtype=np.int32)
+    dec = np.concatenate([np.zeros((k, members, batch, 1), np.int32), tgt_ids[..., :-1]], -1)
+    return {"inputs": inp, "decoder_inputs": dec, "targets": tgt_ids,
+            "loss_mask": np.ones((k, members, batch, tgt), np.float32)}
+
+
+class Program:
+    """One compiled Trainer chunk (k steps, `seeds` vmapped members) and its state, ready to time."""
+
+    def __init__(self, name: str, run, *, seeds: int = 1, k: int = 5, src: int = SRC_LEN, tgt: int = TGT_LEN):
+        import jax
+        import jax.numpy as jnp
+
+        from precision_lab.train import Trainer, hparams_of
+
+        self.name, self.k, self.seeds = name, k, seeds
+        trainer = Trainer(run)
+        self.state, self.seed_keys = trainer.init(list(range(seeds)))
+        self.hps = {n: jnp.asarray([v] * seeds, jnp.float32) for n, v in hparams_of(run).items()}
+        self.batches = jax.device_put(make_batches(k, seeds, run.train.batch_size, src, tgt,
+                                                   trainer.model_cfg.vocab_size))
+        t0 = time.perf_counter()
+        self.compiled = trainer._chunk.lower(self.state, self.seed_keys, self.hps, self.batches,
+                                             jnp.int32(0)).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.flops = hlo_flops(self.compiled)
+        self.times: list[float] = []
+        self.guards: list[dict] = []
+        self.block()  # first execution (allocation, thread pools) is not timed
+
+    def block(self) -> float:
+        import jax
+        import jax.numpy as jnp
+
+        t0 = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.seed_keys, self.hps, self.batches, jnp.int32(0))
+        jax.block_until_ready(metrics)
+        self.last_loss = float(jax.device_get(metrics["loss"]).reshape(-1)[-1])
+        return (time.perf_counter() - t0) * 1e3 / self.k
+
+    def timed(self) -> float:
+        with CpuGuard() as g:
+            ms = self.block()
+        self.times.append(ms)
+        self.guards.append(g.result())
+        return ms
+
+    def summary(self) -> dict:
+        return {"name": self.name, "seeds": self.seeds, "k": self.k, **stats(self.times),
+                "compile_s": round(self.compile_s, 2), **self.flops,
+                "other_busy_cores_median": statistics.median(g.get("other_busy_cores", 0) for g in self.guards)
+                if self.guards else None, "final_loss": self.last_loss}
+
+
+def stats(ts: list[float]) -> dict:
+    med = statistics.median(ts)
+    return {"ms_per_step_median": round(med, 3), "ms_per_step_min": round(min(ts), 3),
+            "ms_per_step_max": round(max(ts), 3), "reps": [round(t, 2) for t in ts],
+            "spread_pct": round(100 * (max(ts) - min(ts)) / med, 1)}
+
+
+def hlo_flops(compiled) -> dict:
+    """Matmul FLOPs of the compiled program's dot instructions (each counted once: the scan body is one
+    step) and XLA's cost-analysis FLOPs (every op, also once per loop body)."""
+    txt = compiled.as_text()
+    shapes = {}
+    for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", txt):
+        shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
+    dot_flops = 0
+    n_dots = 0
+    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\)[^\n]*?lhs_contracting_dims=\{([\d,]*)\}",
+                         txt):
+        out = [int(d) for d in m.group(1).split(",") if d]
+        lhs = shapes.get(m.group(2))
+        if lhs is None:
+            continue
+        contracted = 1
+        for d in m.group(3).split(","):
+            if d:
+                contracted *= lhs[int(d)]
+        size = 1
+        for d in out:
+            size *= d
+        dot_flops += 2 * size * contracted
+        n_dots += 1
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        xla_flops = float(ca.get("flops", 0.0))
+    except Exception:  # noqa: BLE001 - cost analysis is optional
+        xla_flops = None
+    return {"matmul_gflop_per_step": round(dot_flops / 1e9, 4), "dots": n_dots,
+            "xla_cost_gflop_per_step": None if xla_flops is None else round(xla_flops / 1e9, 4)}
+
+
+class MatmulPeak:
+    """JAX f32 n^3 matmul (the machine's peak for these ratios), timed in blocks like a Program."""
+
+    def __init__(self, n: int = 2048, calls: int = 5):
+        import jax
+        import jax.numpy as jnp
+
+        ka, kb = jax.random.split(jax.random.PRNGKey(0))
+        self.a = jax.random.normal(ka, (n, n), jnp.float32)
+        self.b = jax.random.normal(kb, (n, n), jnp.float32)
+        self.f = jax.jit(lambda x, y: x @ y)
+        self.f(self.a, self.b).block_until_ready()
+        self.n, self.calls, self.times = n, calls, []
+
+    def timed(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.calls):
+            self.f(self.a, self.b).block_until_ready()
+        ms = (time.perf_counter() - t0) * 1e3 / self.calls
+        self.times.append(ms)
+        return ms
+
+    def summary(self) -> dict:
+        med = statistics.median(self.times)
+        return {"n": self.n, "gflops_median": round(2 * self.n**3 / med / 1e6, 1),
+                "gflops_best": round(2 * self.n**3 / min(self.times) / 1e6, 1), **stats(self.times)}
+
+
+class HFWorker:
+    """hf_switch.py --serve in the HF venv: a warmed-up HF train step, timed in blocks on request."""
+
+    def __init__(self, steps: int):
+        if not HF_PY.exists():
+            raise SystemExit(f"{HF_PY} missing: run bash benchmarks/setup_hf.sh first")
+        self.p = subprocess.Popen([str(HF_PY), str(REPO / "benchmarks" / "hf_switch.py"), "--serve"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.p.stdout.readline())
+        self.steps, self.times, self.guards = steps, [], []
+
+    def timed(self) -> float:
+        self.p.stdin.write(f"time {self.steps}\n")
+        self.p.stdin.flush()
+        r = json.loads(self.p.stdout.readline())
+        self.times.append(r["ms_per_step"])
+        self.guards.append(r["cpu_guard"])
+        return r["ms_per_step"]
+
+    def close(self):
+        try:
+            self.p.stdin.write("quit\n")
+            self.p.stdin.flush()
+        except OSError:
+            pass
+        self.p.wait(timeout=60)
+
+
+def interleave(items: list, reps: int) -> None:
+    for _ in range(reps):
+        for it in items:
+            it.timed()
+
+
+def env() -> dict:
+    import jax
+
+    cpu = "unknown"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "cpu": cpu, "nproc": os.cpu_count(),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS"), "loadavg": open("/proc/loadavg").read().split()[:3]}
+
+
+# -- sections ---------------------------------------------------------------------------------------------------
+
+
+def section_hf(args) -> dict:
+    peak = MatmulPeak()
+    lab = Program("lab fp32 (matched)", run_for(MATCHED, "fp32"), k=args.k)
+    hf = HFWorker(steps=args.k)
+    try:
+        interleave([lab, hf, peak], args.reps)
+    finally:
+        hf.close()
+    lab_s, peak_s = lab.summary(), peak.summary()
+    hf_s = {**stats(hf.times), **hf.info,
+            "other_busy_cores_median": statistics.median(g.get("other_busy_cores", 0) for g in hf.guards)}
+    ratios = [h / lv for h, lv in zip(hf.times, lab.times)]
+    lab_ms = lab_s["ms_per_step_median"]
+    return {
+        "benchmark": "lab_vs_hf_switch", "lab": lab_s, "hf": hf_s, "peak": peak_s,
+        "speedup_hf_over_lab_median": round(statistics.median(ratios), 3),
+        "speedup_per_rep": [round(r, 3) for r in ratios],
+        "lab_gflops": round(lab_s["matmul_gflop_per_step"] / lab_ms * 1e3, 1),
+        "lab_fraction_of_peak": round(lab_s["matmul_gflop_per_step"] / lab_ms * 1e3 / peak_s["gflops_median"], 3),
+        # The same useful work HF does (its FlopCounter count: routed tokens only), per lab step time:
+        "lab_fraction_of_peak_hf_flops": round(hf.info["gflop_per_step_warm"] / lab_ms * 1e3 / peak_s["gflops_median"], 3),
+        "hf_fraction_of_peak": round(hf.info["gflop_per_step_warm"] / hf_s["ms_per_step_median"] * 1e3
+                                     / peak_s["gflops_median"], 3),
+        "env": env(),
+    }
+
+
+POLICIES = ["fp32", "bf16", "fp8-hybrid", "bf16,mode=native"]
+
+
+def section_policies(args) -> dict:
+    out = {"benchmark": "policy_cost", "configs": {}}
+    for cfg_name, model, batch, src, tgt in (("matched", MATCHED, BATCH, SRC_LEN, TGT_LEN),
+                                             ("tiny", {"preset": "tiny"}, BATCH, 128, 32)):
+        progs = [Program(p, run_for(model, p, batch=batch), k=args.k, src=src, tgt=tgt) for p in POLICIES]
+        interleave(progs, args.reps)
+        base = progs[0].times
+        res = {}
+        for p in progs:
+            r = [t / b for t, b in zip(p.times, base)]
+            res[p.name] = {**p.summary(), "ratio_to_fp32_median": round(statistics.median(r), 3),
+                           "ratio_to_fp32_min_max": [round(min(r), 3), round(max(r), 3)]}
+        out["configs"][cfg_name] = res
+    out["env"] = env()
+    return out
+
+
+def section_seeds(args) -> dict:
+    out = {"benchmark": "vmapped_seeds", "configs": {}}
+    for cfg_name, model in (("tiny", {"preset": "tiny"}), ("matched", MATCHED)):
+        progs = [Program(f"{cfg_name} x{s}", run_for(model, "fp32"), seeds=s, k=args.k) for s in (1, 8)]
+        interleave(progs, args.reps)
+        r = [b / a for a, b in zip(progs[0].times, progs[1].times)]
+        out["configs"][cfg_name] = {"1 seed": progs[0].summary(), "8 seeds": progs[1].summary(),
+                                    "cost_8_over_1_median": round(statistics.median(r), 3),
+                                    "cost_8_over_1_min_max": [round(min(r), 3), round(max(r), 3)]}
+    out["env"] = env()
+    return out
+
+
+def section_small(args) -> dict:
+    peak = MatmulPeak()
+    prog = Program("small fp32", run_for({"preset": "small"}, "fp32", optim={"name": "adamw", "lr": 1e-3}),
+                   k=args.k, src=128, tgt=32)
+    interleave([prog, peak], args.reps)
+    s, p = prog.summary(), peak.summary()
+    mfu = [s["matmul_gflop_per_step"] / t * 1e3 / (2 * peak.n**3 / pt / 1e6) for t, pt in zip(prog.times, peak.times)]
+    return {"benchmark": "small_mfu", "small": s, "peak": p,
+            "mfu_median": round(statistics.median(mfu), 3), "mfu_per_rep": [round(m, 3) for m in mfu],
+            "mfu_of_medians": round(s["matmul_gflop_per_step"] / s["ms_per_step_median"] * 1e3 / p["gflops_median"], 3),
+            "env": env()}
+
+
+_COMPILE_CHILD = r"""
+import json, sys, time
+t_start = time.perf_counter()
+import jax
+cache = sys.argv[1]
+if cache != "none":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+import jax.numpy as jnp
+from precision_lab.config import run_config
+from precision_lab.train import Trainer, hparams_of
+run = run_config({"policy": sys.argv[3], "train": {"batch_size": 16, "chunk_steps": 10}})
+tr = Trainer(run)
+state, sk = tr.init([0])
+hps = {n: jnp.asarray([v], jnp.float32) for n, v in hparams_of(run).items()}
+b = tr.batches([0], 0, 10)
+t0 = time.perf_counter()
+state, m = tr._chunk(state, sk, hps, b, jnp.int32(0)); jax.block_until_ready(m)
+first = time.perf_counter() - t0
+ts = []
+for i in range(3):
+    t0 = time.perf_counter()
+    state, m = tr._chunk(state, sk, hps, b, jnp.int32(10 * (i + 1))); jax.block_until_ready(m)
+    ts.append(time.perf_counter() - t0)
+step = sorted(ts)[1]
+print(json.dumps({"first_chunk_s": first, "chunk_s": step, "step_ms": step * 100,
+                  "compile_s": first - step, "process_s": time.perf_counter() - t_start}))
+"""
+
+
+def section_compile(args) -> dict:
+    """Fresh processes: each measures the first chunk call (compile + 10 steps) and later chunks."""
+    out = {"benchmark": "compile_time", "note": "tiny preset, quick-run defaults, chunk of 10 steps", "policies": {}}
+    for policy in ("fp32", "bf16"):
+        rows = {"no_cache": [], "cold_cache": [], "warm_cache": []}
+        for _ in range(args.compile_reps):
+            with tempfile.TemporaryDirectory() as cache:
+                for label, arg in (("no_cache", "none"), ("cold_cache", cache), ("warm_cache", cache)):
+                    cp = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, arg, str(Path(__file__).parent),
+                                         policy], capture_output=True, text=True, cwd=REPO)
+                    if cp.returncode:
+                        raise SystemExit(cp.stderr[-3000:])
+                    rows[label].append(json.loads(cp.stdout.strip().splitlines()[-1]))
+        res = {}
+        for label, rs in rows.items():
+            res[label] = {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+            res[label]["compile_s_all"] = [round(r["compile_s"], 2) for r in rs]
+        out["policies"][policy] = res
+    out["env"] = env()
+    return out
+
+
+def section_gain(args) -> dict:
+    """This round's emulation speed-ups, before/after in one run: the "before" programs are traced with the
+    short bf16-like rounding sequence (quantize._wide_ieee_fast_path) and the no-op-rounding skips
+    (ops._already) switched off, which is the code as it was; both give bit-identical results (tests)."""
+    import precision_lab.ops as ops_mod
+    import precision_lab.quantize as q_mod
+
+    fast, already = q_mod._wide_ieee_fast_path, ops_mod._already
+    variants = {"before": (lambda *a: False, lambda *a: False), "fast rounding only": (fast, lambda *a: False),
+                "after": (fast, already)}
+    progs = [Program("fp32", run_for(MATCHED, "fp32"), k=args.k)]
+    try:
+        for policy in ("bf16", "fp8-hybrid"):
+            for label, (f, a) in variants.items():
+                q_mod._wide_ieee_fast_path, ops_mod._already = f, a
+                progs.append(Program(f"{policy} {label}", run_for(MATCHED, policy), k=args.k))
+    finally:
+        q_mod._wide_ieee_fast_path, ops_mod._already = fast, already
+    interleave(progs, args.reps)
+    base = progs[0].times
+    res = {}
+    for p in progs:
+        r = [t / b for t, b in zip(p.times, base)]
+        res[p.name] = {**p.summary(), "ratio_to_fp32_median": round(statistics.median(r), 3),
+                       "ratio_to_fp32_min_max": [round(min(r), 3), round(max(r), 3)]}
+    return {"benchmark": "emulation_gain", "config": "matched", "programs": res, "env": env()}
+
+
+SECTIONS = {"gain": section_gain, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
+            "compile": section_compile}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("section", choices=[*SECTIONS, "all"])
+    p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median/spread over these)")
+    p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
+    p.add_argument("--compile-reps", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    names = list(SECTIONS) if args.section == "all" else [args.section]
+    for name in names:
+        res = SECTIONS[name](args)
+        res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+        print(json.dumps(res) if args.json else json.dumps(res, indent=1), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Markdown tables for RESULTS.md from the JSON lines run_lab.sh writes (the last line of each kind wins).
+
+    .venv/bin/python benchmarks/results_table.py benchmarks/results/lab-cpu-2core.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def fmt_ms(d: dict) -> str:
+    return f"{d['ms_per_step_median']:.1f} ({d['ms_per_step_min']:.1f}–{d['ms_per_step_max']:.1f})"
+
+
+def main(path: str) -> int:
+    last = {}
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            d = json.loads(line)
+            last[d.get("benchmark")] = d
+    if "lab_vs_hf_switch" in last:
+        d = last["lab_vs_hf_switch"]
+        lab, hf, peak = d["lab"], d["hf"], d["peak"]
+        print("### Lab vs HF SwitchTransformers, fp32 train step, matched configuration\n")
+        print("| | ms/step median (min–max) | matmul GFLOP/step | GFLOP/s | fraction of JAX f32 peak | other busy cores |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        lab_gf = lab["matmul_gflop_per_step"]
+        print(f"| lab (JAX) | {fmt_ms(lab)} | {lab_gf:.2f} executed (XLA cost analysis {lab['xla_cost_gflop_per_step']:.2f}) "
+              f"| {d['lab_gflops']:.0f} | {d['lab_fraction_of_peak']:.2f} (HF-counted work: {d['lab_fraction_of_peak_hf_flops']:.2f}) "
+              f"| {lab['other_busy_cores_median']} |")
+        hf_gf = hf["gflop_per_step_warm"]
+        print(f"| HF (torch) | {fmt_ms(hf)} | {hf_gf:.2f} (FlopCounterMode, routed tokens) "
+              f"| {hf_gf / hf['ms_per_step_median'] * 1e3:.0f} | {d['hf_fraction_of_peak']:.2f} | {hf['other_busy_cores_median']} |")
+        print(f"\nHF time / lab time, per interleaved rep: median **{d['speedup_hf_over_lab_median']:.2f}**, "
+              f"reps {d['speedup_per_rep']}. JAX f32 2048³ matmul in the same run: {peak['gflops_median']:.0f} GFLOP/s "
+              f"(best {peak['gflops_best']:.0f}).\n")
+    if "policy_cost" in last:
+        d = last["policy_cost"]
+        print("### Cost of faithful simulation (ratio to fp32 in the same rep)\n")
+        print("| config | policy | ms/step median (min–max) | ratio to fp32 median (min–max) | compile s |")
+        print("| --- | --- | --- | --- | --- |")
+        for cfg, res in d["configs"].items():
+            for pol, r in res.items():
+                lo, hi = r["ratio_to_fp32_min_max"]
+                print(f"| {cfg} | {pol} | {fmt_ms(r)} | {r['ratio_to_fp32_median']:.2f} ({lo:.2f}–{hi:.2f}) | {r['compile_s']:.1f} |")
+        print()
+    if "emulation_gain" in last:
+        d = last["emulation_gain"]
+        print("### Emulation speed-ups of this round, before/after in one run (matched configuration)\n")
+        print("| program | ms/step median (min–max) | ratio to fp32 median (min–max) | compile s |")
+        print("| --- | --- | --- | --- |")
+        for name, r in d["programs"].items():
+            lo, hi = r["ratio_to_fp32_min_max"]
+            print(f"| {name} | {fmt_ms(r)} | {r['ratio_to_fp32_median']:.2f} ({lo:.2f}–{hi:.2f}) | {r['compile_s']:.1f} |")
+        print()
+    if "vmapped_seeds" in last:
+        d = last["vmapped_seeds"]
+        print("### Vmapped seeds (fp32)\n")
+        print("| config | 1 seed ms/step | 8 seeds ms/step | 8 seeds / 1 seed median (min–max) |")
+        print("| --- | --- | --- | --- |")
+        for cfg, r in d["configs"].items():
+            lo, hi = r["cost_8_over_1_min_max"]
+            print(f"| {cfg} | {fmt_ms(r['1 seed'])} | {fmt_ms(r['8 seeds'])} | {r['cost_8_over_1_median']:.2f} ({lo:.2f}–{hi:.2f}) |")
+        print()
+    if "small_mfu" in last:
+        d = last["small_mfu"]
+        s, p = d["small"], d["peak"]
+        print("### `small` preset, fp32 train step: model FLOP utilisation\n")
+        print("| ms/step median (min–max) | matmul GFLOP/step | JAX f32 peak GFLOP/s | MFU median of reps (min–max) |")
+        print("| --- | --- | --- | --- |")
+        print(f"| {fmt_ms(s)} | {s['matmul_gflop_per_step']:.2f} | {p['gflops_median']:.0f} | "
+              f"{d['mfu_median']:.2f} ({min(d['mfu_per_rep']):.2f}–{max(d['mfu_per_rep']):.2f}) |\n")
+    if "compile_time" in last:
+        d = last["compile_time"]
+        print("### Compilation, tiny train run (fresh process each; median of runs)\n")
+        print("| policy | cache | first chunk s (compile + 10 steps) | compile s (runs) | step ms |")
+        print("| --- | --- | --- | --- | --- |")
+        for pol, res in d["policies"].items():
+            for label, r in res.items():
+                print(f"| {pol} | {label} | {r['first_chunk_s']:.2f} | {r['compile_s']:.2f} {r['compile_s_all']} | {r['step_ms']:.1f} |")
+        print()
+    q = [d for b, d in last.items() if b and "quantize" in str(b)]
+    for d in q:
+        print("### quantize throughput (Melem/s, 2^22 elements, median)\n")
+        rows = {}
+        for r in d.get("results", []):
+            if "melem_per_s" in r:
+                rows.setdefault(r["contender"], {})[r["format"]] = f"{r['melem_per_s']:.1f} (agree {r['agree']})"
+        fmts = ["bf16", "fp8_e4m3fn", "fp8_e4m3"]
+        print("| contender | " + " | ".join(fmts) + " |")
+        print("| --- |" + " --- |" * len(fmts))
+        for c, v in rows.items():
+            print(f"| {c} | " + " | ".join(v.get(f, "–") for f in fmts) + " |")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

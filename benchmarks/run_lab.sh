@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The lab's benchmarks (lab_bench.py sections + the quantize contenders), one JSON line each, appended to
+# OUT (default benchmarks/results/lab-cpu-2core.jsonl), waiting for a quiet CPU before each, then the
+# markdown tables of RESULTS.md from OUT:
+#
+#   bash benchmarks/setup_hf.sh       # once (the HF baseline's venv)
+#   bash benchmarks/run_lab.sh        # ~15 min on 2 cores
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${1:-benchmarks/results/lab-cpu-2core.jsonl}"
+MAIN=.venv/bin/python
+REPS="${REPS:-5}"
+busy_pct() {
+    local a b
+    a=($(head -1 /proc/stat)); sleep 2; b=($(head -1 /proc/stat))
+    local idle=$(( (b[4]+b[5]) - (a[4]+a[5]) )) tot=0 i
+    for i in 1 2 3 4 5 6 7 8; do tot=$(( tot + b[i] - a[i] )); done
+    echo $(( tot > 0 ? 100 * (tot - idle) / tot : 0 ))
+}
+wait_quiet() {
+    local t0=$SECONDS p
+    while p=$(busy_pct); [ "$p" -ge 15 ] && [ $((SECONDS - t0)) -lt "${QUIET_WAIT_S:-300}" ]; do
+        echo "  (cpu busy ${p}%, waiting)" >&2; sleep 8
+    done
+    echo "  (cpu busy ${p}% before start)" >&2
+}
+run() { wait_quiet; echo "+ $*" >&2; "$@" | tail -n 1 | tee -a "$OUT" | cut -c1-200; }
+for s in hf policies gain seeds small compile; do
+    run "$MAIN" benchmarks/lab_bench.py "$s" --reps "$REPS" --json
+done
+run "$MAIN" benchmarks/pychop_quantize.py --all-venvs --json
+"$MAIN" benchmarks/results_table.py "$OUT"
