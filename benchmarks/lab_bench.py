@@ -379,7 +379,7 @@ def section_gain(args) -> dict:
     short bf16-like rounding sequence (quantize._wide_ieee_fast_path) and the no-op-rounding skips
     (ops._already) switched off, which is the code as it was; both give bit-identical results (tests)."""
     import precision_lab.ops as ops_mod
-    import precision_lab.quantize as q_mod
+    import precision_lab.rounding as q_mod
 
     fast, already = q_mod._wide_ieee_fast_path, ops_mod._already
     variants = {"before": (lambda *a: False, lambda *a: False), "fast rounding only": (fast, lambda *a: False),

@@ -28,8 +28,8 @@ pychop lives in benchmarks/.venv-hf, precision_lab (JAX) in the main venv; with
 
 Adding a contender is one line in CONTENDERS, e.g. for the lab's JAX quantizer:
 
-    Contender("precision_lab.quantize (jit)", "precision_lab.quantize",
-              jax_jit(lambda x, fmt: _imp("precision_lab.quantize").quantize(x, fmt))),
+    Contender("precision_lab.quantize (jit)", "precision_lab.rounding",
+              jax_jit(lambda x, fmt: _imp("precision_lab.rounding").quantize(x, fmt))),
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ CONTENDERS: list[Contender] = [
     Contender("pychop.Chop numpy (default chunk_size=800, dask)", "pychop", _pychop_light(None)),
     Contender("pychop.Chop numpy (chunk_size=N, no dask)", "pychop", _pychop_light(1 << 40)),
     Contender("pychop classic np Chop_(prec)", "pychop", _pychop_classic),
-    Contender("precision_lab.quantize (jit)", "precision_lab.quantize",
-              jax_jit(lambda x, fmt: _imp("precision_lab.quantize").quantize(x, fmt))),
+    Contender("precision_lab.quantize (jit)", "precision_lab.rounding",
+              jax_jit(lambda x, fmt: _imp("precision_lab.rounding").quantize(x, fmt))),
 ]
 
 

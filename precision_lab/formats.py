@@ -1,9 +1,9 @@
 """Number formats: what a binary floating-point format is, and a registry of the ones the lab knows.
 
 A `Format` is a description only (bit widths, bias, which special values exist). Rounding into a format
-lives in `precision_lab.quantize`. Every format here is a subset of float32 (at most 8 exponent bits and
-23 mantissa bits), so a value of any format is stored exactly in a float32: the lab simulates narrow formats
-with float32 storage.
+lives in `precision_lab.rounding` (public as `precision_lab.quantize`). Every format here is a subset of
+float32 (at most 8 exponent bits and 23 mantissa bits), so a value of any format is stored exactly in a
+float32: the lab simulates narrow formats with float32 storage.
 
 Special-value conventions (they decide `max` and what overflow gives):
   "ieee"  all-ones exponent means inf/NaN (fp32, tf32, bf16, fp16, fp8_e5m2, fp8_e4m3, custom eXmY).

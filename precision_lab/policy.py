@@ -29,7 +29,7 @@ from types import MappingProxyType
 
 from precision_lab.errors import UserError, unknown_choice
 from precision_lab.formats import get_format
-from precision_lab.quantize import OVERFLOWS, ROUNDINGS
+from precision_lab.rounding import OVERFLOWS, ROUNDINGS
 
 COMPONENTS: dict[str, str] = {
     "params": "parameter storage (the copy the forward pass reads)",
@@ -75,7 +75,7 @@ MODES: tuple[str, ...] = ("emulate", "native")
 class Spec:
     """How one component rounds: format, scaling into the format, rounding mode, overflow behaviour.
 
-    overflow None is the format's own cast (see `precision_lab.quantize.quantize`).
+    overflow None is the format's own cast (see `precision_lab.rounding.quantize`).
     """
 
     format: str = "fp32"

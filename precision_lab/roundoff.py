@@ -49,7 +49,7 @@ from precision_lab import ops
 from precision_lab.errors import UserError, read_toml, unknown_choice
 from precision_lab.formats import Format, get_format, roundoff_per_binade
 from precision_lab.policy import MODES, get_policy
-from precision_lab.quantize import quantize
+from precision_lab.rounding import quantize
 
 SEED = 0
 COMPONENT = "router_softmax"  # the policy component the softmax/exp analyses round with

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from precision_lab.formats import Format, get_format
-from precision_lab.quantize import quantize
+from precision_lab.rounding import quantize
 
 MX_BLOCK = 32
 TILE = 128

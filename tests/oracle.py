@@ -1,6 +1,6 @@
 """An exact rounding oracle written with fractions.Fraction, independent of the JAX implementation.
 
-It encodes the semantics documented in `precision_lab.quantize.quantize` one value at a time, with exact
+It encodes the semantics documented in `precision_lab.rounding.quantize` one value at a time, with exact
 rational arithmetic: no float rounding anywhere between the input float32 and the chosen result.
 """
 

@@ -84,3 +84,13 @@ def test_roundoff_table_matches_the_paper():
     assert rows[("bf16", 2.0)]["half_ulp"] == 0.0078125
     assert rows[("fp32", 2.0)]["one_ulp"] == pytest.approx(2.4e-7, rel=0.01)
     assert rows[("fp32", 1024.0)]["one_ulp"] == pytest.approx(1.2e-4, rel=0.02)
+
+
+def test_public_api_at_the_top_level():
+    import precision_lab
+
+    assert precision_lab.get_format("bf16").name == "bf16"
+    assert float(precision_lab.quantize(np.float32(1.1), "bf16")) == 1.1015625
+    import precision_lab.router
+
+    assert callable(precision_lab.router.z_loss) and callable(precision_lab.router.load_balancing_loss)

@@ -10,7 +10,7 @@ import pytest
 from precision_lab import ops
 from precision_lab.formats import get_format
 from precision_lab.policy import PRESETS, parse_policy
-from precision_lab.quantize import quantize
+from precision_lab.rounding import quantize
 
 BF16 = ml_dtypes.bfloat16
 EMU = parse_policy("default=bf16")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from precision_lab.errors import UserError
 from precision_lab.policy import (COMPONENTS, GROUPS, PRESETS, PrecisionPolicy, Spec, format_policy, get_policy,
                                   parse_policy, parse_spec, policy_from_toml_table, policy_to_toml_table)
-from precision_lab.quantize import OVERFLOWS, ROUNDINGS
+from precision_lab.rounding import OVERFLOWS, ROUNDINGS
 
 specs = st.builds(
     Spec,

@@ -22,7 +22,7 @@ from scipy import stats
 from oracle import exact
 from precision_lab.errors import UserError
 from precision_lab.formats import FORMATS, get_format
-from precision_lab.quantize import ROUNDINGS, quantize
+from precision_lab.rounding import ROUNDINGS, quantize
 
 CUSTOM = [get_format(n) for n in ("e3m4", "e5m7", "e2m1", "e6m0")]
 ALL_FORMATS = list(FORMATS.values()) + CUSTOM
@@ -368,7 +368,7 @@ def test_wide_ieee_fast_path_equals_general_path(name, overflow):
     """The short bf16-like round-to-nearest-even path gives the general path's bit patterns exactly (NaN
     payloads included): every sign/exponent/high-mantissa pattern with tie, near-tie and random low bits,
     plus random patterns over all of float32."""
-    from precision_lab.quantize import (_apply_specials, _nearest_even_magnitude, _nearest_even_wide_ieee,
+    from precision_lab.rounding import (_apply_specials, _nearest_even_magnitude, _nearest_even_wide_ieee,
                                         _wide_ieee_fast_path)
 
     fmt = get_format(name)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from precision_lab.policy import Spec
-from precision_lab.quantize import quantize
+from precision_lab.rounding import quantize
 from precision_lab.scaling import (DelayedState, current_scaled, delayed_scaled, init_delayed_state, mx_scaled,
                                    mx_scales, scale_from_amax, scaled_quantize, tile_scaled)
 
