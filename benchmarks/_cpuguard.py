@@ -10,6 +10,7 @@ about 0 on a quiet machine, up to nproc when fully contended.
 from __future__ import annotations
 
 import os
+import platform
 import time
 
 
@@ -51,3 +52,15 @@ class CpuGuard:
             "steal_pct": round(100 * (self.s1[1] - self.s0[1]) / total, 2),
             "wall_s": round(wall, 2),
         }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (recorded with every benchmark result)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

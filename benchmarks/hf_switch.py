@@ -51,18 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cpuguard import CpuGuard  # noqa: E402
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _cpuguard import CpuGuard, cpu_model  # noqa: E402
 
 
 def _loadavg() -> float | None:
@@ -280,7 +269,7 @@ def main(argv=None) -> int:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_blas": "mkl" if torch.backends.mkl.is_available() else "other",
             "mkldnn": torch.backends.mkldnn.is_available(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "nproc": os.cpu_count(),
             "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

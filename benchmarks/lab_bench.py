@@ -278,19 +278,24 @@ def section_hf(args) -> dict:
 POLICIES = ["fp32", "bf16", "fp8-hybrid", "bf16,mode=native"]
 
 
+def ratios_to_first(progs) -> dict:
+    """Each program's summary plus its per-rep time ratio to the first program (fp32) of the same rep."""
+    base = progs[0].times
+    res = {}
+    for p in progs:
+        r = [t / b for t, b in zip(p.times, base)]
+        res[p.name] = {**p.summary(), "ratio_to_fp32_median": round(statistics.median(r), 3),
+                       "ratio_to_fp32_min_max": [round(min(r), 3), round(max(r), 3)]}
+    return res
+
+
 def section_policies(args) -> dict:
     out = {"benchmark": "policy_cost", "configs": {}}
     for cfg_name, model, batch, src, tgt in (("matched", MATCHED, BATCH, SRC_LEN, TGT_LEN),
                                              ("tiny", {"preset": "tiny"}, BATCH, 128, 32)):
         progs = [Program(p, run_for(model, p, batch=batch), k=args.k, src=src, tgt=tgt) for p in POLICIES]
         interleave(progs, args.reps)
-        base = progs[0].times
-        res = {}
-        for p in progs:
-            r = [t / b for t, b in zip(p.times, base)]
-            res[p.name] = {**p.summary(), "ratio_to_fp32_median": round(statistics.median(r), 3),
-                           "ratio_to_fp32_min_max": [round(min(r), 3), round(max(r), 3)]}
-        out["configs"][cfg_name] = res
+        out["configs"][cfg_name] = ratios_to_first(progs)
     out["env"] = env()
     return out
 
@@ -393,13 +398,7 @@ def section_gain(args) -> dict:
     finally:
         q_mod._wide_ieee_fast_path, ops_mod._already = fast, already
     interleave(progs, args.reps)
-    base = progs[0].times
-    res = {}
-    for p in progs:
-        r = [t / b for t, b in zip(p.times, base)]
-        res[p.name] = {**p.summary(), "ratio_to_fp32_median": round(statistics.median(r), 3),
-                       "ratio_to_fp32_min_max": [round(min(r), 3), round(max(r), 3)]}
-    return {"benchmark": "emulation_gain", "config": "matched", "programs": res, "env": env()}
+    return {"benchmark": "emulation_gain", "config": "matched", "programs": ratios_to_first(progs), "env": env()}
 
 
 SECTIONS = {"gain": section_gain, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _cpuguard import CpuGuard  # noqa: E402
+from _cpuguard import CpuGuard, cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 VENVS = {
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
 
     results = run_all_venvs(args) if args.all_venvs else run_here(args)
     doc = {"benchmark": "matmul_peak_f32", "n": args.n, "flop_per_matmul": 2 * args.n**3,
-           "cpu": _cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
+           "cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
            "results": results}
     if args.json:
         print(json.dumps(doc))
@@ -221,17 +221,6 @@ def main(argv=None) -> int:
                   f"median {r['median_ms']:.1f} ms)  {r['version']}  {r['blas_kernel']}"
                   + (f"  [{r['note']}]" if r.get("note") else ""))
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
