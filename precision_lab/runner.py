@@ -19,9 +19,6 @@ from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hpar
 # The built-in sweep of `precision-lab run` (shipped inside the package so an installed lab has it).
 QUICKSTART = Path(__file__).with_name("quickstart.toml")
 
-# Per-step metrics kept in the store per run (the rest of the telemetry stays in the summary).
-STORED_METRICS = None  # None = every metric the trainer logs
-
 
 def run_group(runs: list[RunSpec]) -> list[dict]:
     """Train every run of one group (identical configurations, different seeds) in one vmapped program."""
@@ -44,8 +41,7 @@ def run_group(runs: list[RunSpec]) -> list[dict]:
         shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
                                     "policy_resolved")}
         shared["moe_layer_names"] = list(run.model.moe_layer_names())
-        metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()
-                   if STORED_METRICS is None or name in STORED_METRICS}
+        metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()}  # every per-step metric
         # timing is the one part of a record that differs between identical reruns: the store keeps it apart
         records.append({"result": per_seed, "env": shared, "resolved": configs[i].to_dict(), "metrics": metrics,
                         "timing": dict(s["timing"])})
