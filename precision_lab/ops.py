@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from precision_lab.formats import get_format
 from precision_lab.policy import PrecisionPolicy, Spec
@@ -145,13 +146,15 @@ class DotState(NamedTuple):
     grad: DelayedState | None
 
 
-def init_dot_state(policy: PrecisionPolicy, *, lhs: str, rhs: str, history: int | None = None) -> DotState | None:
-    """The state one `dot` site needs (None unless a spec it uses has delayed scaling)."""
-    specs = (policy[lhs], policy[rhs], policy["grads"])
-    if not any(s.scaling == "delayed" for s in specs):
+def init_dot_state(policy: PrecisionPolicy, *, lhs: str, rhs: str | None, history: int | None = None
+                   ) -> DotState | None:
+    """The state one `dot` (or `grouped_dot`, `gather_rows` with rhs=None) site needs: None unless a spec
+    it uses has delayed scaling."""
+    specs = (policy[lhs], None if rhs is None else policy[rhs], policy["grads"])
+    if not any(s is not None and s.scaling == "delayed" for s in specs):
         return None
     make = (lambda: init_delayed_state(history)) if history else init_delayed_state
-    return DotState(*(make() if s.scaling == "delayed" else None for s in specs))
+    return DotState(*(make() if s is not None and s.scaling == "delayed" else None for s in specs))
 
 
 def _contracting_axes(eq: str) -> tuple[int, int]:
@@ -167,11 +170,12 @@ def _contracting_axes(eq: str) -> tuple[int, int]:
 class _DotConfig(NamedTuple):
     eq: str
     lhs: Spec
-    rhs: Spec
+    rhs: Spec | None
     out: Spec
     grad: Spec
     grad_out: Spec
     mode: str
+    kind: str = "einsum"  # "einsum" | "grouped" (b[index] per block) | "rows" (a[index], no b)
 
 
 def _einsum(cfg: _DotConfig, a, b):
@@ -182,56 +186,104 @@ def _einsum(cfg: _DotConfig, a, b):
     return jnp.einsum(cfg.eq, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F32)
 
 
-def _dot_fwd_impl(cfg: _DotConfig, a, b, state):
+def _contract(cfg: _DotConfig, a, b, index):
+    """The product itself, on already rounded operands (its VJP is the backward pass's, too)."""
+    if cfg.kind == "rows":  # a one-hot matmul done as what it is: row i of the result is a[index[i]] or 0
+        return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
+    if cfg.kind == "grouped":  # block i multiplies expert index[i]'s matrix: a grouped (ragged) GEMM
+        b = jnp.take(b, index, axis=0, mode="clip")
+    return _einsum(cfg, a, b)
+
+
+def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index):
     ka, kb = _contracting_axes(cfg.eq)
     st = state if state is not None else DotState(None, None, None)
     qa, sa = _round(a, cfg.lhs, cfg.mode, axis=ka, state=st.lhs)
-    qb, sb = _round(b, cfg.rhs, cfg.mode, axis=kb, state=st.rhs)
-    y, _ = _round(_einsum(cfg, qa, qb), cfg.out, cfg.mode)
+    # The rhs is rounded BEFORE any gather (grouped): each expert's matrix once, with the scale of the
+    # whole [E, ...] tensor, exactly as the dense einsum over all experts rounds it.
+    qb, sb = (None, None) if cfg.rhs is None else _round(b, cfg.rhs, cfg.mode, axis=kb, state=st.rhs)
+    y, _ = _round(_contract(cfg, qa, qb, index), cfg.out, cfg.mode)
     return y, (qa, qb, sa, sb)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dot(cfg: _DotConfig, a, b, state):
-    return _dot_fwd_impl(cfg, a, b, state)[0]
+def _dot(cfg: _DotConfig, a, b, state, index):
+    return _dot_fwd_impl(cfg, a, b, state, index)[0]
 
 
-def _dot_fwd(cfg, a, b, state):
-    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state)
-    return y, (qa, qb, sa, sb, state)
+def _dot_fwd(cfg, a, b, state, index):
+    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index)
+    return y, (qa, qb, sa, sb, state, index)
 
 
 def _dot_bwd(cfg, res, g):
-    qa, qb, sa, sb, state = res
+    qa, qb, sa, sb, state, index = res
     st = state if state is not None else DotState(None, None, None)
     qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad)
-    _, vjp = jax.vjp(lambda a_, b_: _einsum(cfg, a_, b_), qa, qb)
-    da, db = vjp(qg)
+    if cfg.rhs is None:
+        _, vjp = jax.vjp(lambda a_: _contract(cfg, a_, None, index), qa)
+        (da,), db = vjp(qg), None
+    else:
+        _, vjp = jax.vjp(lambda a_, b_: _contract(cfg, a_, b_, index), qa, qb)
+        da, db = vjp(qg)
+        db = db.astype(_F32)
     da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode)
     new_state = None if state is None else DotState(sa, sb, sg)
-    return da, db.astype(_F32), new_state
+    return da, db, new_state, _zero_cotangent(index)
+
+
+def _zero_cotangent(index):
+    """The cotangent of an integer input (float0 zeros), or None when there is none."""
+    return None if index is None else np.zeros(np.shape(index), dtype=jax.dtypes.float0)
 
 
 _dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str, rhs: str | None, out: str,
+             state: DotState | None):
+    a = jnp.asarray(a, _F32)
+    b = None if b is None else jnp.asarray(b, _F32)
+    lhs_spec, rhs_spec = policy[lhs], None if rhs is None else policy[rhs]
+    if policy.mode == "emulate":
+        # An operand already rounded to its spec (e.g. the previous matmul's output) is not rounded again
+        # (see "skipping roundings"). Decided here, outside the custom_vjp, where the operands are the
+        # caller's own values; the fp32 spec makes the rounding inside the identity.
+        lhs_spec = _FP32_SPEC if _already(a, lhs_spec) else lhs_spec
+        if b is not None:
+            rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
+    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind)
+    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32))
+    if policy.mode == "emulate":
+        _remember(y, policy[out])
+    return y
 
 
 def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
         state: DotState | None = None):
     """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation and
     the output rounded per `out`. The backward pass rounds gradients per the policy's "grads" spec."""
-    a, b = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
-    lhs_spec, rhs_spec = policy[lhs], policy[rhs]
-    if policy.mode == "emulate":
-        # An operand already rounded to its spec (e.g. the previous matmul's output) is not rounded again
-        # (see "skipping roundings"). Decided here, outside the custom_vjp, where the operands are the
-        # caller's own values; the fp32 spec makes the rounding inside the identity.
-        lhs_spec = _FP32_SPEC if _already(a, lhs_spec) else lhs_spec
-        rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
-    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode)
-    y = _dot(cfg, a, b, state)
-    if policy.mode == "emulate":
-        _remember(y, policy[out])
-    return y
+    return _run_dot("einsum", eq, a, b, None, policy, lhs, rhs, out, state)
+
+
+def grouped_dot(x, w, group, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
+                state: DotState | None = None):
+    """Grouped GEMM: <float32>[NB, M, K] blocks x <float32>[E, K, N] matrices -> [NB, M, N], block i
+    multiplied by w[group[i]] (<int32>[NB]). The rounding is `dot`'s for einsum("ebmk,ekn->ebmn") over
+    the experts' blocks: w is rounded as one [E, K, N] tensor before the gather, x per row (MX and 1x128
+    blocks run along K; a per-tensor scale sees the same amax as the dense einsum, padding being zeros).
+    The weight gradient sums the blocks of each expert in float32."""
+    return _run_dot("grouped", "bmk,bkn->bmn", x, w, group, policy, lhs, rhs, out, state)
+
+
+def gather_rows(x, rows, policy: PrecisionPolicy, *, lhs: str, out: str, state: DotState | None = None):
+    """<float32>[T, D] -> [R, D]: row i is x[rows[i]], or 0 where rows[i] is out of range (>= T).
+
+    This is the matmul onehot(rows) @ x done as the gather it is (the expert dispatch, an all-to-all),
+    rounded as `dot` would round it: x per `lhs` on entry, the result per `out`; the backward pass rounds
+    the incoming gradient per "grads", scatter-adds it onto x's rows in float32 (a row gathered k times
+    sums k terms) and rounds that per "matmul_out"."""
+    return _run_dot("rows", "td,td->td", x, None, rows, policy, lhs, None, out, state)
 
 
 # -- elementwise and reductions ----------------------------------------------------------------------------

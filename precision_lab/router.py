@@ -148,6 +148,10 @@ class Routing(NamedTuple):
     kept: <bool>[G, S, K] whether the request got a slot (False: dropped by capacity, by GShard's random
       second-expert policy, or padding).
     requested: <bool>[G, S, K] whether the request was made (False: padding or GShard's policy declined it).
+    slot: <int32>[G, S, K] the request's slot in its expert's buffer of this group (meaningful where kept;
+      the kept requests of one expert and group hold slots 0, 1, ... without gaps).
+    gates: <float32>[G, S, K] the combine weight of each request, 0 where not kept (`combine` summed over
+      slots, without the [E, C] axes: what a sorted dispatch needs).
     """
 
     dispatch: jax.Array
@@ -155,6 +159,8 @@ class Routing(NamedTuple):
     expert_index: jax.Array
     kept: jax.Array
     requested: jax.Array
+    slot: jax.Array
+    gates: jax.Array
 
 
 def top_k(router_probs, k: int):
@@ -217,7 +223,8 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
                  & kept[..., None, None])  # (G, S, K, E, C)
     dispatch = jnp.where(jnp.any(slot_mask, axis=2), jnp.float32(1.0), jnp.float32(0.0))
     combine = jnp.sum(jnp.where(slot_mask, gates[..., None, None], jnp.float32(0.0)), axis=2)
-    return Routing(dispatch, combine, expert_index.astype(jnp.int32), kept, requested)
+    return Routing(dispatch, combine, expert_index.astype(jnp.int32), kept, requested, slot.astype(jnp.int32),
+                   jnp.where(kept, gates, jnp.float32(0.0)))
 
 
 def expert_choice_mask(expert_index, num_experts: int, which: str = "top1"):

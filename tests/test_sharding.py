@@ -22,7 +22,7 @@ from precision_lab.policy import get_policy
 
 # group_size 28 gives 64 encoder groups (16 x 64 tokens) and 8 decoder groups (16 x 14 tokens): both split
 # over the 8 devices, so the sharded run routes exactly the same groups as the single-device one.
-CFG = dataclasses.replace(get_model_config("tiny"), group_size=28)
+CFG = dataclasses.replace(get_model_config("tiny"), group_size=28, expert_dispatch="dense")
 
 
 @pytest.fixture(scope="module")

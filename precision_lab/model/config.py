@@ -39,6 +39,7 @@ EXTRA_DENSE: tuple[str, ...] = ("none", "before", "after")
 LOAD_BALANCE_MASKS: tuple[str, ...] = ("top1", "topk")
 AUX_AGGREGATIONS: tuple[str, ...] = ("mean", "sum")
 ROUTER_INITS: tuple[str, ...] = ("normal", "truncated_normal")
+DISPATCHES: tuple[str, ...] = ("sorted", "dense")  # model/dispatch.py
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,10 @@ class ModelConfig:
       router_softmax_shift: False exponentiates the raw router logits (the roundoff ST-MoE worries about).
       train_capacity_factor / eval_capacity_factor: expert capacity = round(CF * tokens_per_group /
         num_experts), at least min_capacity (flaxformer). group_size: the most tokens per routing group.
+      expert_dispatch: how routed tokens reach the experts (model/dispatch.py): "sorted" (default: a
+        grouped GEMM over the routed tokens in blocks of expert_block_size rows, one device) | "dense"
+        (one-hot einsums, every expert runs all C slots; the layout that shards over experts). Same
+        routing and roundings; see dispatch.py for where their float32 sums differ.
       batch_prioritized_routing: V-MoE's BPR, encoder only (decoder routing stays in token order).
       load_balance_mask: the f_i of the load-balancing loss from the "top1" choice (ST-MoE, Switch) or the
         "topk" set (flaxformer, HF; uniform routing then gives k, not 1).
@@ -124,6 +129,8 @@ class ModelConfig:
     eval_capacity_factor: float = 2.0
     group_size: int = 4096
     min_capacity: int = 4
+    expert_dispatch: str = "sorted"
+    expert_block_size: int = 32
     batch_prioritized_routing: bool = False
     gshard_threshold: float = 0.2
     load_balance_mask: str = "top1"
@@ -139,12 +146,12 @@ class ModelConfig:
     def __post_init__(self):
         for name, choices in (("ffn_type", FFN_TYPES), ("routing", ROUTINGS), ("extra_dense_ffn", EXTRA_DENSE),
                               ("load_balance_mask", LOAD_BALANCE_MASKS), ("aux_loss_aggregation", AUX_AGGREGATIONS),
-                              ("router_init", ROUTER_INITS)):
+                              ("router_init", ROUTER_INITS), ("expert_dispatch", DISPATCHES)):
             if getattr(self, name) not in choices:
                 raise unknown_choice(name, getattr(self, name), choices)
         for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
                      "relative_attention_num_buckets", "relative_attention_max_distance", "moe_every", "top_k",
-                     "group_size", "inputs_length", "targets_length"):
+                     "group_size", "inputs_length", "targets_length", "expert_block_size"):
             _check_int(name, getattr(self, name), low=1)
         for name in ("num_experts", "min_capacity"):
             _check_int(name, getattr(self, name), low=0)

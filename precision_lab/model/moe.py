@@ -1,11 +1,12 @@
-"""The sparse (mixture-of-experts) FFN sublayer: router -> dense one-hot dispatch -> experts -> combine.
+"""The sparse (mixture-of-experts) FFN sublayer: router -> dispatch -> experts -> combine.
 
 Tokens [B, L] are flattened and split into G groups of S tokens (`router.num_groups`); each group routes
-independently with C = capacity slots per expert. Dispatch and combine are einsums with one-hot tensors
-[G, S, E, C] (Mesh TF / flaxformer "masked" routing), so everything is static-shape, vectorised, and shards
-by annotating the expert axis (see model/sharding.py):
+independently with C = capacity slots per expert (`router.route`). How the routed tokens then reach the
+experts is `cfg.expert_dispatch` (model/dispatch.py): "sorted" lays them out expert by expert and runs a
+grouped GEMM over the routed tokens only; "dense" uses one-hot einsums over [G, S, E, C] (Mesh TF /
+flaxformer), whose [E, G, C, D] expert inputs shard over experts (model/sharding.py):
 
-    tokens (G, S, D) --dispatch--> expert inputs (E, G, C, D) --experts--> (E, G, C, D) --combine--> (G, S, D)
+    tokens (G, S, D) --dispatch--> expert inputs --experts--> expert outputs --combine--> (G, S, D)
 
 The two arrows through "comm" are the all-to-all of expert parallelism: what crosses them is rounded to the
 policy's `comm` component. Expert matmuls use `expert_operands`; the gates `combine_weights`.
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from precision_lab import ops, router
-from precision_lab.model import sharding
+from precision_lab.model import dispatch, sharding
 from precision_lab.model.config import ModelConfig
 from precision_lab.model.layers import dot_state, dropout, ffn_hidden_activation, init_ffn_weights, normal
 from precision_lab.policy import PrecisionPolicy
@@ -42,8 +43,7 @@ def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
         w_router = jax.random.truncated_normal(k_router, -2.0, 2.0, (d, e), jnp.float32) * jnp.float32(std)
     params = {"router": w_router, **init_ffn_weights(k_experts, cfg, cfg.expert_hidden, lead=(e,))}
     state = {"router": dot_state(policy, "router_input", "router_weights"),
-             "dispatch": dot_state(policy, "activations", "activations"),
-             "combine": dot_state(policy, "comm", "combine_weights")}
+             **dispatch.init_state(policy, cfg.expert_dispatch)}
     state |= {name: dot_state(policy, "expert_operands", "expert_operands") for name in params if name != "router"}
     return params, state
 
@@ -80,22 +80,18 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
                            batch_prioritized=prioritized, gshard_threshold=cfg.gshard_threshold,
                            key=k_route if train else None)
 
-    # Dispatch (the all-to-all): each expert's C slots per group.
-    expert_in = ops.dot("gsd,gsec->egcd", tokens, routing.dispatch, policy, lhs="activations", rhs="activations",
-                        out="comm", state=state["dispatch"])  # (E, G, C, D)
-    expert_in = sharding.constrain(expert_in, "experts")
-    pre = {name: ops.dot("egcd,edf->egcf", expert_in, params[name], policy, lhs="expert_operands",
-                         rhs="expert_operands", state=state[name])
-           for name in params if name not in ("router", "wo")}  # (E, G, C, F) each
-    hidden = dropout(ffn_hidden_activation(pre, cfg, policy), cfg.expert_dropout_rate if train else 0.0, k_drop,
-                     policy)
-    expert_out = ops.dot("egcf,efd->egcd", hidden, params["wo"], policy, lhs="expert_operands",
-                         rhs="expert_operands", out="comm", state=state["wo"])  # (E, G, C, D)
-    expert_out = sharding.constrain(expert_out, "experts")
-    # Combine (the return all-to-all), weighted by the gates.
-    y = ops.dot("egcd,gsec->gsd", expert_out, routing.combine, policy, lhs="comm", rhs="combine_weights",
-                out="activations", state=state["combine"])  # (G, S, D)
-    y = sharding.constrain(y, "groups")
+    def expert_ffn(expert_in, matmul):  # the experts' FFN on the dispatch's layout of rows
+        pre = {name: matmul(name, expert_in) for name in params if name not in ("router", "wo")}
+        hidden = dropout(ffn_hidden_activation(pre, cfg, policy), cfg.expert_dropout_rate if train else 0.0,
+                         k_drop, policy)
+        return matmul("wo", hidden, out="comm")  # what the return all-to-all carries
+
+    if cfg.expert_dispatch == "dense":
+        y = dispatch.dense(tokens, routing, expert_ffn, params, state, policy)
+    else:
+        y = dispatch.sorted_blocks(tokens, routing, expert_ffn, params, state, policy, capacity=capacity,
+                                   block=cfg.expert_block_size)
+    y = sharding.constrain(y, "groups")  # (G, S, D)
 
     balance_mask = router.expert_choice_mask(routing.expert_index, e, cfg.load_balance_mask)
     aux = {

@@ -112,6 +112,10 @@ def make_sharded_apply(mesh: Mesh, *, cfg, policy, train: bool, return_logits: b
     """
     from precision_lab.model import transformer  # here: transformer -> moe -> sharding imports this module
 
+    if cfg.num_experts and cfg.expert_dispatch != "dense":
+        raise UserError(f"expert parallelism needs expert_dispatch='dense' (the [E, G, C, D] layout that splits "
+                        f"over experts), got {cfg.expert_dispatch!r}; valid: 'dense'")
+
     def sharded_apply(params, scale_state, batch, key):
         with _use_mesh(mesh):
             return transformer.apply(params, scale_state, batch, cfg=cfg, policy=policy, train=train, key=key,
