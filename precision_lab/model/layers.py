@@ -98,7 +98,43 @@ def position_bias(table, q_len: int, k_len: int, *, bidirectional: bool, cfg: Mo
     buckets = relative_position_buckets(q_len, k_len, bidirectional=bidirectional,
                                         num_buckets=cfg.relative_attention_num_buckets,
                                         max_distance=cfg.relative_attention_max_distance)
-    return jnp.transpose(table[jnp.asarray(buckets)], (2, 0, 1))[None]  # (1, H, Lq, Lk)
+    # The lookup table[buckets] written as a one-hot matmul (exact: one nonzero term per output). Its
+    # gradient is then a small matmul too; as a gather, XLA:CPU scatter-adds through an [Lq * Lk, H]
+    # transpose with a 4-wide minor axis, 4% of the matched train step (benchmarks/RESULTS.md).
+    ids = jnp.arange(table.shape[0])[None, None, :]
+    onehot = jnp.where(jnp.asarray(buckets)[..., None] == ids, jnp.float32(1.0), jnp.float32(0.0))  # (Lq, Lk, n)
+    return jnp.einsum("nh,qkn->hqk", table, onehot, precision=jax.lax.Precision.HIGHEST)[None]  # (1, H, Lq, Lk)
+
+
+@jax.custom_vjp
+def add_position_bias(logits, bias):
+    """<float32>[B, H, Lq, Lk] logits + [1, H, Lq, Lk] bias shared by the batch.
+
+    Only the backward pass is special: the bias gradient sums the batch by pairwise halving (x[:n/2] +
+    x[n/2:], ...) instead of a reduce over the leading axis, which XLA:CPU runs one strided column at a
+    time: 20 ms vs 0.34 ms for 4 x [16, 4, 128, 128] on the 2-core benchmark machine, 9% of the matched
+    train step (benchmarks/RESULTS.md). Pairwise sums are also the more accurate order."""
+    return logits + bias
+
+
+def _add_position_bias_fwd(logits, bias):
+    return logits + bias, None
+
+
+def _add_position_bias_bwd(_, g):
+    return g, sum_leading_pairwise(g)
+
+
+add_position_bias.defvjp(_add_position_bias_fwd, _add_position_bias_bwd)
+
+
+def sum_leading_pairwise(x):
+    """Sum over axis 0 keeping it (size 1), by pairwise halving in float32."""
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        head = x[:half] + x[half:2 * half]
+        x = head if x.shape[0] % 2 == 0 else jnp.concatenate([head[:1] + x[2 * half:], head[1:]], axis=0)
+    return x
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
@@ -131,23 +167,25 @@ def attention(params, state, x_q, x_kv, bias, mask, *, policy: PrecisionPolicy, 
     Returns:
       (<float32>[B, Lq, D] output, <float32>[] max |logit| over unmasked positions).
     """
-    def proj(x, w, site, eq="bld,dhk->blhk"):
+    # Heads-major [B, H, L, K] projections: the per-head matmuls below then read contiguous [L, K] tiles
+    # (token-major [B, L, H, K] operands made them 1.6-1.9x slower on XLA:CPU, benchmarks/RESULTS.md).
+    def proj(x, w, site, eq="bld,dhk->bhlk"):
         return ops.dot(eq, x, w, policy, lhs="attn_operands", rhs="attn_operands", state=state[site])
 
-    q = proj(x_q, params["q"], "q")  # (B, Lq, H, K)
-    k = proj(x_kv, params["k"], "k")  # (B, Lk, H, K)
-    v = proj(x_kv, params["v"], "v")  # (B, Lk, H, K)
-    logits = ops.dot("bqhk,bthk->bhqt", q, k, policy, lhs="attn_operands", rhs="attn_operands",
+    q = proj(x_q, params["q"], "q")  # (B, H, Lq, K)
+    k = proj(x_kv, params["k"], "k")  # (B, H, Lk, K)
+    v = proj(x_kv, params["v"], "v")  # (B, H, Lk, K)
+    logits = ops.dot("bhqk,bhtk->bhqt", q, k, policy, lhs="attn_operands", rhs="attn_operands",
                      out="attn_logits", state=state["logits"])  # (B, H, Lq, Lk)
     if bias is not None:
-        logits = ops.cast(logits + bias, policy, "attn_logits")
+        logits = ops.cast(add_position_bias(logits, bias), policy, "attn_logits")
     max_logit = jax.lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(logits), jnp.float32(0.0))))
     logits = jnp.where(mask, logits, jnp.float32(MASKED_LOGIT))
     probs = ops.softmax(logits, policy, "attn_softmax", axis=-1)  # (B, H, Lq, Lk)
     probs = dropout(probs, dropout_rate, key, policy, "attn_softmax")
-    out = ops.dot("bhqt,bthk->bqhk", probs, v, policy, lhs="attn_operands", rhs="attn_operands",
-                  state=state["values"])  # (B, Lq, H, K)
-    y = proj(out, params["o"], "o", eq="bqhk,hkd->bqd")  # (B, Lq, D)
+    out = ops.dot("bhqt,bhtk->bhqk", probs, v, policy, lhs="attn_operands", rhs="attn_operands",
+                  state=state["values"])  # (B, H, Lq, K)
+    y = proj(out, params["o"], "o", eq="bhqk,hkd->bqd")  # (B, Lq, D)
     return ops.cast(y, policy, "activations"), max_logit
 
 
