@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -309,7 +310,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reexec_with_huge_pages() -> None:
+    """Restart this process once with glibc's `malloc.hugetlb` tunable (Linux, glibc >= 2.35).
+
+    XLA:CPU allocates each compiled call's temporaries afresh (278 MB for the matched benchmark step) and
+    glibc maps such blocks with mmap and unmaps them on free, so every call first-touches ~70,000 4-KiB
+    pages again: 15% of the step (benchmarks/RESULTS.md). With the tunable, malloc asks for transparent
+    huge pages and the faults all but vanish (225 per call). It must be set before the process starts,
+    hence the re-exec; PRECISION_LAB_NO_REEXEC=1 turns it off. Elsewhere this is a no-op."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (not sys.platform.startswith("linux") or os.environ.get("PRECISION_LAB_NO_REEXEC")
+            or "glibc.malloc.hugetlb" in tunables or not hasattr(os, "execve")):
+        return
+    env = dict(os.environ, PRECISION_LAB_NO_REEXEC="1",
+               GLIBC_TUNABLES=":".join(t for t in (tunables, "glibc.malloc.hugetlb=1") if t))
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "precision_lab.cli", *sys.argv[1:]], env)
+    except OSError:  # cannot re-exec (odd interpreter setup): run as we are
+        return
+
+
+def _use_one_device_per_core() -> None:
+    """One XLA host device per core (unless XLA_FLAGS already sets a count), so the vmapped members of a
+    train run are spread over them (train.member_sharding). PRECISION_LAB_CPU_DEVICES overrides."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", int(os.environ.get("PRECISION_LAB_CPU_DEVICES", cores)))
+    except (RuntimeError, ValueError):  # jax already started in this process (main() called from Python)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console script, not a call from Python
+        _reexec_with_huge_pages()
+    _use_one_device_per_core()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -166,6 +166,7 @@ class Trainer:
         seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
         return jax.jit(jax.vmap(self.init_one))(seed_keys), seed_keys
 
+
     def batches(self, seeds: list[int], step0: int, k: int):
         per_step = []
         for i in range(k):
@@ -178,6 +179,31 @@ class Trainer:
         losses = [np.asarray(self._eval(state, seed_keys, b))
                   for b in self.dataset.eval_batches(self.run.train.eval_batches, self.run.train.batch_size)]
         return np.mean(losses, axis=0)
+
+
+def member_sharding(num_members: int):
+    """Spread vmapped members over the local devices: `place(tree, axis)` puts each array's member axis
+    (`axis`) on a 1-D "members" mesh of the largest device count that divides num_members.
+
+    Members are independent, so this is plain data parallelism with no communication: on a CPU with
+    several XLA host devices (`precision_lab.cli` asks for one per core) the members' programs run side
+    by side, where one vmapped program keeps about one core busy between its large matmuls (8 seeds of
+    the quick-start model: 1.3x faster on 2 cores, benchmarks/RESULTS.md). On one device, `place` is a
+    no-op. Each member's numbers may differ from an unsharded run by float32 re-association (XLA picks
+    kernels for the per-device shapes)."""
+    devices = jax.local_devices()
+    count = max(n for n in range(1, len(devices) + 1) if num_members % n == 0)
+    if count == 1:
+        return count, lambda tree, axis=0: tree
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices[:count]), ("members",))
+
+    def place(tree, axis: int = 0):
+        spec = NamedSharding(mesh, PartitionSpec(*([None] * axis), "members"))
+        return jax.tree.map(lambda x: jax.device_put(x, spec), tree)
+
+    return count, place
 
 
 def _telemetry(out) -> dict:
@@ -223,6 +249,8 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     trainer = Trainer(run)
     t0 = time.perf_counter()
     state, seed_keys = trainer.init(seeds)
+    member_devices, place = member_sharding(len(seeds))
+    state, seed_keys, hps = place(state), place(seed_keys), place(hps)
     monitor = DivergenceMonitor(run.divergence, num_seeds=len(seeds))
     # Loss spikes (mean + k sigma) that are not a rule of run.divergence are recorded, not acted on.
     spikes = DivergenceMonitor(dataclasses.replace(run.divergence, rules=("sigma",)), num_seeds=len(seeds))
@@ -232,12 +260,13 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     ckpt = Path(out_dir) / "checkpoint" if out_dir is not None else None
     if resume and ckpt is not None and (ckpt / "meta.json").exists():
         state, monitor, spikes, history, evals, step = _load_checkpoint(ckpt, run, seeds, hparams, state)
+        state = place(state)
 
     bar = _progress(cfg.steps, step, progress)
     compile_s, step_s = 0.0, 0.0
     while step < cfg.steps:
         k = min(cfg.chunk_steps, cfg.steps - step)
-        batches = trainer.batches(seeds, step, k)
+        batches = place(trainer.batches(seeds, step, k), axis=1)  # [k, members, ...]
         tic = time.perf_counter()
         state, metrics = trainer._chunk(state, seed_keys, hps, batches, jnp.int32(step))
         metrics = jax.device_get(metrics)
@@ -252,7 +281,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         spikes.update(step, metrics["loss"], metrics["grad_norm"])
         diverged = np.asarray(monitor.diverged)
         if diverged.any():  # host-side rules freeze the seed from the next step on
-            state = state._replace(active=jnp.logical_and(state.active, jnp.asarray(~diverged)))
+            state = place(state._replace(active=jnp.logical_and(state.active, jnp.asarray(~diverged))))
         step += k
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append((step, trainer.evaluate(state, seed_keys)))
@@ -269,7 +298,8 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     metrics = {name: np.concatenate(chunks, axis=0) for name, chunks in history.items()}
     summary = _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval, evals, metrics,
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
-                                   step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1)))
+                                   step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1),
+                                   member_devices=member_devices))
     if out_dir is not None:
         _write_outputs(Path(out_dir), run, summary, metrics)
         if ckpt is not None and ckpt.exists():

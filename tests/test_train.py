@@ -69,6 +69,22 @@ def test_vmapped_members_equal_single_runs(three_members):
     np.testing.assert_allclose(result.summary["final_eval_loss"][1], alone.summary["final_eval_loss"][0], rtol=1e-5)
 
 
+def test_members_are_spread_over_the_host_devices(three_members):
+    """conftest forces 8 CPU devices: 3 members run on 3 of them (the vmapped-vs-alone test above is thus
+    also the sharded-vs-unsharded check), and the count is the largest divisor of the members that fits."""
+    import jax
+
+    from precision_lab.train import member_sharding
+
+    assert len(jax.local_devices()) == 8
+    assert three_members[1].summary["timing"]["member_devices"] == 3
+    assert [member_sharding(n)[0] for n in (1, 2, 6, 7, 8, 12, 16)] == [1, 2, 6, 7, 8, 6, 8]
+    count, place = member_sharding(4)
+    placed = place({"x": np.zeros((4, 3), np.float32)})["x"]
+    assert count == 4 and len(placed.sharding.device_set) == 4
+    assert len(place(np.zeros((2, 4, 3), np.float32), axis=1).sharding.device_set) == 4
+
+
 def test_deterministic_for_a_seed():
     run = micro(policy="bf16", steps=20)
     a, b = train(run, seeds=[3], progress=False), train(run, seeds=[3], progress=False)
