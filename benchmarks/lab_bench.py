@@ -88,20 +88,24 @@ class Program:
         import jax
         import jax.numpy as jnp
 
-        from precision_lab.train import Trainer, hparams_of
+        from precision_lab.train import Trainer, hparams_of, member_sharding
 
         self.name, self.k, self.seeds = name, k, seeds
         trainer = Trainer(run)
         self.state, self.seed_keys = trainer.init(list(range(seeds)))
         self.hps = {n: jnp.asarray([v] * seeds, jnp.float32) for n, v in hparams_of(run).items()}
-        self.batches = jax.device_put(make_batches(k, seeds, run.train.batch_size, src, tgt,
-                                                   trainer.model_cfg.vocab_size))
+        self.batches = make_batches(k, seeds, run.train.batch_size, src, tgt, trainer.model_cfg.vocab_size)
+        # Members spread over the host devices exactly as precision_lab.train.train spreads them.
+        self.member_devices, place = member_sharding(seeds)
+        self.state, self.seed_keys, self.hps = place(self.state), place(self.seed_keys), place(self.hps)
+        self.batches = place(jax.device_put(self.batches), axis=1)
         t0 = time.perf_counter()
         self.compiled = trainer._chunk.lower(self.state, self.seed_keys, self.hps, self.batches,
                                              jnp.int32(0)).compile()
         self.compile_s = time.perf_counter() - t0
         self.flops = hlo_flops(self.compiled)
         self.times: list[float] = []
+        self.warm_times: list[float] = []  # the untimed block before each timed one (see interleave)
         self.guards: list[dict] = []
         self.block()  # first execution (allocation, thread pools) is not timed
 
@@ -115,6 +119,9 @@ class Program:
         self.last_loss = float(jax.device_get(metrics["loss"]).reshape(-1)[-1])
         return (time.perf_counter() - t0) * 1e3 / self.k
 
+    def warm(self) -> None:
+        self.warm_times.append(self.block())
+
     def timed(self) -> float:
         with CpuGuard() as g:
             ms = self.block()
@@ -123,8 +130,11 @@ class Program:
         return ms
 
     def summary(self) -> dict:
-        return {"name": self.name, "seeds": self.seeds, "k": self.k, **stats(self.times),
+        return {"name": self.name, "seeds": self.seeds, "member_devices": self.member_devices, "k": self.k,
+                **stats(self.times),
                 "compile_s": round(self.compile_s, 2), **self.flops,
+                "first_block_after_switch_ms_median": round(statistics.median(self.warm_times), 3)
+                if self.warm_times else None,
                 "other_busy_cores_median": statistics.median(g.get("other_busy_cores", 0) for g in self.guards)
                 if self.guards else None, "final_loss": self.last_loss}
 
@@ -184,6 +194,9 @@ class MatmulPeak:
         self.f(self.a, self.b).block_until_ready()
         self.n, self.calls, self.times = n, calls, []
 
+    def warm(self) -> None:
+        self.f(self.a, self.b).block_until_ready()
+
     def timed(self) -> float:
         t0 = time.perf_counter()
         for _ in range(self.calls):
@@ -201,18 +214,30 @@ class MatmulPeak:
 class HFWorker:
     """hf_switch.py --serve in the HF venv: a warmed-up HF train step, timed in blocks on request."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, huge_pages: bool | None = None):
+        """huge_pages: run HF with glibc's malloc.hugetlb tunable on/off (None: this process's setting)."""
         if not HF_PY.exists():
             raise SystemExit(f"{HF_PY} missing: run bash benchmarks/setup_hf.sh first")
+        child_env = dict(os.environ)
+        if huge_pages is not None:
+            rest = [t for t in child_env.get("GLIBC_TUNABLES", "").split(":") if t and "malloc.hugetlb" not in t]
+            child_env["GLIBC_TUNABLES"] = ":".join(rest + (["glibc.malloc.hugetlb=1"] if huge_pages else []))
         self.p = subprocess.Popen([str(HF_PY), str(REPO / "benchmarks" / "hf_switch.py"), "--serve"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env)
         self.info = json.loads(self.p.stdout.readline())
-        self.steps, self.times, self.guards = steps, [], []
+        self.info["glibc_tunables"] = child_env.get("GLIBC_TUNABLES", "")
+        self.steps, self.times, self.guards, self.warm_times = steps, [], [], []
 
-    def timed(self) -> float:
+    def _request(self) -> dict:
         self.p.stdin.write(f"time {self.steps}\n")
         self.p.stdin.flush()
-        r = json.loads(self.p.stdout.readline())
+        return json.loads(self.p.stdout.readline())
+
+    def warm(self) -> None:
+        self.warm_times.append(self._request()["ms_per_step"])
+
+    def timed(self) -> float:
+        r = self._request()
         self.times.append(r["ms_per_step"])
         self.guards.append(r["cpu_guard"])
         return r["ms_per_step"]
@@ -227,8 +252,16 @@ class HFWorker:
 
 
 def interleave(items: list, reps: int) -> None:
+    """reps rounds of (A, B, C, ...): each timed block is preceded by one untimed block of the same program.
+
+    Why the untimed block: the first block of a program after another program ran is 30-45% slower (the
+    matched lab step: 191-196 vs 134 ms/step, the HF worker idle in between; not CPU spinning, as a 0.5 s
+    pause does not help: caches and the huge-page pool are the other program's). A training run executes
+    one program for thousands of steps, so steady state is what a step costs; interleaving still makes
+    slow drifts of the shared machine hit every program alike."""
     for _ in range(reps):
         for it in items:
+            it.warm()
             it.timed()
 
 
@@ -242,27 +275,38 @@ def env() -> dict:
         pass
     return {"python": platform.python_version(), "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "cpu": cpu, "nproc": os.cpu_count(),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS"), "loadavg": open("/proc/loadavg").read().split()[:3]}
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS"), "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
+            "loadavg": open("/proc/loadavg").read().split()[:3]}
 
 
 # -- sections ---------------------------------------------------------------------------------------------------
 
 
 def section_hf(args) -> dict:
+    """The lab (sorted dispatch, the default; and the dense one-hot dispatch) vs HF, with HF also run
+    with glibc's malloc.hugetlb tunable flipped (the lab process has whatever this process was started
+    with: run_lab.sh runs this section both ways)."""
     peak = MatmulPeak()
     lab = Program("lab fp32 (matched)", run_for(MATCHED, "fp32"), k=args.k)
-    hf = HFWorker(steps=args.k)
+    dense = Program("lab fp32 dense dispatch", run_for({**MATCHED, "expert_dispatch": "dense"}, "fp32"), k=args.k)
+    huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+    hf, hf_flipped = HFWorker(steps=args.k, huge_pages=huge), HFWorker(steps=args.k, huge_pages=not huge)
     try:
-        interleave([lab, hf, peak], args.reps)
+        interleave([lab, dense, hf, hf_flipped, peak], args.reps)
     finally:
         hf.close()
+        hf_flipped.close()
     lab_s, peak_s = lab.summary(), peak.summary()
-    hf_s = {**stats(hf.times), **hf.info,
+    hf_s = {**stats(hf.times), **hf.info, "first_block_after_switch_ms_median": statistics.median(hf.warm_times),
             "other_busy_cores_median": statistics.median(g.get("other_busy_cores", 0) for g in hf.guards)}
     ratios = [h / lv for h, lv in zip(hf.times, lab.times)]
     lab_ms = lab_s["ms_per_step_median"]
+    hf_flipped_s = {**stats(hf_flipped.times), "glibc_tunables": hf_flipped.info["glibc_tunables"]}
     return {
         "benchmark": "lab_vs_hf_switch", "lab": lab_s, "hf": hf_s, "peak": peak_s,
+        "lab_dense_dispatch": {**dense.summary(), "over_sorted_median": round(statistics.median(
+            d / s_ for d, s_ in zip(dense.times, lab.times)), 3)},
+        "hf_huge_pages_flipped": hf_flipped_s,
         "speedup_hf_over_lab_median": round(statistics.median(ratios), 3),
         "speedup_per_rep": [round(r, 3) for r in ratios],
         "lab_gflops": round(lab_s["matmul_gflop_per_step"] / lab_ms * 1e3, 1),
@@ -302,8 +346,12 @@ def section_policies(args) -> dict:
 
 def section_seeds(args) -> dict:
     out = {"benchmark": "vmapped_seeds", "configs": {}}
-    for cfg_name, model in (("tiny", {"preset": "tiny"}), ("matched", MATCHED)):
-        progs = [Program(f"{cfg_name} x{s}", run_for(model, "fp32"), seeds=s, k=args.k) for s in (1, 8)]
+    # "quickstart" is what the quick-start sweep trains (tiny, 16 x (64 + 14) tokens); the other two use
+    # 16 x (128 + 32) tokens like the matched configuration.
+    for cfg_name, model, src, tgt in (("quickstart", {"preset": "tiny"}, 64, 14), ("tiny", {"preset": "tiny"}, 128, 32),
+                                      ("matched", MATCHED, SRC_LEN, TGT_LEN)):
+        progs = [Program(f"{cfg_name} x{s}", run_for(model, "fp32"), seeds=s, k=args.k, src=src, tgt=tgt)
+                 for s in (1, 8)]
         interleave(progs, args.reps)
         r = [b / a for a, b in zip(progs[0].times, progs[1].times)]
         out["configs"][cfg_name] = {"1 seed": progs[0].summary(), "8 seeds": progs[1].summary(),
@@ -401,7 +449,19 @@ def section_gain(args) -> dict:
     return {"benchmark": "emulation_gain", "config": "matched", "programs": ratios_to_first(progs), "env": env()}
 
 
-SECTIONS = {"gain": section_gain, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
+def section_blocks(args) -> dict:
+    """The sorted dispatch's block size (rows per grouped-GEMM block): padding vs matmul efficiency."""
+    out = {"benchmark": "expert_block_size", "configs": {}}
+    for cfg_name, model, src, tgt in (("matched", MATCHED, SRC_LEN, TGT_LEN), ("quickstart", {"preset": "tiny"}, 64, 14)):
+        progs = [Program(f"block {b}", run_for({**model, "expert_block_size": b}, "fp32"), k=args.k, src=src, tgt=tgt)
+                 for b in (16, 32, 64, 128)]
+        interleave(progs, args.reps)
+        out["configs"][cfg_name] = {p.name: p.summary() for p in progs}
+    out["env"] = env()
+    return out
+
+
+SECTIONS = {"gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
             "compile": section_compile}
 
 
@@ -413,6 +473,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-reps", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    from precision_lab.cli import _use_one_device_per_core
+
+    _use_one_device_per_core()  # as `precision-lab` does: one XLA host device per core
     names = list(SECTIONS) if args.section == "all" else [args.section]
     for name in names:
         res = SECTIONS[name](args)

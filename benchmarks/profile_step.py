@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import os
 import re
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lab_bench import BATCH, MATCHED, Program, run_for  # noqa: E402
 
-CONFIGS = {"matched": (MATCHED, 128, 32), "tiny": ({"preset": "tiny"}, 128, 32), "small": ({"preset": "small"}, 128, 32)}
+CONFIGS = {"matched": (MATCHED, 128, 32), "quickstart": ({"preset": "tiny"}, 64, 14), "tiny": ({"preset": "tiny"}, 128, 32), "small": ({"preset": "small"}, 128, 32)}
 
 
 def main(argv=None) -> int:
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="matched", choices=list(CONFIGS))
     p.add_argument("--policy", default="fp32")
     p.add_argument("--k", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=1, help="vmapped members (as the Trainer runs them)")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args(argv)
 
@@ -39,22 +41,38 @@ def main(argv=None) -> int:
     from jax.profiler import ProfileData
 
     model, src, tgt = CONFIGS[args.config]
-    prog = Program(f"{args.config} {args.policy}", run_for(model, args.policy, batch=BATCH), k=args.k, src=src, tgt=tgt)
+    prog = Program(f"{args.config} {args.policy}", run_for(model, args.policy, batch=BATCH), k=args.k, src=src, tgt=tgt,
+                   seeds=args.seeds)
     prog.block()
+    # Page faults of one call (a block of k steps) and the temporaries XLA allocates for it: without huge
+    # pages every call first-touches its temporaries page by page (see RESULTS.md, "huge-page malloc").
+    import resource
+
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    prog.block()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    temp_mb = prog.compiled.memory_analysis().temp_size_in_bytes / 2**20
+    print(f"minor page faults per call: {faults} (temporaries {temp_mb:.0f} MB per call, "
+          f"GLIBC_TUNABLES='{os.environ.get('GLIBC_TUNABLES', '')}')")
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         prog.block()
         jax.profiler.stop_trace()
         pd = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
     per_op = collections.Counter()
+    durations_us = []  # every executed op (thunk) of the timed block
+    per_thread = collections.Counter()  # busy ms/step of each XLA thread
     for plane in pd.planes:
         for line in plane.lines:
             if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRt")):
                 continue
             for ev in line.events:
+                if not ev.name.startswith(("ThunkExecutor", "while", "SlinkyThreadPool")):
+                    per_thread[line.name] += ev.duration_ns / 1e6 / args.k
                 if ev.name.startswith(("ThunkExecutor", "while", "SlinkyThreadPool")):
                     continue
                 per_op[ev.name] += ev.duration_ns / 1e6 / args.k
+                durations_us.append(ev.duration_ns / 1e3)
     txt = prog.compiled.as_text()
     # what each fusion computes: the dot inside a ynn fusion (shape, contraction), else the fusion kind
     fused = {m.group(1): m.group(2) for m in re.finditer(r"\n\s*(?:ROOT )?%([\w.\-]+) = [^\n]*calls=%([\w.\-]+)", txt)}
@@ -85,6 +103,11 @@ def main(argv=None) -> int:
     print(f"{prog.name}: busy XLA thread time {total:.1f} ms/step (2 threads), wall {prog.block():.1f} ms/step")
     for g, ms in groups.most_common():
         print(f"  {ms:8.1f} ms/step {100 * ms / total:5.1f}%  {g}")
+    # How much of the step is many small ops (where per-op dispatch, not arithmetic, is the cost):
+    small = [d for d in durations_us if d < 20]
+    print(f"  {len(durations_us) / args.k:.0f} executed ops/step, median {sorted(durations_us)[len(durations_us) // 2]:.1f} us;"
+          f" {len(small) / args.k:.0f} of them under 20 us, {sum(small) / 1e3 / args.k:.1f} ms/step together")
+    print("  busy ms/step per XLA thread: " + ", ".join(f"{v:.1f}" for _, v in per_thread.most_common()))
     print(f"top {args.top} ops:")
     for name, ms in per_op.most_common(args.top):
         print(f"  {ms:8.2f} ms/step  {name:32s} {describe(name)}")
@@ -92,6 +115,7 @@ def main(argv=None) -> int:
     print("HLO:", {k: ops[k] for k in ("dot", "fusion", "bitcast-convert", "copy", "transpose", "reduce")},
           f"matmul GFLOP/step {prog.flops['matmul_gflop_per_step']}")
     return 0
+
 
 
 if __name__ == "__main__":

@@ -15,16 +15,18 @@ def fmt_ms(d: dict) -> str:
 
 
 def main(path: str) -> int:
-    last = {}
+    last, hf_runs = {}, {}
     for line in open(path):
         line = line.strip()
         if line.startswith("{"):
             d = json.loads(line)
             last[d.get("benchmark")] = d
-    if "lab_vs_hf_switch" in last:
-        d = last["lab_vs_hf_switch"]
+            if d.get("benchmark") == "lab_vs_hf_switch":  # one per malloc setting (run_lab.sh runs both)
+                hf_runs[d.get("env", {}).get("GLIBC_TUNABLES", "")] = d
+    for tunables, d in sorted(hf_runs.items(), reverse=True):
         lab, hf, peak = d["lab"], d["hf"], d["peak"]
-        print("### Lab vs HF SwitchTransformers, fp32 train step, matched configuration\n")
+        print(f"### Lab vs HF SwitchTransformers, fp32 train step, matched configuration "
+              f"(GLIBC_TUNABLES='{tunables}')\n")
         print("| | ms/step median (min–max) | matmul GFLOP/step | GFLOP/s | fraction of JAX f32 peak | other busy cores |")
         print("| --- | --- | --- | --- | --- | --- |")
         lab_gf = lab["matmul_gflop_per_step"]
@@ -34,6 +36,15 @@ def main(path: str) -> int:
         hf_gf = hf["gflop_per_step_warm"]
         print(f"| HF (torch) | {fmt_ms(hf)} | {hf_gf:.2f} (FlopCounterMode, routed tokens) "
               f"| {hf_gf / hf['ms_per_step_median'] * 1e3:.0f} | {d['hf_fraction_of_peak']:.2f} | {hf['other_busy_cores_median']} |")
+        if "lab_dense_dispatch" in d:
+            dense = d["lab_dense_dispatch"]
+            print(f"| lab, dense one-hot dispatch | {fmt_ms(dense)} | {dense['matmul_gflop_per_step']:.2f} executed "
+                  f"| {dense['matmul_gflop_per_step'] / dense['ms_per_step_median'] * 1e3:.0f} | "
+                  f"{dense['matmul_gflop_per_step'] / dense['ms_per_step_median'] * 1e3 / peak['gflops_median']:.2f} "
+                  f"| {dense['other_busy_cores_median']} |")
+        if "hf_huge_pages_flipped" in d:
+            flip = d["hf_huge_pages_flipped"]
+            print(f"| HF, GLIBC_TUNABLES='{flip['glibc_tunables']}' | {fmt_ms(flip)} | | | | |")
         print(f"\nHF time / lab time, per interleaved rep: median **{d['speedup_hf_over_lab_median']:.2f}**, "
               f"reps {d['speedup_per_rep']}. JAX f32 2048³ matmul in the same run: {peak['gflops_median']:.0f} GFLOP/s "
               f"(best {peak['gflops_best']:.0f}).\n")
@@ -59,11 +70,21 @@ def main(path: str) -> int:
     if "vmapped_seeds" in last:
         d = last["vmapped_seeds"]
         print("### Vmapped seeds (fp32)\n")
-        print("| config | 1 seed ms/step | 8 seeds ms/step | 8 seeds / 1 seed median (min–max) |")
+        print("| config | 1 seed ms/step | 8 seeds ms/step (devices) | 8 seeds / 1 seed median (min–max) |")
         print("| --- | --- | --- | --- |")
         for cfg, r in d["configs"].items():
             lo, hi = r["cost_8_over_1_min_max"]
-            print(f"| {cfg} | {fmt_ms(r['1 seed'])} | {fmt_ms(r['8 seeds'])} | {r['cost_8_over_1_median']:.2f} ({lo:.2f}–{hi:.2f}) |")
+            print(f"| {cfg} | {fmt_ms(r['1 seed'])} | {fmt_ms(r['8 seeds'])} ({r['8 seeds'].get('member_devices', 1)}) "
+                  f"| {r['cost_8_over_1_median']:.2f} ({lo:.2f}–{hi:.2f}) |")
+        print()
+    if "expert_block_size" in last:
+        d = last["expert_block_size"]
+        print("### Sorted dispatch: block size (fp32 ms/step, median (min–max))\n")
+        names = list(next(iter(d["configs"].values())))
+        print("| config | " + " | ".join(names) + " |")
+        print("| --- |" + " --- |" * len(names))
+        for cfg, res in d["configs"].items():
+            print(f"| {cfg} | " + " | ".join(f"{fmt_ms(res[n])}, {res[n]['matmul_gflop_per_step']:.1f} GFLOP" for n in names) + " |")
         print()
     if "small_mfu" in last:
         d = last["small_mfu"]
@@ -88,13 +109,24 @@ def main(path: str) -> int:
         rows = {}
         for r in d.get("results", []):
             if "melem_per_s" in r:
-                rows.setdefault(r["contender"], {})[r["format"]] = f"{r['melem_per_s']:.1f} (agree {r['agree']})"
+                faults = f", {r['minflt_per_call']:.0f} faults/call" if "minflt_per_call" in r else ""
+                rows.setdefault(r["contender"], {})[r["format"]] = f"{r['melem_per_s']:.1f} (agree {r['agree']}{faults})"
         fmts = ["bf16", "fp8_e4m3fn", "fp8_e4m3"]
         print("| contender | " + " | ".join(fmts) + " |")
         print("| --- |" + " --- |" * len(fmts))
         for c, v in rows.items():
             print(f"| {c} | " + " | ".join(v.get(f, "–") for f in fmts) + " |")
         print()
+    if "xla_cpu_micro" in last:
+        d = last["xla_cpu_micro"]
+        print("### XLA:CPU micro-benchmarks behind two layout choices (`xla_cpu_micro.py`, median ms)\n")
+        print("| what | ms | GFLOP/s |")
+        print("| --- | --- | --- |")
+        for key in ("bias_grad_reduce", "bias_grad_pairwise", "bias_grad_ones_matmul"):
+            print(f"| position-bias gradient, 4 x [16,4,128,128] over the batch: {key.split('_', 2)[2]} | {d[key + '_ms']} | |")
+        for key in ("logits_token_major", "logits_heads_major", "values_token_major", "values_heads_major"):
+            print(f"| attention {key.replace('_', ' ')} | {d[key + '_ms']} | {d[key + '_gflops']:.0f} |")
+        print(f"| 2048x128x512 matmul | | {d['matmul_2048x128x512_gflops']:.0f} |\n")
     return 0
 
 

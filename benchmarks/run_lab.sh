@@ -4,7 +4,7 @@
 # markdown tables of RESULTS.md from OUT:
 #
 #   bash benchmarks/setup_hf.sh       # once (the HF baseline's venv)
-#   bash benchmarks/run_lab.sh        # ~15 min on 2 cores
+#   bash benchmarks/run_lab.sh        # ~15 min on 2 cores (SECTIONS="hf seeds" for a subset)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-benchmarks/results/lab-cpu-2core.jsonl}"
@@ -25,8 +25,14 @@ wait_quiet() {
     echo "  (cpu busy ${p}% before start)" >&2
 }
 run() { wait_quiet; echo "+ $*" >&2; "$@" | tail -n 1 | tee -a "$OUT" | cut -c1-200; }
-for s in hf policies gain seeds small compile; do
+# As `precision-lab` runs itself (precision_lab/cli.py re-executes with it): malloc asks for transparent
+# huge pages, so XLA's per-call temporaries are not first-touched page by page on every call.
+export GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+for s in ${SECTIONS:-hf policies gain seeds small compile}; do
     run "$MAIN" benchmarks/lab_bench.py "$s" --reps "$REPS" --json
 done
-run "$MAIN" benchmarks/pychop_quantize.py --all-venvs --json
+# The lab-vs-HF comparison once more with the tunable off for both (what a plain process gets).
+run env GLIBC_TUNABLES= "$MAIN" benchmarks/lab_bench.py hf --reps "$REPS" --json
+run "$MAIN" benchmarks/pychop_quantize.py --all-venvs --fresh-output --json
+run "$MAIN" benchmarks/xla_cpu_micro.py --json
 "$MAIN" benchmarks/results_table.py "$OUT"

@@ -313,11 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _reexec_with_huge_pages() -> None:
     """Restart this process once with glibc's `malloc.hugetlb` tunable (Linux, glibc >= 2.35).
 
-    XLA:CPU allocates each compiled call's temporaries afresh (278 MB for the matched benchmark step) and
-    glibc maps such blocks with mmap and unmaps them on free, so every call first-touches ~70,000 4-KiB
-    pages again: 15% of the step (benchmarks/RESULTS.md). With the tunable, malloc asks for transparent
-    huge pages and the faults all but vanish (225 per call). It must be set before the process starts,
-    hence the re-exec; PRECISION_LAB_NO_REEXEC=1 turns it off. Elsewhere this is a no-op."""
+    XLA:CPU allocates each compiled call's temporaries afresh (287 MB for a call of the matched benchmark
+    configuration) and glibc maps such blocks with mmap and unmaps them on free, so every call
+    first-touches ~75,000 4-KiB pages again; with the tunable malloc asks for transparent huge pages
+    (~500 faults per call) and the step is 9% faster (benchmarks/RESULTS.md). It must be set before the
+    process starts, hence the re-exec; PRECISION_LAB_NO_REEXEC=1 turns it off. Elsewhere a no-op."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (not sys.platform.startswith("linux") or os.environ.get("PRECISION_LAB_NO_REEXEC")
             or "glibc.malloc.hugetlb" in tunables or not hasattr(os, "execve")):

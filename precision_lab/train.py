@@ -188,7 +188,7 @@ def member_sharding(num_members: int):
     Members are independent, so this is plain data parallelism with no communication: on a CPU with
     several XLA host devices (`precision_lab.cli` asks for one per core) the members' programs run side
     by side, where one vmapped program keeps about one core busy between its large matmuls (8 seeds of
-    the quick-start model: 1.3x faster on 2 cores, benchmarks/RESULTS.md). On one device, `place` is a
+    the quick-start model cost 4.0x one seed on 2 cores: benchmarks/RESULTS.md). On one device, `place` is a
     no-op. Each member's numbers may differ from an unsharded run by float32 re-association (XLA picks
     kernels for the per-device shapes)."""
     devices = jax.local_devices()

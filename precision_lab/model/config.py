@@ -130,7 +130,7 @@ class ModelConfig:
     group_size: int = 4096
     min_capacity: int = 4
     expert_dispatch: str = "sorted"
-    expert_block_size: int = 32
+    expert_block_size: int = 64
     batch_prioritized_routing: bool = False
     gshard_threshold: float = 0.2
     load_balance_mask: str = "top1"

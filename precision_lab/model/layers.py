@@ -100,7 +100,7 @@ def position_bias(table, q_len: int, k_len: int, *, bidirectional: bool, cfg: Mo
                                         max_distance=cfg.relative_attention_max_distance)
     # The lookup table[buckets] written as a one-hot matmul (exact: one nonzero term per output). Its
     # gradient is then a small matmul too; as a gather, XLA:CPU scatter-adds through an [Lq * Lk, H]
-    # transpose with a 4-wide minor axis, 4% of the matched train step (benchmarks/RESULTS.md).
+    # transpose with an H-wide (4) minor axis, which it writes slowly (benchmarks/RESULTS.md, round 2).
     ids = jnp.arange(table.shape[0])[None, None, :]
     onehot = jnp.where(jnp.asarray(buckets)[..., None] == ids, jnp.float32(1.0), jnp.float32(0.0))  # (Lq, Lk, n)
     return jnp.einsum("nh,qkn->hqk", table, onehot, precision=jax.lax.Precision.HIGHEST)[None]  # (1, H, Lq, Lk)
@@ -112,8 +112,8 @@ def add_position_bias(logits, bias):
 
     Only the backward pass is special: the bias gradient sums the batch by pairwise halving (x[:n/2] +
     x[n/2:], ...) instead of a reduce over the leading axis, which XLA:CPU runs one strided column at a
-    time: 20 ms vs 0.34 ms for 4 x [16, 4, 128, 128] on the 2-core benchmark machine, 9% of the matched
-    train step (benchmarks/RESULTS.md). Pairwise sums are also the more accurate order."""
+    time: 19.9 ms vs 0.31 ms for 4 x [16, 4, 128, 128] on the 2-core benchmark machine
+    (benchmarks/xla_cpu_micro.py). Pairwise sums are also the more accurate order."""
     return logits + bias
 
 
@@ -168,7 +168,7 @@ def attention(params, state, x_q, x_kv, bias, mask, *, policy: PrecisionPolicy, 
       (<float32>[B, Lq, D] output, <float32>[] max |logit| over unmasked positions).
     """
     # Heads-major [B, H, L, K] projections: the per-head matmuls below then read contiguous [L, K] tiles
-    # (token-major [B, L, H, K] operands made them 1.6-1.9x slower on XLA:CPU, benchmarks/RESULTS.md).
+    # (token-major [B, L, H, K] operands: 138/59 vs 186/177 GFLOP/s, benchmarks/xla_cpu_micro.py).
     def proj(x, w, site, eq="bld,dhk->bhlk"):
         return ops.dot(eq, x, w, policy, lhs="attn_operands", rhs="attn_operands", state=state[site])
 
