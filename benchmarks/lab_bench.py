@@ -254,11 +254,11 @@ class HFWorker:
 def interleave(items: list, reps: int) -> None:
     """reps rounds of (A, B, C, ...): each timed block is preceded by one untimed block of the same program.
 
-    Why the untimed block: the first block of a program after another program ran is 30-45% slower (the
-    matched lab step: 191-196 vs 134 ms/step, the HF worker idle in between; not CPU spinning, as a 0.5 s
-    pause does not help: caches and the huge-page pool are the other program's). A training run executes
-    one program for thousands of steps, so steady state is what a step costs; interleaving still makes
-    slow drifts of the shared machine hit every program alike."""
+    Why the untimed block: the first block of a program after another program ran can be slower (caches
+    and the huge-page pool are the other program's; a pause in between does not help): each Program and
+    the HF worker record it as `first_block_after_switch_ms_median`. A training run executes one program
+    for thousands of steps, so steady state is what a step costs; interleaving still makes slow drifts
+    of the shared machine hit every program alike."""
     for _ in range(reps):
         for it in items:
             it.warm()
