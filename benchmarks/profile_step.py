@@ -56,7 +56,7 @@ def main(argv=None) -> int:
           f"GLIBC_TUNABLES='{os.environ.get('GLIBC_TUNABLES', '')}')")
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
-        prog.block()
+        traced_ms = prog.block()  # ms/step of the profiled block itself (profiling makes it slower)
         jax.profiler.stop_trace()
         pd = ProfileData.from_file(glob.glob(f"{d}/**/*.xplane.pb", recursive=True)[0])
     per_op = collections.Counter()
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     small = [d for d in durations_us if d < 20]
     print(f"  {len(durations_us) / args.k:.0f} executed ops/step, median {sorted(durations_us)[len(durations_us) // 2]:.1f} us;"
           f" {len(small) / args.k:.0f} of them under 20 us, {sum(small) / 1e3 / args.k:.1f} ms/step together")
-    print("  busy ms/step per XLA thread: " + ", ".join(f"{v:.1f}" for _, v in per_thread.most_common()))
+    print(f"  busy ms/step per XLA thread: " + ", ".join(f"{v:.1f}" for _, v in per_thread.most_common())
+          + f" of the profiled block's {traced_ms:.1f} ms/step wall ("
+          + ", ".join(f"{v / traced_ms:.0%}" for _, v in per_thread.most_common() if v > 0.05 * traced_ms) + " busy)")
     print(f"top {args.top} ops:")
     for name, ms in per_op.most_common(args.top):
         print(f"  {ms:8.2f} ms/step  {name:32s} {describe(name)}")
