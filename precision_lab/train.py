@@ -157,6 +157,12 @@ class Trainer:
 
         def body(state, xs):
             batch, i = xs
+            if seed_keys.shape[0] == 1:
+                # One member runs unbatched: XLA:CPU lays a size-1 vmapped axis out with extra copies and
+                # transposes (matched step: 1,065 vs 928 copies), 16-18% of the step (benchmarks/RESULTS.md).
+                first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+                out = self.step_one(first(state), first(batch), seed_keys[0], first(hps), step0 + i)
+                return jax.tree.map(lambda x: x[None], out)
             return jax.vmap(self.step_one, in_axes=(0, 0, 0, 0, None))(state, batch, seed_keys, hps, step0 + i)
 
         k = jax.tree.leaves(batches)[0].shape[0]
