@@ -67,11 +67,10 @@ def main(argv=None) -> int:
             if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRt")):
                 continue
             for ev in line.events:
-                if not ev.name.startswith(("ThunkExecutor", "while", "SlinkyThreadPool")):
-                    per_thread[line.name] += ev.duration_ns / 1e6 / args.k
                 if ev.name.startswith(("ThunkExecutor", "while", "SlinkyThreadPool")):
                     continue
                 per_op[ev.name] += ev.duration_ns / 1e6 / args.k
+                per_thread[line.name] += ev.duration_ns / 1e6 / args.k
                 durations_us.append(ev.duration_ns / 1e3)
     txt = prog.compiled.as_text()
     # what each fusion computes: the dot inside a ynn fusion (shape, contraction), else the fusion kind

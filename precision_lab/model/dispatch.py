@@ -42,10 +42,8 @@ ExpertFFN = Callable[[jax.Array, Callable], jax.Array]
 
 def init_state(policy: PrecisionPolicy, dispatch: str):
     """Delayed-scaling state of the dispatch and combine sites (None entries without delayed scaling)."""
-    if dispatch == "dense":
-        return {"dispatch": ops.init_dot_state(policy, lhs="activations", rhs="activations"),
-                "combine": ops.init_dot_state(policy, lhs="comm", rhs="combine_weights")}
-    return {"dispatch": ops.init_dot_state(policy, lhs="activations", rhs=None),
+    # The dense dispatch is a matmul with a one-hot rhs; the sorted one a gather (no rhs to scale).
+    return {"dispatch": ops.init_dot_state(policy, lhs="activations", rhs="activations" if dispatch == "dense" else None),
             "combine": ops.init_dot_state(policy, lhs="comm", rhs="combine_weights")}
 
 
