@@ -10,20 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${1:-benchmarks/results/lab-cpu-2core.jsonl}"
 MAIN=.venv/bin/python
 REPS="${REPS:-5}"
-busy_pct() {
-    local a b
-    a=($(head -1 /proc/stat)); sleep 2; b=($(head -1 /proc/stat))
-    local idle=$(( (b[4]+b[5]) - (a[4]+a[5]) )) tot=0 i
-    for i in 1 2 3 4 5 6 7 8; do tot=$(( tot + b[i] - a[i] )); done
-    echo $(( tot > 0 ? 100 * (tot - idle) / tot : 0 ))
-}
-wait_quiet() {
-    local t0=$SECONDS p
-    while p=$(busy_pct); [ "$p" -ge 15 ] && [ $((SECONDS - t0)) -lt "${QUIET_WAIT_S:-300}" ]; do
-        echo "  (cpu busy ${p}%, waiting)" >&2; sleep 8
-    done
-    echo "  (cpu busy ${p}% before start)" >&2
-}
+source benchmarks/_quiet.sh  # busy_pct, wait_quiet
 run() { wait_quiet; echo "+ $*" >&2; "$@" | tail -n 1 | tee -a "$OUT" | cut -c1-200; }
 # As `precision-lab` runs itself (precision_lab/cli.py re-executes with it): malloc asks for transparent
 # huge pages, so XLA's per-call temporaries are not first-touched page by page on every call.
