@@ -473,9 +473,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-reps", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    from precision_lab.cli import _use_one_device_per_core
+    from precision_lab.cli import use_one_device_per_core
 
-    _use_one_device_per_core()  # as `precision-lab` does: one XLA host device per core
+    use_one_device_per_core()  # as `precision-lab` does: one XLA host device per core
     names = list(SECTIONS) if args.section == "all" else [args.section]
     for name in names:
         res = SECTIONS[name](args)

@@ -330,7 +330,7 @@ def _reexec_with_huge_pages() -> None:
         return
 
 
-def _use_one_device_per_core() -> None:
+def use_one_device_per_core() -> None:
     """One XLA host device per core (unless XLA_FLAGS already sets a count), so the vmapped members of a
     train run are spread over them (train.member_sharding). PRECISION_LAB_CPU_DEVICES overrides."""
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
@@ -347,7 +347,7 @@ def _use_one_device_per_core() -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the console script, not a call from Python
         _reexec_with_huge_pages()
-    _use_one_device_per_core()
+    use_one_device_per_core()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
