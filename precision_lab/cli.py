@@ -166,13 +166,24 @@ def _add_sweep(p):
     p.add_argument("--smoke", action="store_true",
                    help="run the seconds-long smoke version (micro model, few steps, first axis points)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--executor", default="inprocess", choices=("inprocess", "ray"),
+                   help="where groups run: inprocess (default, one after the other) or ray (one Ray task per "
+                        "group, in parallel; needs precision-lab[ray])")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); "
+                        "default: a local Ray instance")
+    p.add_argument("--cpus-per-task", type=int, default=1, metavar="N",
+                   help="with --executor ray: CPUs Ray reserves for each group's task (default 1)")
 
 
 @command("sweep", "run a sweep TOML into a results store (resumable, shardable)")(_add_sweep)
 def _sweep(args) -> int:
+    from precision_lab.executors import make_executor
     from precision_lab.runner import sweep
 
-    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke)
+    executor = make_executor(args.executor, address=args.address, num_cpus=args.cpus_per_task)
+    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke,
+                    executor=executor)
     print(f"{summary.name}: {summary.computed} runs computed, {summary.skipped} already stored, "
           f"shard {summary.shard[0]}/{summary.shard[1]} of {summary.total_runs} runs; store: {args.out}")
     return 0

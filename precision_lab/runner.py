@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from precision_lab.config import run_config, validate
-from precision_lab.sweep import RunSpec, SweepSpec, SweepSummary, load_sweep, run_sweep
+from precision_lab.sweep import Executor, RunSpec, SweepSpec, SweepSummary, load_sweep, run_sweep
 from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, train
 
 # The built-in sweep of `precision-lab run` (shipped inside the package so an installed lab has it).
@@ -22,6 +23,7 @@ QUICKSTART = Path(__file__).with_name("quickstart.toml")
 
 def run_group(runs: list[RunSpec]) -> list[dict]:
     """Train every run of one group (identical configurations, different seeds) in one vmapped program."""
+    enable_compilation_cache()  # also in a worker process of another executor: compile each shape once
     configs = [run_config(r.config) for r in runs]
     run = configs[0]  # the group shares everything but seeds and BATCHABLE_FIELDS (traced hyperparameters)
     result = train(run, seeds=[r.seed for r in runs], hparams=[hparams_of(c) for c in configs], progress=False)
@@ -69,13 +71,17 @@ def smoke(spec: SweepSpec) -> SweepSpec:
 
 
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
-          resume: bool = True, progress: bool = True, smoke_test: bool = False) -> SweepSummary:
+          resume: bool = True, progress: bool = True, smoke_test: bool = False,
+          executor: Executor | None = None, run_group: Callable[[list[RunSpec]], list[dict]] = run_group
+          ) -> SweepSummary:
     """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`).
-    `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`)."""
+    `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`); `executor` runs the
+    groups elsewhere (`precision_lab.executors`; default: in this process); `run_group` trains one group
+    (default: this module's)."""
     enable_compilation_cache()
     spec = load_sweep(path, validate=validate)
     if smoke_test:
         spec = smoke(spec)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
-                     batchable_fields=tuple(BATCHABLE_FIELDS))
+                     batchable_fields=tuple(BATCHABLE_FIELDS), executor=executor)

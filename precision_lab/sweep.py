@@ -42,13 +42,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import itertools
 import os
 import re
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -525,6 +527,31 @@ def _record(spec: SweepSpec, run: RunSpec, result: Mapping[str, Any], timing: di
     return {**ours, **result, "timing": {**result.get("timing", {}), **timing}}, metrics
 
 
+GroupTask = Callable[[list[RunSpec]], Any]
+# executor(task, groups) -> (group, task(group)) for each group, as each finishes (any order)
+Executor = Callable[[GroupTask, Iterable[list[RunSpec]]], Iterable[tuple[list[RunSpec], Any]]]
+
+
+def in_process(task: GroupTask, groups: Iterable[list[RunSpec]]) -> Iterator[tuple[list[RunSpec], Any]]:
+    """The default executor: each group in this process, one after the other."""
+    for group in groups:
+        yield group, task(group)
+
+
+def timed_group(run_group: Callable[[list[RunSpec]], list[dict]], group: list[RunSpec]) -> tuple[list, dict]:
+    """`run_group(group)` and the timing that goes into its records, measured where it ran (a module-level
+    function, so a `functools.partial` of it pickles for executors that run groups in other processes)."""
+    t0 = time.perf_counter()
+    results = list(run_group(list(group)))
+    return results, {
+        "group_seconds": time.perf_counter() - t0,
+        "group_runs": len(group),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
 def run_sweep(
     spec: SweepSpec | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -533,6 +560,7 @@ def run_sweep(
     resume: bool = True,
     progress: bool = True,
     batchable_fields: Iterable[str] = (),
+    executor: Executor | None = None,
 ) -> SweepSummary:
     """Run one shard of a sweep into the results store at `out_dir`.
 
@@ -544,6 +572,11 @@ def run_sweep(
     resume=True skips runs already stored; resume=False recomputes this shard and overwrites its records.
     Records are stored one by one as each group finishes, so a killed sweep loses at most the groups in
     flight. `shard` is (i, n) or "i/n".
+
+    `executor(task, groups)` runs `task(group)` for each group still missing runs and yields
+    `(group, task(group))` as each finishes, in any order (default `in_process`: one after the other, here).
+    Another executor (precision_lab.executors.ray_executor) may run groups elsewhere, in parallel; only this
+    process writes the store, so workers need no shared file system.
     """
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
@@ -565,29 +598,29 @@ def run_sweep(
         total=shard_runs, initial=len(done), desc=desc, unit="run", disable=not progress, file=sys.stderr,
         dynamic_ncols=True,
     ) as bar:
-        for group in mine:
-            todo = [r for r in group if r.run_id not in done]
-            # Look again: another process (a concurrent resume of this shard) may have stored some since.
-            missing = [r for r in todo if not (resume and store.has(r.run_id))]
-            bar.update(len(todo) - len(missing))
-            if not missing:
-                continue
-            bar.set_postfix_str(missing[0].run_id.rsplit("-s", 1)[0], refresh=False)
-            t0 = time.perf_counter()
-            # The whole group runs again even if only some of it is missing (a kill between two of its
-            # records): a vmapped program's numbers may depend on which members it holds (XLA orders batched
-            # reductions by batch size), so only the original membership reproduces the original records.
-            results = list(run_group(list(group)))
+        missing_ids: dict[str, set[str]] = {}
+
+        def pending():  # lazy: the in-process executor asks for the next group only when it is free
+            for group in mine:
+                todo = [r for r in group if r.run_id not in done]
+                # Look again: another process (a concurrent resume of this shard) may have stored some since.
+                missing = [r for r in todo if not (resume and store.has(r.run_id))]
+                bar.update(len(todo) - len(missing))
+                if missing:
+                    missing_ids[group[0].group_key] = {r.run_id for r in missing}
+                    bar.set_postfix_str(missing[0].run_id.rsplit("-s", 1)[0], refresh=False)
+                    # The whole group runs again even if only some of it is missing (a kill between two of
+                    # its records): a vmapped program's numbers may depend on which members it holds (XLA
+                    # orders batched reductions by batch size), so only the original membership reproduces
+                    # the original records.
+                    yield list(group)
+
+        for group, (results, timing) in (executor or in_process)(functools.partial(timed_group, run_group),
+                                                                 pending()):
             if len(results) != len(group):
                 raise ValueError(f"run_group returned {len(results)} records for {len(group)} runs")
-            timing = {
-                "group_seconds": time.perf_counter() - t0,
-                "group_runs": len(group),
-                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "pid": os.getpid(),
-            }
             groups_run += 1
-            wanted = {r.run_id for r in missing}
+            wanted = missing_ids[group[0].group_key]
             for run, result in zip(group, results):
                 if run.run_id not in wanted:
                     continue
