@@ -278,6 +278,9 @@ def _add_train(p):
     p.add_argument("--out", required=True, help="output folder (config.json, metrics.npz, summary.json)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mesh", default=None, metavar="data=D,expert=E",
+                   help="run each step over a device mesh: batch split over data, experts over expert (dense "
+                        "dispatch); D x E must equal the devices JAX sees (same as --set train.mesh=...)")
 
 
 @command("train", "train seeds of one configuration (vmapped), detect divergence, write a summary")(_add_train)
@@ -290,7 +293,7 @@ def _train(args) -> int:
                                   ("model", "load_balance_coef", args.aux_loss),
                                   ("optim", "lr", args.lr), ("optim", "name", args.optimizer),
                                   ("train", "seeds", args.seeds), ("train", "steps", args.steps),
-                                  ("train", "batch_size", args.batch_size)):
+                                  ("train", "batch_size", args.batch_size), ("train", "mesh", args.mesh)):
         if value is not None:
             spec.setdefault(section, {})[field] = value
     if args.data:

@@ -21,6 +21,7 @@ from precision_lab.data import DataConfig
 from precision_lab.divergence import DivergenceConfig
 from precision_lab.errors import UserError, unknown_choice
 from precision_lab.model.config import ModelConfig, get_model_config
+from precision_lab.model.sharding import mesh_text, parse_mesh
 from precision_lab.optim import OptimConfig
 from precision_lab.policy import PrecisionPolicy, format_policy, get_policy
 
@@ -33,7 +34,9 @@ class TrainConfig:
     runs (vmapped into one program); seed: the first seed (seeds are seed, seed+1, ...);
     chunk_steps: steps per compiled call (lax.scan) between host-side divergence checks and logging;
     eval_every / eval_batches: held-out evaluation cadence and size; checkpoint_every: steps between
-    checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it).
+    checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it);
+    mesh: run each step over a device mesh, "data=2,expert=4" or a table {data = 2, expert = 4} (batch
+    split over data, experts over expert; dense dispatch; "" = no mesh; see precision_lab/model/sharding.py).
     """
 
     steps: int = 300
@@ -45,8 +48,10 @@ class TrainConfig:
     eval_batches: int = 2
     checkpoint_every: int = 100
     label: str = ""
+    mesh: str = ""
 
     def __post_init__(self):
+        object.__setattr__(self, "mesh", mesh_text(parse_mesh(self.mesh)))  # canonical: "data=2,expert=4"
         for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -147,10 +152,30 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
     if "inputs_length" not in spec.get("data", {}):  # the preset's sequence length, unless asked otherwise
         data_fields["inputs_length"] = parts["model"].inputs_length
     parts["data"] = dataclasses.replace(parts["data"], **data_fields)
+    if parts["train"].mesh:
+        parts["model"] = _model_for_mesh(parts["model"], parts["train"], "expert_dispatch" in spec.get("model", {}))
     optim = parts["optim"]
     if optim.schedule == "cosine" and optim.total_steps == 0:
         parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
     return RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
+
+
+def _model_for_mesh(model: ModelConfig, train: TrainConfig, dispatch_given: bool) -> ModelConfig:
+    """Check what a mesh needs of the run (all but the device count, which the trainer checks): experts
+    split evenly over the expert axis, the batch over the data axis, and the dense dispatch (the [E, G, C, D]
+    layout that splits over experts), which a mesh selects unless model.expert_dispatch says otherwise."""
+    sizes = parse_mesh(train.mesh)
+    data, expert = sizes["data"], sizes["expert"]
+    if expert > 1 and (not model.num_experts or model.num_experts % expert):
+        raise UserError(f"train.mesh {train.mesh}: model.num_experts = {model.num_experts} does not split over "
+                        f"expert={expert}; valid: an expert axis that divides {model.num_experts or 'the expert count'}")
+    if train.batch_size % data:
+        raise UserError(f"train.mesh {train.mesh}: train.batch_size = {train.batch_size} does not split over "
+                        f"data={data}; valid: a data axis that divides the batch size")
+    if dispatch_given and model.expert_dispatch != "dense":
+        raise UserError(f"train.mesh {train.mesh}: model.expert_dispatch = {model.expert_dispatch!r} cannot run "
+                        "over a mesh; valid: 'dense' (or leave it unset: a mesh selects it)")
+    return dataclasses.replace(model, expert_dispatch="dense")
 
 
 def validate(spec: Mapping[str, Any]) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from precision_lab.config import run_config, validate
-from precision_lab.sweep import Executor, RunSpec, SweepSpec, SweepSummary, load_sweep, run_sweep
-from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, train
+from precision_lab.store import canonical_json
+from precision_lab.sweep import Executor, RunSpec, SweepSpec, SweepSummary, expand, load_sweep, run_sweep
+from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, run_mesh, train
 
 # The built-in sweep of `precision-lab run` (shipped inside the package so an installed lab has it).
 QUICKSTART = Path(__file__).with_name("quickstart.toml")
@@ -82,6 +83,9 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | t
     spec = load_sweep(path, validate=validate)
     if smoke_test:
         spec = smoke(spec)
+    if executor is None:  # a train.mesh must fit the devices here: say so before any group trains
+        for config in {canonical_json(r.config): r.config for r in expand(spec)}.values():
+            run_mesh(run_config(config))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
                      batchable_fields=tuple(BATCHABLE_FIELDS), executor=executor)

@@ -16,6 +16,7 @@ divergence are results, recorded per seed, never exceptions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -28,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from precision_lab import model as stmoe
+from precision_lab.model import sharding
 from precision_lab import ops
 from precision_lab.config import RunConfig
 from precision_lab.data import Dataset, make_dataset
 from precision_lab.divergence import DivergenceMonitor
+from precision_lab.errors import UserError
 from precision_lab.optim import make_optimizer_traced_lr, map_float_leaves
 from precision_lab.policy import PrecisionPolicy
 
@@ -102,8 +105,47 @@ class Trainer:
         quantize_state = None if state_rounding.is_identity else map_float_leaves(
             lambda x: ops.cast(x, self.policy, "optimizer_state"))
         self.optimizer = make_optimizer_traced_lr(run.optim, quantize_state=quantize_state)
-        self._chunk = jax.jit(self._chunk_impl, donate_argnums=(0,))
-        self._eval = jax.jit(jax.vmap(self._eval_one, in_axes=(0, 0, None)))
+        self.mesh = run_mesh(run)  # None: one device per vmapped member (member_sharding)
+        self._chunk = jax.jit(self._under_mesh(self._chunk_impl), donate_argnums=(0,))
+        self._eval = jax.jit(self._under_mesh(jax.vmap(self._eval_one, in_axes=(0, 0, None))))
+
+    # -- a device mesh (train.mesh) ----------------------------------------------------------------------------
+
+    def _under_mesh(self, fn):
+        """`fn`, traced with the mesh active so the model's sharding constraints apply (no mesh: `fn`)."""
+        if self.mesh is None:
+            return fn
+
+        def traced(*args):
+            with sharding.use_mesh(self.mesh):
+                return fn(*args)
+
+        return traced
+
+    def shardings(self, tree):
+        """Per leaf of a state, key or hyperparameter tree (member axis first): expert weights and their
+        optimizer statistics split over "expert" on the axis after the member axis; everything else
+        replicated."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        experts, e = self.model_cfg.num_experts, self.mesh.shape[sharding.EXPERT]
+
+        def one(path, x):
+            top = getattr(path[0], "name", None) if path else None  # TrainState field
+            split = (top in ("master", "opt_state") and sharding.is_expert_weight(path) and x.ndim >= 2
+                     and x.shape[1] == experts and experts % e == 0)
+            return NamedSharding(self.mesh, PartitionSpec(None, sharding.EXPERT) if split else PartitionSpec())
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def mesh_placement(self):
+        """(place(tree), place_batches(batches)) onto the mesh: state by `shardings`, batches
+        <int32>[k, members, B, L] split over "data" on B."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        batch_spec = NamedSharding(self.mesh, PartitionSpec(None, None, sharding.DATA))
+        return (lambda tree: jax.device_put(tree, self.shardings(tree)),
+                lambda batches: jax.device_put(batches, jax.tree.map(lambda _: batch_spec, batches)))
 
     # -- one seed ------------------------------------------------------------------------------------------
 
@@ -166,7 +208,10 @@ class Trainer:
             return jax.vmap(self.step_one, in_axes=(0, 0, 0, 0, None))(state, batch, seed_keys, hps, step0 + i)
 
         k = jax.tree.leaves(batches)[0].shape[0]
-        return jax.lax.scan(body, state, (batches, jnp.arange(k)))
+        state, metrics = jax.lax.scan(body, state, (batches, jnp.arange(k)))
+        if self.mesh is not None:  # the next chunk gets the state laid out as this one did (no recompile)
+            state = jax.lax.with_sharding_constraint(state, self.shardings(state))
+        return state, metrics
 
     def init(self, seeds: list[int]):
         seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
@@ -185,6 +230,19 @@ class Trainer:
         losses = [np.asarray(self._eval(state, seed_keys, b))
                   for b in self.dataset.eval_batches(self.run.train.eval_batches, self.run.train.batch_size)]
         return np.mean(losses, axis=0)
+
+
+def run_mesh(run: RunConfig):
+    """The (data, expert) Mesh of `run.train.mesh` over the devices JAX sees, or None without a mesh.
+    Its sizes must multiply to the device count (run_config checked everything else)."""
+    sizes = sharding.parse_mesh(run.train.mesh)
+    if not sizes:
+        return None
+    n, have = sizes[sharding.DATA] * sizes[sharding.EXPERT], jax.device_count()
+    if n != have:
+        raise UserError(f"train.mesh {run.train.mesh} needs {n} devices, JAX sees {have} "
+                        f"({jax.default_backend()}); valid: sizes that multiply to {have}")
+    return sharding.make_mesh(sizes[sharding.DATA], sizes[sharding.EXPERT])
 
 
 def member_sharding(num_members: int):
@@ -255,7 +313,11 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     trainer = Trainer(run)
     t0 = time.perf_counter()
     state, seed_keys = trainer.init(seeds)
-    member_devices, place = member_sharding(len(seeds))
+    if trainer.mesh is None:
+        member_devices, place = member_sharding(len(seeds))
+        place_batches = functools.partial(place, axis=1)
+    else:  # every member runs over the whole mesh
+        member_devices, (place, place_batches) = 1, trainer.mesh_placement()
     state, seed_keys, hps = place(state), place(seed_keys), place(hps)
     monitor = DivergenceMonitor(run.divergence, num_seeds=len(seeds))
     # Loss spikes (mean + k sigma) that are not a rule of run.divergence are recorded, not acted on.
@@ -272,7 +334,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     compile_s, step_s = 0.0, 0.0
     while step < cfg.steps:
         k = min(cfg.chunk_steps, cfg.steps - step)
-        batches = place(trainer.batches(seeds, step, k), axis=1)  # [k, members, ...]
+        batches = place_batches(trainer.batches(seeds, step, k))  # [k, members, ...]
         tic = time.perf_counter()
         state, metrics = trainer._chunk(state, seed_keys, hps, batches, jnp.int32(step))
         metrics = jax.device_get(metrics)
@@ -339,6 +401,7 @@ def _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval, evals, m
         "final_train_loss": [float(np.nanmean(metrics["loss"][-10:, i])) if np.isfinite(metrics["loss"][-10:, i]).any()
                              else None for i in range(len(seeds))],
         "backend": jax.default_backend(),
+        "mesh": run.train.mesh,
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
