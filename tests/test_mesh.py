@@ -22,9 +22,11 @@ from precision_lab.errors import UserError
 from precision_lab.sweep import parse_sweep
 from precision_lab.train import train
 
-# A micro model (4 experts split over expert=4), 2 seeds vmapped, batch 8 split over data=2.
-MICRO = {"model": {"preset": "tiny", "d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_experts": 4},
-         "train": {"steps": 4, "chunk_steps": 2, "batch_size": 8, "eval_every": 0, "eval_batches": 1,
+# A micro model (one sparse block per stack, 4 experts split over expert=4), 2 seeds vmapped, batch 8 split
+# over data=2.
+MICRO = {"model": {"preset": "tiny", "d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_experts": 4,
+                   "num_encoder_layers": 1, "num_decoder_layers": 1, "moe_every": 1},
+         "train": {"steps": 2, "chunk_steps": 1, "batch_size": 8, "eval_every": 0, "eval_batches": 1,
                    "checkpoint_every": 0}}
 SETS = [f"{section}.{k}={v}" for section in ("model", "train") for k, v in MICRO[section].items()
         if k != "preset"]  # the CLI's --preset is tiny already
@@ -33,10 +35,12 @@ needs_8 = pytest.mark.skipif(jax.device_count() != 8, reason="needs the 8 forced
 
 
 @needs_8
-def test_train_over_a_mesh_matches_one_device_per_member(tmp_path, capsys):
-    """`precision-lab train --mesh data=2,expert=4` against the in-process run without a mesh."""
+@pytest.mark.parametrize("seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_train_over_a_mesh_matches_one_device_per_member(tmp_path, capsys, seeds):
+    """`precision-lab train --mesh data=2,expert=4` against the in-process run without a mesh: one seed
+    (unbatched), and (slow) two seeds vmapped over the mesh."""
     out = tmp_path / "mesh"
-    code = main(["train", "--mesh", "data=2,expert=4", "--seeds", "2", "--no-progress", "--out", str(out),
+    code = main(["train", "--mesh", "data=2,expert=4", "--seeds", str(seeds), "--no-progress", "--out", str(out),
                  *[a for s in SETS for a in ("--set", s)]])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -47,8 +51,8 @@ def test_train_over_a_mesh_matches_one_device_per_member(tmp_path, capsys):
         sharded = {k: z[k] for k in z.files}
 
     reference = train(run_config({**MICRO, "model": {**MICRO["model"], "expert_dispatch": "dense"}}),
-                      seeds=[0, 1], progress=False).metrics
-    assert sharded["loss"].shape == reference["loss"].shape == (4, 2)
+                      seeds=list(range(seeds)), progress=False).metrics
+    assert sharded["loss"].shape == reference["loss"].shape == (MICRO["train"]["steps"], seeds)
     np.testing.assert_allclose(sharded["loss"], reference["loss"], rtol=1e-5)
     for name in ("router_dropped_fraction", "router_load_cv"):
         np.testing.assert_array_equal(sharded[name], reference[name])

@@ -23,7 +23,7 @@ from precision_lab.executors import make_executor, ray_executor  # noqa: E402
 from precision_lab.runner import run_group, sweep  # noqa: E402
 from precision_lab.store import ResultsStore  # noqa: E402
 
-# Two shape groups (the policy changes the program), two seeds each, the smoke sweep's micro model.
+# Two shape groups (the policy changes the program), two seeds each, a micro model (one sparse block per stack).
 SWEEP = """
 name = "ray_micro"
 seeds = 2
@@ -36,8 +36,9 @@ d_model = 32
 d_ff = 64
 num_heads = 2
 d_kv = 16
-num_encoder_layers = 2
-num_decoder_layers = 2
+num_encoder_layers = 1
+num_decoder_layers = 1
+moe_every = 1
 num_experts = 4
 [[axes]]
 field = "policy"
