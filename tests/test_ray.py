@@ -76,7 +76,7 @@ def _files(store) -> list[str]:
     return sorted(p.name for p in (store / "runs").iterdir())
 
 
-def test_ray_executor_stores_the_same_records_as_in_process(cluster, reference, tmp_path):
+def test_ray_executor_stores_the_same_records_as_in_process(cluster, reference, tmp_path, capsys):
     out = tmp_path / "ray"
     summary = sweep(reference / "sweep.toml", out, progress=False, executor=ray_executor(num_cpus=1))
     assert (summary.computed, summary.groups_run, summary.complete) == (4, 2, True)
@@ -85,12 +85,16 @@ def test_ray_executor_stores_the_same_records_as_in_process(cluster, reference, 
     pids = {ResultsStore(out).get(rid)["timing"]["pid"] for rid in ResultsStore(out).ids()}
     assert os.getpid() not in pids  # trained in Ray workers, stored here
 
-    # Resume: only what is missing is submitted (one record deleted -> its group runs again, alone).
+    # Resume from the command line (`precision-lab sweep FILE --out DIR --executor ray`, joining the Ray
+    # instance of this process): only what is missing is submitted (one record deleted -> its group runs
+    # again, alone, and only that record is stored).
     victim = ResultsStore(out).ids()[0]
     (out / "runs" / f"{victim}.json").unlink()
-    again = sweep(reference / "sweep.toml", out, progress=False, executor=ray_executor())
-    assert (again.computed, again.skipped, again.groups_run) == (1, 3, 1)
+    code = main(["sweep", str(reference / "sweep.toml"), "--out", str(out), "--executor", "ray", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    assert "1 runs computed, 3 already stored" in capsys.readouterr().out
     assert _comparable(out) == _comparable(reference / "inprocess")
+    assert json.loads((out / "sweep.json").read_text())["n_runs"] == 4
 
 
 def _killed_once(marker: str, group):
@@ -132,17 +136,6 @@ def test_an_error_inside_a_task_is_not_retried_and_reaches_the_driver(cluster, r
     with pytest.raises(UserError, match="this group is broken"):
         sweep(reference / "sweep.toml", tmp_path / "ray", progress=False, executor=ray_executor(), run_group=_fails)
     assert time.perf_counter() - t0 < 30
-
-
-def test_cli_sweep_with_the_ray_executor(cluster, reference, tmp_path, capsys):
-    """`precision-lab sweep FILE --out DIR --executor ray`: joins the Ray instance already running in this
-    process (a fresh CLI process would start a local one, or join --address)."""
-    out = tmp_path / "cli"
-    code = main(["sweep", str(reference / "sweep.toml"), "--out", str(out), "--executor", "ray", "--no-progress"])
-    assert code == 0, capsys.readouterr().err
-    assert "4 runs computed" in capsys.readouterr().out
-    assert _comparable(out) == _comparable(reference / "inprocess")
-    assert json.loads((out / "sweep.json").read_text())["n_runs"] == 4
 
 
 def test_bad_executor_options_exit_2_with_one_line(tmp_path, capsys):
