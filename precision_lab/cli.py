@@ -281,6 +281,11 @@ def _add_train(p):
     p.add_argument("--mesh", default=None, metavar="data=D,expert=E",
                    help="run each step over a device mesh: batch split over data, experts over expert (dense "
                         "dispatch); D x E must equal the devices JAX sees (same as --set train.mesh=...)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several hosts: run this command on each, all with the coordinator's address (process 0 "
+                        "listens there), --num-processes and their own --process-id; the mesh spans them all")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N")
+    p.add_argument("--process-id", type=int, default=None, metavar="I", help="0..N-1; process 0 writes --out")
 
 
 @command("train", "train seeds of one configuration (vmapped), detect divergence, write a summary")(_add_train)
@@ -305,7 +310,13 @@ def _train(args) -> int:
             spec[section] = fields
     run = run_config(spec)
     enable_compilation_cache()
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+        _join_processes(args.coordinator, args.num_processes, args.process_id)
     result = train(run, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     s = result.summary
     print(f"backend {s['backend']}; policy {s['policy']}")
     for i, seed in enumerate(s["seeds"]):
@@ -314,6 +325,21 @@ def _train(args) -> int:
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
     print(f"wrote {args.out}/summary.json")
     return 0
+
+
+def _join_processes(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize: one JAX program over the devices of several processes (hosts)."""
+    if not coordinator or num_processes is None or process_id is None:
+        raise UserError("--coordinator, --num-processes and --process-id go together, e.g. "
+                        "--coordinator host0:1234 --num-processes 2 --process-id 0")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id {process_id}: must be 0..{num_processes - 1} for --num-processes "
+                        f"{num_processes}")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices talk through gloo
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,18 +107,24 @@ class Trainer:
         self.optimizer = make_optimizer_traced_lr(run.optim, quantize_state=quantize_state)
         self.mesh = run_mesh(run)  # None: one device per vmapped member (member_sharding)
         self._chunk = jax.jit(self._under_mesh(self._chunk_impl), donate_argnums=(0,))
-        self._eval = jax.jit(self._under_mesh(jax.vmap(self._eval_one, in_axes=(0, 0, None))))
+        self._eval = jax.jit(self._under_mesh(jax.vmap(self._eval_one, in_axes=(0, 0, None)), replicate_out=True))
 
     # -- a device mesh (train.mesh) ----------------------------------------------------------------------------
 
-    def _under_mesh(self, fn):
-        """`fn`, traced with the mesh active so the model's sharding constraints apply (no mesh: `fn`)."""
+    def _under_mesh(self, fn, replicate_out: bool = False):
+        """`fn`, traced with the mesh active so the model's sharding constraints apply (no mesh: `fn`);
+        `replicate_out`: its result replicated on every device (so every process can read it)."""
         if self.mesh is None:
             return fn
 
         def traced(*args):
             with sharding.use_mesh(self.mesh):
-                return fn(*args)
+                out = fn(*args)
+            if replicate_out:
+                from jax.sharding import NamedSharding, PartitionSpec
+
+                out = jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, PartitionSpec()))
+            return out
 
         return traced
 
@@ -144,8 +150,8 @@ class Trainer:
         from jax.sharding import NamedSharding, PartitionSpec
 
         batch_spec = NamedSharding(self.mesh, PartitionSpec(None, None, sharding.DATA))
-        return (lambda tree: jax.device_put(tree, self.shardings(tree)),
-                lambda batches: jax.device_put(batches, jax.tree.map(lambda _: batch_spec, batches)))
+        return (lambda tree: jax.tree.map(_to_mesh, tree, self.shardings(tree)),
+                lambda batches: jax.tree.map(lambda x: _to_mesh(x, batch_spec), batches))
 
     # -- one seed ------------------------------------------------------------------------------------------
 
@@ -209,8 +215,12 @@ class Trainer:
 
         k = jax.tree.leaves(batches)[0].shape[0]
         state, metrics = jax.lax.scan(body, state, (batches, jnp.arange(k)))
-        if self.mesh is not None:  # the next chunk gets the state laid out as this one did (no recompile)
+        if self.mesh is not None:  # the next chunk gets the state laid out as this one did (no recompile);
+            # the metrics replicated, so every process (several hosts) can read them
+            from jax.sharding import NamedSharding, PartitionSpec
+
             state = jax.lax.with_sharding_constraint(state, self.shardings(state))
+            metrics = jax.lax.with_sharding_constraint(metrics, NamedSharding(self.mesh, PartitionSpec()))
         return state, metrics
 
     def init(self, seeds: list[int]):
@@ -230,6 +240,28 @@ class Trainer:
         losses = [np.asarray(self._eval(state, seed_keys, b))
                   for b in self.dataset.eval_batches(self.run.train.eval_batches, self.run.train.batch_size)]
         return np.mean(losses, axis=0)
+
+
+def _to_mesh(x, target):
+    """`x` (an array this process holds whole, the same in every process) laid out as `target`. With
+    several processes (jax.distributed) `device_put` cannot reach other hosts' devices: each process
+    hands over the slices its own devices hold."""
+    if target.is_fully_addressable:
+        return jax.device_put(x, target)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_to_mesh(jax.random.key_data(x), target),
+                                        impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def _to_host(x) -> np.ndarray:
+    """The whole value of `x` as numpy, also when other processes hold parts of it (then all must call)."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def run_mesh(run: RunConfig):
@@ -349,7 +381,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         spikes.update(step, metrics["loss"], metrics["grad_norm"])
         diverged = np.asarray(monitor.diverged)
         if diverged.any():  # host-side rules freeze the seed from the next step on
-            state = place(state._replace(active=jnp.logical_and(state.active, jnp.asarray(~diverged))))
+            state = place(state._replace(active=np.logical_and(_to_host(state.active), ~diverged)))
         step += k
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append((step, trainer.evaluate(state, seed_keys)))
@@ -368,7 +400,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1),
                                    member_devices=member_devices))
-    if out_dir is not None:
+    if out_dir is not None and jax.process_index() == 0:  # several processes (hosts): the first writes
         _write_outputs(Path(out_dir), run, summary, metrics)
         if ckpt is not None and ckpt.exists():
             shutil.rmtree(ckpt)
@@ -446,11 +478,13 @@ def _json_safe(v):
 
 def _save_checkpoint(path: Path, run, seeds, hparams, state, monitor, spikes, history, evals, step) -> None:
     """Write the whole loop state atomically: a temp folder renamed over the old checkpoint."""
+    leaves = [_to_host(x) for x in jax.tree.leaves(state)]  # every process takes part in the gathers
+    if jax.process_index() != 0:
+        return
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    leaves = jax.tree.leaves(jax.device_get(state))
     np.savez(tmp / "state.npz", *[np.asarray(x) for x in leaves])
     np.savez(tmp / "history.npz", **{k: np.concatenate(v, axis=0) for k, v in history.items()})
     meta = dict(step=step, seeds=seeds, hparams=hparams, fingerprint=run.fingerprint(), monitor=monitor.to_json(),

@@ -10,7 +10,12 @@ step.
 """
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -91,3 +96,35 @@ def test_mesh_in_a_sweep_toml_as_string_or_table():
         assert run_config(run.config).train.mesh == "data=2,expert=4"
     with pytest.raises(UserError, match=r"s.toml: \[base\]: .*unknown mesh axis 'experts'"):
         parse_sweep({"base": {"train": {"mesh": {"experts": 4}}}}, "s.toml", validate)
+
+
+@needs_8
+@pytest.mark.slow
+def test_two_processes_share_one_mesh(tmp_path, capsys):
+    """Multi-host through jax.distributed on one machine: two CLI processes with 4 CPU devices each (gloo
+    collectives) train over one data=2 x expert=4 mesh; process 0 writes --out. Same losses (rtol 1e-5) and
+    routing as the one-process run over 8 devices."""
+    with socket.socket() as s:  # a free local port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PRECISION_LAB_NO_REEXEC="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "precision_lab.cli", "train", "--mesh", "data=2,expert=4", "--no-progress",
+         "--out", str(tmp_path / f"p{i}"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i), *[a for s in SETS for a in ("--set", s)]],
+        cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=540)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert not (tmp_path / "p1").exists()  # only process 0 writes
+    with np.load(tmp_path / "p0" / "metrics.npz") as z:
+        two = {k: z[k] for k in z.files}
+    one = train(run_config({**MICRO, "train": {**MICRO["train"], "mesh": "data=2,expert=4"}}), seeds=[0],
+                progress=False).metrics
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    for name in ("router_dropped_fraction", "router_load_cv"):
+        np.testing.assert_array_equal(two[name], one[name])
