@@ -111,3 +111,24 @@ def test_reverse_task_splits_are_fixed_sized_and_correct():
     with pytest.raises(UserError, match="exceed its validation split"):
         task.eval_batches(100, 16)
     assert set(TASKS) == {"langid-small", "langid-large", "reverse-small", "reverse-large"}
+
+
+def test_a_sweep_fine_tunes_from_a_pretrained_run(pre, tmp_path):
+    from precision_lab.runner import sweep
+    from precision_lab.store import ResultsStore
+
+    toml = tmp_path / "ft.toml"
+    toml.write_text(f"""name = "ft"
+description = "fine-tuning in a sweep"
+seeds = 2
+[base]
+model = {{ d_model = 32, d_ff = 64, num_heads = 2, num_experts = 4 }}
+train = {{ steps = 2, batch_size = 8, chunk_steps = 2, eval_every = 0, eval_batches = 1, checkpoint_every = 0 }}
+finetune = {{ from_run = "{pre}", task = "reverse-small", trainable = "non_moe" }}
+""")
+    sweep(toml, tmp_path / "store", progress=False)
+    records = ResultsStore(tmp_path / "store").records()
+    assert sorted(r["seed"] for r in records) == [0, 1]
+    for r in records:
+        assert r["resolved"]["finetune"]["trainable"] == "non_moe"
+        assert np.isfinite(r["result"]["final_test_loss"])
