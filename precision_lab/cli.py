@@ -309,9 +309,12 @@ def _train(args) -> int:
         else:
             spec[section] = fields
     run = run_config(spec)
-    enable_compilation_cache()
     if args.coordinator or args.num_processes is not None or args.process_id is not None:
         _join_processes(args.coordinator, args.num_processes, args.process_id)
+    else:
+        # Not with several processes: a program cached by a one-process run over as many devices was
+        # loaded by a two-process run and aborted it (SIGABRT, tests/test_mesh.py), so those compile afresh.
+        enable_compilation_cache()
     result = train(run, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
     import jax
 
