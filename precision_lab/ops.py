@@ -442,8 +442,9 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
 
 def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
         state: DotState | None = None):
-    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation and
-    the output rounded per `out`. The backward pass rounds gradients per the policy's "grads" spec."""
+    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation (or
+    the lhs/rhs spec's accumulator, `acc=`: see `matmul_accumulated`) and the output rounded per `out`. The
+    backward pass rounds gradients per the policy's "grads" spec."""
     return _run_dot("einsum", eq, a, b, None, policy, lhs, rhs, out, state)
 
 
