@@ -291,7 +291,8 @@ def _precision_telemetry(site_counts, allreduce_counts, updates, old_master, new
     for every matmul site group's operands (SITE = GROUP_fwd) and incoming gradients (GROUP_bwd, rounded to
     `grads`), for all gradient roundings together (grads) and for the all-reduce (grad_allreduce); and
     lost_update_frac: of the parameters with a nonzero intended update, the fraction whose master value did
-    not move after rounding into the master format (Zamirai et al. 2020's cancelled small updates)."""
+    not move after rounding into the master format (Zamirai et al. 2020's cancelled small updates); and
+    applied_update_ratio = sum |applied update| / sum |intended update|."""
     out = ops.fractions(site_counts)
     bwd = [i for i, site in enumerate(ops.TELEMETRY_SITES) if site.endswith("_bwd")]
     out.update(ops.fractions(jnp.sum(site_counts[np.asarray(bwd)], axis=0), "grads"))
@@ -301,6 +302,13 @@ def _precision_telemetry(site_counts, allreduce_counts, updates, old_master, new
     lost = sum(jnp.sum((u != 0) & (new == old), dtype=_F32) for u, old, new in pairs)
     out["lost_update_frac"] = jnp.where(intended > 0, lost / jnp.maximum(intended, jnp.float32(1.0)),
                                         jnp.float32(0.0))
+    # sum |applied| / sum |intended|: ~1 when the updates arrive on average (stochastic rounding moves a
+    # weight by a whole ulp with probability |update|/ulp, so its per-step lost fraction stays high at a tiny
+    # lr while this ratio stays ~1); ~0 when round-to-nearest cancels them.
+    applied = sum(jnp.sum(jnp.abs(new - old)) for _, old, new in pairs)
+    wanted = sum(jnp.sum(jnp.abs(u)) for u, _, _ in pairs)
+    out["applied_update_ratio"] = jnp.where(wanted > 0, applied / jnp.where(wanted > 0, wanted, jnp.float32(1.0)),
+                                            jnp.float32(0.0))
     return out
 
 

@@ -125,3 +125,23 @@ def test_unscaled_e5m2_gradients_underflow():
     assert (m["underflow_frac/grads"] > 0.01).all(), m["underflow_frac/grads"]
     assert (m["underflow_frac/experts_bwd"] > 0).all() and (m["underflow_frac/head_bwd"] > 0).all()
     assert (m["underflow_frac/experts_fwd"] == 0).all()  # forward operands stay fp32
+
+
+@pytest.fixture(scope="module")
+def bf16_master_runs():
+    """bf16 master weights, AdamW at a constant tiny lr (1e-5: |update| ~ lr, below half a bf16 ulp of all
+    but the smallest weights), round-to-nearest vs stochastic rounding, 3 steps each."""
+    optim = {"schedule": "constant", "warmup_steps": 0, "lr": 1e-5}
+    return {rounding: train(micro(f"fp32,master=bf16{suffix}", steps=3, optim=optim, precision_telemetry=True),
+                            seeds=[0], progress=False).metrics
+            for rounding, suffix in (("nearest", ""), ("stochastic", ":stochastic"))}
+
+
+def test_round_to_nearest_master_loses_tiny_updates_stochastic_does_not(bf16_master_runs):
+    nearest, stochastic = bf16_master_runs["nearest"], bf16_master_runs["stochastic"]
+    assert (nearest["lost_update_frac"] > 0.95).all(), nearest["lost_update_frac"]
+    assert (nearest["applied_update_ratio"] < 0.2).all(), nearest["applied_update_ratio"]
+    # stochastic rounding moves a weight by one ulp with probability |update|/ulp: most weights still do
+    # not move in one step, but fewer than with round-to-nearest, and the updates arrive on average
+    assert (stochastic["lost_update_frac"] < nearest["lost_update_frac"]).all()
+    assert (np.abs(stochastic["applied_update_ratio"] - 1.0) < 0.25).all(), stochastic["applied_update_ratio"]
