@@ -137,6 +137,7 @@ def bf16_master_runs():
             for rounding, suffix in (("nearest", ""), ("stochastic", ":stochastic"))}
 
 
+@pytest.mark.slow  # compiling the stochastic-rounding master update takes minutes on 2 busy cores
 def test_round_to_nearest_master_loses_tiny_updates_stochastic_does_not(bf16_master_runs):
     nearest, stochastic = bf16_master_runs["nearest"], bf16_master_runs["stochastic"]
     assert (nearest["lost_update_frac"] > 0.95).all(), nearest["lost_update_frac"]
