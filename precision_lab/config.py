@@ -35,6 +35,12 @@ class TrainConfig:
     chunk_steps: steps per compiled call (lax.scan) between host-side divergence checks and logging;
     eval_every / eval_batches: held-out evaluation cadence and size; checkpoint_every: steps between
     checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it).
+    replicas: R emulated data-parallel replicas: each step's batch is split into R equal shards whose
+    gradients are computed separately (vmapped) and summed by a ring all-reduce in the policy's
+    `grad_allreduce` format (`precision_lab.ops.ring_allreduce`); batch_size must be a multiple of R.
+    precision_telemetry: record per step the underflow and overflow fractions of the matmul operand and
+    gradient roundings per component group, of the all-reduce, and the lost-update fraction of the master
+    weights (off: none of that work is done; on or off, every other number is the same).
     """
 
     steps: int = 300
@@ -46,14 +52,22 @@ class TrainConfig:
     eval_batches: int = 2
     checkpoint_every: int = 100
     label: str = ""
+    replicas: int = 1
+    precision_telemetry: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches"):
+        for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches", "replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("seed", "eval_every", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.batch_size % self.replicas:
+            valid = [r for r in range(1, self.batch_size + 1) if self.batch_size % r == 0]
+            raise UserError(f"train.replicas ({self.replicas}) must divide train.batch_size ({self.batch_size}) "
+                            f"so every replica gets an equal shard; valid: {valid}")
+        if not isinstance(self.precision_telemetry, bool):
+            raise UserError(f"train.precision_telemetry must be true or false, got {self.precision_telemetry!r}")
 
 
 SECTIONS: dict[str, type] = {

@@ -105,6 +105,7 @@ class Trainer:
         quantize_state = None if state_rounding.is_identity else map_float_leaves(
             lambda x: ops.cast(x, self.policy, "optimizer_state"))
         self.optimizer = make_optimizer_traced_lr(run.optim, quantize_state=quantize_state)
+        self.replicas = run.train.replicas
         if run.finetune.trainable != "all":  # frozen parameters: a zero update and no optimiser state
             self.optimizer = optax.partition(
                 {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
@@ -122,22 +123,79 @@ class Trainer:
                                                   if _needs_key(self.policy, "master") else None)
         return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
 
-    def _loss(self, params, scale_state, batch, key, hp):
-        out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True, key=key)
-        loss = stmoe.total_loss(out.ce_loss, out.output_z_loss, out.router_z_loss, out.load_balancing_loss,
-                                cfg=self.model_cfg, load_balance_coef=hp["load_balance_coef"],
+    def _loss(self, params, scale_state, probe, batch, key, hp, weights=None):
+        """(loss, ModelOutput). probe: the precision-telemetry probe (ops.count_roundings) or None.
+        weights (one replica of R): (w_tokens, w_aux) multiply the token-mean parts (CE, output z-loss) and
+        the router losses, so the R replicas' losses sum to the full batch's (see _replica_grads)."""
+        with ops.count_roundings(probe):
+            out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True,
+                              key=key)
+        parts = (out.ce_loss, out.output_z_loss, out.router_z_loss, out.load_balancing_loss)
+        if weights is not None:
+            w_tokens, w_aux = weights
+            parts = (parts[0] * w_tokens, parts[1] * w_tokens, parts[2] * w_aux, parts[3] * w_aux)
+        loss = stmoe.total_loss(*parts, cfg=self.model_cfg, load_balance_coef=hp["load_balance_coef"],
                                 router_z_loss_coef=hp["router_z_loss_coef"],
                                 output_z_loss_coef=hp["output_z_loss_coef"])
         return loss, out
+
+    def _replica_grads(self, grad_fn, params, scale_state, probe, batch, key, hp):
+        """Emulated data parallelism: the batch split into R equal shards (consecutive sequences), each
+        shard's loss and gradient computed separately (vmapped), as R replicas would.
+
+        Replica r's loss is (its token sum of CE and output z-loss) / (the batch's token count) + (its
+        router losses) / R: the sum over replicas is then exactly the full batch's loss (CE is a mean over
+        the batch's target tokens, the router losses a mean over routing groups, equal in number per
+        shard), and the SUM of the replicas' gradients is the full-batch gradient (the all-reduce sums).
+        Each replica routes its own tokens in its own groups (group_size and capacity per replica group,
+        as in real data parallelism); when the full batch's groups are the shards' groups, routing is the
+        same as R = 1. Delayed-scaling amax histories are reduced by max over replicas (Transformer Engine
+        reduces amax across the data-parallel group). Returns (loss, combined output, per-replica grads
+        [R, ...], new scale state, probe counts summed over replicas or None)."""
+        r = self.replicas
+        shards = jax.tree.map(lambda x: x.reshape(r, x.shape[0] // r, *x.shape[1:]), batch)
+        n_total = jnp.maximum(jnp.sum(batch["loss_mask"]), jnp.float32(1.0))
+        n_shard = jnp.maximum(jnp.sum(shards["loss_mask"], axis=tuple(range(1, batch["loss_mask"].ndim + 1))),
+                              jnp.float32(1.0))
+        w_tokens = n_shard / n_total  # (R,)
+
+        def one(shard, k, w):
+            return grad_fn(params, scale_state, probe, shard, k, hp, (w, jnp.float32(1.0 / r)))
+
+        (losses, outs), (grads, scale_r, counts) = jax.vmap(one)(shards, jax.random.split(key, r), w_tokens)
+        new_scale_state = jax.tree.map(lambda x: jnp.max(x, axis=0), scale_r)
+        counts = None if counts is None else jnp.sum(counts, axis=0)
+        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+        tokens = lambda x: jnp.sum(x * w_tokens.reshape((r,) + (1,) * (x.ndim - 1)), axis=0)  # noqa: E731
+        out = outs._replace(
+            ce_loss=tokens(outs.ce_loss), output_z_loss=tokens(outs.output_z_loss),
+            output_lse_mean=tokens(outs.output_lse_mean), router_z_loss=mean(outs.router_z_loss),
+            load_balancing_loss=mean(outs.load_balancing_loss),
+            max_attention_logit=jnp.max(outs.max_attention_logit, axis=0),
+            router={k: (jnp.max(v, axis=0) if k.startswith("max") else mean(v)) for k, v in outs.router.items()})
+        return jnp.sum(losses), out, grads, new_scale_state, counts
 
     def step_one(self, state: TrainState, batch, seed_key, hp, step):
         """One optimiser step of one seed. Returns (new state, metrics dict of scalars/[layers] arrays)."""
         key = jax.random.fold_in(jax.random.fold_in(seed_key, 2), step)
         k_model, k_params, k_master = jax.random.split(key, 3)
         params = _rounder(self.policy, "params")(state.master, k_params if _needs_key(self.policy, "params") else None)
-        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
-        (loss, out), (grads, new_scale_state) = grad_fn(params, state.scale_state, batch, k_model, hp)
-        grads = _rounder(self.policy, "grad_allreduce")(grads)
+        telemetry = self.run.train.precision_telemetry
+        probe = ops.new_probe() if telemetry else None
+        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1, 2), has_aux=True)
+        if self.replicas == 1:
+            (loss, out), (grads, new_scale_state, site_counts) = grad_fn(params, state.scale_state, probe, batch,
+                                                                         k_model, hp)
+            reduced = _rounder(self.policy, "grad_allreduce")(grads)
+            allreduce_counts = _tree_counts(grads, reduced, self.policy["grad_allreduce"]) if telemetry else None
+            grads = reduced
+        else:
+            loss, out, grads, new_scale_state, site_counts = self._replica_grads(
+                grad_fn, params, state.scale_state, probe, batch, k_model, hp)
+            reduced = ops.ring_allreduce(
+                grads, self.policy, "grad_allreduce", with_counts=telemetry,
+                key=jax.random.fold_in(k_model, 1) if _needs_key(self.policy, "grad_allreduce") else None)
+            grads, allreduce_counts = reduced if telemetry else (reduced, None)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
         stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
         master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
@@ -149,6 +207,8 @@ class Trainer:
         new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state._replace(active=keep))
         metrics = _telemetry(out)
         metrics.update(loss=loss, grad_norm=grad_norm, update_rms=_rms(updates), param_rms=_rms(state.master))
+        if telemetry:
+            metrics.update(_precision_telemetry(site_counts, allreduce_counts, updates, state.master, master))
         # after a seed froze its numbers are not training results any more: NaN marks them
         metrics = jax.tree.map(lambda m: jnp.where(state.active, m.astype(_F32), jnp.nan), metrics)
         return new, metrics
@@ -241,6 +301,37 @@ def _telemetry(out) -> dict:
                    max_attention_logit=out.max_attention_logit)
     metrics.update({f"router_{k}": v for k, v in out.router.items()})
     return metrics
+
+
+def _tree_counts(before, after, spec):
+    """ops.rounding_counts summed over the leaves of a tree rounded from `before` to `after` per `spec`."""
+    return sum(ops.rounding_counts(x, y, spec) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def _precision_telemetry(site_counts, allreduce_counts, updates, old_master, new_master) -> dict:
+    """Per-step precision telemetry (train.precision_telemetry): underflow_frac/SITE and overflow_frac/SITE
+    for every matmul site group's operands (SITE = GROUP_fwd) and incoming gradients (GROUP_bwd, rounded to
+    `grads`), for all gradient roundings together (grads) and for the all-reduce (grad_allreduce); and
+    lost_update_frac: of the parameters with a nonzero intended update, the fraction whose master value did
+    not move after rounding into the master format (Zamirai et al. 2020's cancelled small updates); and
+    applied_update_ratio = sum |applied update| / sum |intended update|."""
+    out = ops.fractions(site_counts)
+    bwd = [i for i, site in enumerate(ops.TELEMETRY_SITES) if site.endswith("_bwd")]
+    out.update(ops.fractions(jnp.sum(site_counts[np.asarray(bwd)], axis=0), "grads"))
+    out.update(ops.fractions(allreduce_counts, "grad_allreduce"))
+    pairs = list(zip(jax.tree.leaves(updates), jax.tree.leaves(old_master), jax.tree.leaves(new_master)))
+    intended = sum(jnp.sum(u != 0, dtype=_F32) for u, _, _ in pairs)
+    lost = sum(jnp.sum((u != 0) & (new == old), dtype=_F32) for u, old, new in pairs)
+    out["lost_update_frac"] = jnp.where(intended > 0, lost / jnp.maximum(intended, jnp.float32(1.0)),
+                                        jnp.float32(0.0))
+    # sum |applied| / sum |intended|: ~1 when the updates arrive on average (stochastic rounding moves a
+    # weight by a whole ulp with probability |update|/ulp, so its per-step lost fraction stays high at a tiny
+    # lr while this ratio stays ~1); ~0 when round-to-nearest cancels them.
+    applied = sum(jnp.sum(jnp.abs(new - old)) for _, old, new in pairs)
+    wanted = sum(jnp.sum(jnp.abs(u)) for u, _, _ in pairs)
+    out["applied_update_ratio"] = jnp.where(wanted > 0, applied / jnp.where(wanted > 0, wanted, jnp.float32(1.0)),
+                                            jnp.float32(0.0))
+    return out
 
 
 def _global_norm(tree):
