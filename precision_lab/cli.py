@@ -34,18 +34,24 @@ def command(name: str, help: str, example: str):
 
 
 def writable_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Create `path` if needed and prove a file can be written in it, before any work: one UserError line
-    otherwise (an existing file, /proc/x, a read-only place). A probe file, not os.access, which says yes
+    """Prove, before any work, that `path` is a folder a file can be written in, or can be created as one:
+    one UserError line otherwise (an existing file, /proc/x, a read-only place). Creates nothing: a probe
+    file (deleted at once) in the folder or in its nearest existing parent; not os.access, which says yes
     to root everywhere."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{flag} {path}: exists and is not a folder; give a folder")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a folder; give a folder")
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=p):
+        with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as err:
-        raise UserError(f"{flag} {path}: cannot write there ({err.strerror or err}); give a writable folder") from None
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({err.strerror or err}); give a writable "
+                        "folder") from None
     return p
 
 
@@ -386,17 +392,84 @@ def _train(args) -> int:
     run = train_config(args)
     writable_folder(args.out)
     if prepare_out_dir(args.out, run, resume=args.resume, force=args.force) == "finished":
-        s = read_run(args.out)[0]
         print(f"{args.out}: this run already finished ({run.train.steps} steps); nothing to do")
-    else:
-        enable_compilation_cache()
-        s = train(run, out_dir=args.out, resume=args.resume, force=args.force, progress=not args.no_progress).summary
+        _print_seeds(read_run(args.out)[0])
+        return 0
+    enable_compilation_cache()
+    result = train(run, out_dir=args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    _print_seeds(result.summary)
+    print(f"wrote {args.out}/summary.json")
+    return 0
+
+
+def _print_seeds(s: dict) -> None:
     print(f"backend {s['backend']}; policy {s['policy']}")
     for i, seed in enumerate(s["seeds"]):
         status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})" if s["diverged"][i] else "stable"
         loss = s["final_eval_loss"][i]
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
-    print(f"wrote {args.out}/summary.json")
+
+
+# Fine-tuning defaults (ST-MoE section 4: a constant learning rate; 1e-3 suited its sparse models best).
+FINETUNE_DEFAULTS = dict(steps=200, lr=1e-3, batch_size=16, eval_every=20)
+
+
+def _add_finetune(p):
+    from precision_lab.finetune import TRAINABLE
+    from precision_lab.tasks import describe
+
+    p.epilog = "tasks: " + "; ".join(f"{name}: {text}" for name, text in describe()) + ".\n\n" + (p.epilog or "")
+    p.add_argument("--from", dest="from_run", required=True, metavar="PRETRAINED_RUN_DIR",
+                   help="the --out folder of a finished `precision-lab train` run (config.json, params.npz)")
+    p.add_argument("--task", default="langid-small", help="a built-in downstream task (see below)")
+    p.add_argument("--trainable", default="all", choices=TRAINABLE, help="which parameters move")
+    p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"], help="fine-tuning steps")
+    p.add_argument("--lr", type=float, default=FINETUNE_DEFAULTS["lr"], help="constant learning rate")
+    p.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"], help="sequences per step")
+    p.add_argument("--policy", default=None, help="precision policy (default: the pretrained run's)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="fine-tune the first N pretrained seeds (default: all of them)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any config field, e.g. --set model.capacity_factor=2.0 (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (as train's, plus params.npz and loss curves)")
+    p.add_argument("--force", action="store_true", help="discard what --out holds and fine-tune from step 0")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("finetune", "fine-tune a trained run on a built-in downstream task",
+         "precision-lab finetune --from runs/pre --task langid-small --trainable non_moe --out runs/ft")(_add_finetune)
+def _finetune(args) -> int:
+    from precision_lab.config import run_config
+    from precision_lab.finetune import pretrained_spec
+    from precision_lab.train import enable_compilation_cache, train
+
+    spec = pretrained_spec(args.from_run)
+    pretrained_seeds = list(range(spec["train"]["seed"], spec["train"]["seed"] + spec["train"]["seeds"]))
+    if args.seeds is not None and not 1 <= args.seeds <= len(pretrained_seeds):
+        raise UserError(f"--seeds must be in [1, {len(pretrained_seeds)}] (the pretrained run's seeds), got {args.seeds}")
+    seeds = pretrained_seeds[: args.seeds or len(pretrained_seeds)]
+    spec["train"] = {**spec["train"], "steps": args.steps, "batch_size": args.batch_size, "seeds": len(seeds),
+                     "eval_every": FINETUNE_DEFAULTS["eval_every"], "eval_batches": 1024 // args.batch_size,
+                     "checkpoint_every": 0}
+    spec["optim"] = {**spec["optim"], "lr": args.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": 0}
+    spec["finetune"] = {"from_run": str(args.from_run), "task": args.task, "trainable": args.trainable}
+    if args.policy is not None:
+        spec["policy"] = args.policy
+    for section, fields in _overrides(args.set).items():
+        spec[section] = {**spec.get(section, {}), **fields} if isinstance(spec.get(section), dict) else fields
+    run = run_config(spec)
+    writable_folder(args.out)
+    enable_compilation_cache()
+    result = train(run, seeds=seeds, out_dir=args.out, force=args.force, progress=not args.no_progress)
+    _print_seeds(result.summary)
+    ft = result.summary["finetune"]
+    print(f"task {ft['task']} ({ft['train_examples']} training examples), trainable {ft['trainable']}: "
+          f"best loss {result.summary['best_loss']:.4f}, chance {ft['chance_loss']:.4f}")
+    for seed, loss in zip(seeds, ft["final_test_loss"]):
+        print(f"seed {seed}: test loss {loss if loss is None else f'{loss:.4f}'}")
+    from precision_lab.figures import finetune_curves
+
+    print(f"wrote {args.out}/summary.json, {finetune_curves(result.summary, result.metrics, args.out)}")
     return 0
 
 
