@@ -526,6 +526,9 @@ def load_roundoff_experiment(path: str | os.PathLike) -> tuple[str, dict]:
     source = str(path)
     data = read_toml(path, "experiment file")
     kind = data.get("kind")
+    if kind is None and ("base" in data or "axes" in data):
+        raise UserError(f"{source}: is a sweep (it has [base]/[[axes]]), not a roundoff experiment; "
+                        f"run it with: precision-lab sweep {source} --out DIR")
     if kind != "roundoff":
         raise UserError(f"{source}: field 'kind' must be \"roundoff\" for a roundoff experiment, got {kind!r}")
     name = data.get("analysis")

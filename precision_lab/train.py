@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -352,18 +353,102 @@ class RunResult:
     metrics: dict[str, np.ndarray]  # name -> [steps, seeds, ...]
 
 
+def _members(run: RunConfig, seeds, hparams) -> tuple[list[int], list[dict]]:
+    """The seeds and per-member hyperparameters `train` runs (defaults: run.train's seeds, the run's values)."""
+    seeds = list(seeds if seeds is not None else range(run.train.seed, run.train.seed + run.train.seeds))
+    return seeds, list(hparams) if hparams is not None else [hparams_of(run)] * len(seeds)
+
+
+def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def prepare_out_dir(out_dir: str | Path, run: RunConfig, seeds: list[int] | None = None,
+                    hparams: list[dict] | None = None, *, resume: bool = False, force: bool = False) -> str:
+    """Decide what `train` may do with `out_dir` before any work: never overwrite silently.
+
+    Returns "new" (train from step 0), "resume" (continue this run's checkpoint) or "finished" (the folder
+    already holds this finished run and `resume` was asked: nothing to do). Raises UserError when the folder
+    holds a checkpoint and `resume` was not asked, a checkpoint or finished run of another configuration,
+    this finished run without `resume`, or a finished run with fewer steps (a finished run keeps no
+    checkpoint, so it cannot be extended: train into a new folder). `force` discards what is there
+    (checkpoint and outputs) and trains from step 0, except a checkpoint of this very run with `resume`."""
+    from precision_lab.errors import UserError
+
+    out = Path(out_dir)
+    seeds, hparams = _members(run, seeds, hparams)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; give a folder")
+    if (out / "sweep.json").exists():
+        raise UserError(f"--out {out}: is a sweep's results store, not a train output folder; use another --out")
+    ckpt = out / "checkpoint"
+    meta = _read_json(ckpt / "meta.json")
+    if meta is not None:
+        same = (meta.get("fingerprint") == run.fingerprint() and meta.get("seeds") == seeds
+                and meta.get("hparams") == hparams)
+        if resume and same:
+            return "resume"
+        if not force:
+            if not resume:
+                raise UserError(f"--out {out}: holds the checkpoint of an unfinished run (step {meta.get('step')}); "
+                                "--resume continues it, --force discards it and trains from step 0")
+            raise UserError(f"{ckpt}: the checkpoint belongs to another configuration or seed list; use a new "
+                            "--out folder, or --force to discard it and train from step 0")
+    elif (out / "summary.json").exists() and not force:
+        summary = _read_json(out / "summary.json") or {}
+        diff = _config_diff(_read_json(out / "config.json"), json.loads(json.dumps(run.to_dict())))
+        if summary.get("seeds") != seeds:
+            diff.append("seeds")
+        if not diff and summary.get("hparams") not in (None, hparams):
+            diff.append("hparams")  # library callers may give members their own hyperparameters
+        if not diff:
+            if resume:
+                return "finished"
+            raise UserError(f"--out {out}: already holds this finished run; --resume does nothing to it, "
+                            "--force trains it again and replaces it")
+        if set(diff) <= {"train.steps", "optim.total_steps"}:
+            steps = (_read_json(out / "config.json") or {}).get("train", {}).get("steps")
+            raise UserError(f"--out {out}: holds a finished run of {steps} steps; a finished run cannot be "
+                            f"extended to {run.train.steps} (it keeps no checkpoint): train into a new --out, "
+                            "or --force to train from step 0 and replace it")
+        shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+        raise UserError(f"--out {out}: holds a finished run of another configuration (differs in {shown}); "
+                        "use a new --out, or --force to replace it")
+    if force:  # discard what is there now, so the folder never mixes two runs
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for name in ("summary.json", "metrics.npz", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    return "new"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict] | None = None,
-          out_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> RunResult:
+          out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+          progress: bool | Callable[[int], object] = True) -> RunResult:
     """Train `seeds` (default: run.train.seeds seeds from run.train.seed) of one configuration, vmapped.
 
     `hparams` (one dict per seed, keys from BATCHABLE_FIELDS' values) lets the vmapped members differ in
     learning rate and loss coefficients too; default: the run's own values for every member.
     With `out_dir`, checkpoints go to out_dir/checkpoint every `train.checkpoint_every` steps and `resume`
-    continues from the last one; the result is bit-identical to an uninterrupted run.
+    continues from the last one; the result is bit-identical to an uninterrupted run. What is already in
+    `out_dir` is never overwritten silently (see `prepare_out_dir`; `force` replaces it); `resume` of a
+    finished run returns its stored result without training. `progress`: a bar on stderr (True), none
+    (False), or a function called with the number of member-steps (members x steps) each chunk finished.
     """
     cfg = run.train
-    seeds = list(seeds if seeds is not None else range(cfg.seed, cfg.seed + cfg.seeds))
-    hparams = list(hparams) if hparams is not None else [hparams_of(run)] * len(seeds)
+    seeds, hparams = _members(run, seeds, hparams)
+    if out_dir is not None and prepare_out_dir(out_dir, run, seeds, hparams, resume=resume,
+                                               force=force) == "finished":
+        return RunResult(*read_run(out_dir))
     hps = {name: jnp.asarray([h[name] for h in hparams], _F32) for name in hparams_of(run)}
     trainer = Trainer(run)
     t0 = time.perf_counter()
@@ -381,7 +466,9 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         state, monitor, spikes, history, evals, step = _load_checkpoint(ckpt, run, seeds, hparams, state)
         state = place(state)
 
-    bar = _progress(cfg.steps, step, progress)
+    bar = _progress(cfg.steps, step, progress is True)
+    if bar is not None:
+        bar.set_description_str("compiling", refresh=True)  # the first chunk compiles: minutes on big models
     compile_s, step_s = 0.0, 0.0
     while step < cfg.steps:
         k = min(cfg.chunk_steps, cfg.steps - step)
@@ -406,7 +493,10 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
             evals.append((step, trainer.evaluate(state, seed_keys)))
         if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _save_checkpoint(ckpt, run, seeds, hparams, state, monitor, spikes, history, evals, step)
+        if callable(progress):
+            progress(k * len(seeds))
         if bar is not None:
+            bar.set_description_str("training", refresh=False)
             bar.update(k)
             bar.set_postfix(loss=f"{np.nanmean(metrics['loss'][-1]):.3f}", diverged=int(diverged.sum()))
     if bar is not None:
@@ -529,7 +619,7 @@ def _load_checkpoint(path: Path, run, seeds, hparams, template):
     meta = json.loads((path / "meta.json").read_text())
     if meta["fingerprint"] != run.fingerprint() or meta["seeds"] != seeds or meta["hparams"] != hparams:
         raise UserError(f"{path}: the checkpoint belongs to another configuration or seed list; "
-                        "use a new --out folder or drop --resume")
+                        "use a new --out folder, or --force to discard it and train from step 0")
     with np.load(path / "state.npz") as z:
         leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
     treedef = jax.tree.structure(template)
