@@ -13,6 +13,8 @@ section 3).
     flip_rate        fraction of tokens whose top-1 expert / top-2 set changes when the router softmax is
                      computed in the format instead of float64
     footnote_example ST-MoE's footnote: ten logits of 128 and one of 128.5 (exact 0.142, bf16 0.091)
+    allreduce_error  relative error of a gradient summed over R data-parallel replicas by the emulated ring
+                     all-reduce (`ops.ring_allreduce`) in the format, against float64, as R grows
     accumulator_error max and median relative error of a K-long dot product vs K when the matmul accumulator
                      keeps 10..24 significant bits, with and without float32 promotion every 128 elements
                      (`ops.matmul_accumulated`'s order), inputs in fp8 e4m3 or bf16 (DeepSeek-V3 section 3.3)
@@ -400,7 +402,48 @@ def footnote_text(rows: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-# -- 6. the matmul accumulator ---------------------------------------------------------------------------------
+# -- 6. the gradient all-reduce ---------------------------------------------------------------------------------
+
+ALLREDUCE_FORMATS = ("fp32", "bf16")
+ALLREDUCE_REPLICAS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def allreduce_error(formats: Sequence[str] = ALLREDUCE_FORMATS, replicas: Sequence[int] = ALLREDUCE_REPLICAS, *,
+                    size: int = 16384, spread_decades: float = 4.0, noise: float = 3.0, seed: int = SEED) -> list[dict]:
+    """Error of the gradient sum over R replicas when the ring all-reduce (`ops.ring_allreduce`: every local
+    gradient and each of the R - 1 partial sums rounded to the format) runs in the format, against the
+    float64 sum of the same float32 per-replica gradients.
+
+    Synthetic gradients with a realistic spread: `size` elements whose magnitudes m_i = 10^U(-spread, 0)
+    span `spread_decades` decades (real gradients span many binades), a true gradient mu_i ~ N(0, 1) m_i,
+    and replica r's gradient (mu_i + noise * m_i * eps_ri) / R with eps ~ N(0, 1): mini-batch noise
+    `noise` times the signal per replica (the 1/R is the per-replica loss weight the trainer uses, so the
+    sum is the full-batch gradient). Rows: rel_l2 = ||sum - ref|| / ||ref||, median and max of the
+    elementwise |sum - ref| / |ref|, and bound_rel_l2 = R u || sum_r |g_r| || / ||ref|| (u = 2^-(m+1): the
+    worst case of R roundings of a sequential sum; a tree would have log2(R) + 1 instead of R)."""
+    rows = []
+    for r in replicas:
+        rng = np.random.default_rng([seed, r])
+        magnitude = 10.0 ** rng.uniform(-spread_decades, 0.0, size)
+        mu = rng.normal(size=size) * magnitude
+        grads = ((mu[None] + noise * magnitude[None] * rng.normal(size=(r, size))) / r).astype(np.float32)
+        ref = grads.astype(np.float64).sum(axis=0)
+        abs_sum = np.abs(grads.astype(np.float64)).sum(axis=0)
+        for name in formats:
+            fmt = get_format(name)
+            policy = get_policy(f"fp32,grad_allreduce={fmt.name}")
+            summed = np.asarray(jax.jit(lambda g, p=policy: ops.ring_allreduce(g, p))(jnp.asarray(grads)), np.float64)
+            err = np.abs(summed - ref)
+            rel = err / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)
+            u = 2.0 ** -(fmt.mantissa_bits + 1)
+            rows.append(dict(format=fmt.name, replicas=int(r), size=int(size), spread_decades=float(spread_decades),
+                             noise=float(noise), rel_l2=float(np.linalg.norm(err) / np.linalg.norm(ref)),
+                             median_rel=float(np.median(rel)), max_rel=float(np.max(rel)),
+                             bound_rel_l2=float(r * u * np.linalg.norm(abs_sum) / np.linalg.norm(ref))))
+    return rows
+
+
+# -- 7. the matmul accumulator ---------------------------------------------------------------------------------
 
 # DeepSeek-V3 (2024) section 3.3, as published (PAPER.md section 13): FP8 GEMM on H800 tensor cores keeps
 # about 14 bits in its accumulator; for K = 4096 (random inputs) the maximum relative error was nearly 2%;
@@ -555,6 +598,9 @@ ANALYSES: dict[str, Analysis] = {
                           "flip_rate_figure", "routing flips (top-1 / top-2) vs logit scale"),
     "footnote_example": Analysis(footnote_example, {"formats": "formats", "modes": "modes"},
                                  "footnote_figure", "ST-MoE footnote: 128 x10 and 128.5"),
+    "allreduce_error": Analysis(allreduce_error, {"formats": "formats", "replicas": "posints", "size": "posint",
+                                                  "spread_decades": "posnum", "noise": "num", "seed": "int"},
+                                "allreduce_error_figure", "gradient ring all-reduce error vs replicas"),
     "accumulator_error": Analysis(accumulator_error, {"input_formats": "formats", "significant_bits": "posints",
                                                       "promote_every": "nonnegints", "ks": "posints",
                                                       "roundings": "roundings", "distributions": "distributions",
@@ -624,6 +670,9 @@ def load_roundoff_experiment(path: str | os.PathLike) -> tuple[str, dict]:
     source = str(path)
     data = read_toml(path, "experiment file")
     kind = data.get("kind")
+    if kind is None and ("base" in data or "axes" in data):
+        raise UserError(f"{source}: is a sweep (it has [base]/[[axes]]), not a roundoff experiment; "
+                        f"run it with: precision-lab sweep {source} --out DIR")
     if kind != "roundoff":
         raise UserError(f"{source}: field 'kind' must be \"roundoff\" for a roundoff experiment, got {kind!r}")
     name = data.get("analysis")
@@ -708,8 +757,8 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | None = None) -> list[Path]:
-    """Run every analysis marked in_report (all but accumulator_error, unless overrides names it) with its
-    defaults, write every figure, the data (JSON) and roundoff.md into
+    """Run every analysis marked in_report (the six analyses above; accumulator_error only when overrides
+    names it) with its defaults, write every figure, the data (JSON) and roundoff.md into
     out_dir. Returns the written paths (roundoff.md last). overrides: analysis name -> keyword arguments that
     replace defaults (smaller runs for tests; the report says the defaults were changed)."""
     import time
@@ -803,6 +852,19 @@ def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | Non
                     [["exact", f"{PAPER_FOOTNOTE['exact']:.3f}", f"{fn[0]['exact']:.4f} (float64)"],
                      ["bf16", f"{PAPER_FOOTNOTE['bf16']:.3f}", f"{lab_bf16:.4f} (emulate, max-shift; 128.5 -> 128)"]])
     md += ["", "```", footnote_text(fn), "```", "", "![footnote](footnote.png)", ""]
+
+    ar = results["allreduce_error"]
+    reps = sorted({r["replicas"] for r in ar})
+    md += ["## Gradient all-reduce", "", "Relative L2 error of a gradient summed over R replicas by the emulated "
+           "ring all-reduce in the format (R - 1 rounded partial sums; `ops.ring_allreduce`) against float64, "
+           "synthetic gradients spanning "
+           f"{ar[0]['spread_decades']:g} decades with per-replica noise {ar[0]['noise']:g}x the signal; in brackets "
+           "the worst-case bound R u ||sum |g_r||| / ||sum g_r||.", ""]
+    md += _md_table(["format", *(f"R = {r}" for r in reps)],
+                    [[fmt] + [f"{_g(by[r]['rel_l2'])} ({_g(by[r]['bound_rel_l2'])})" if r in by else ""
+                              for r in reps]
+                     for fmt, by in ((f, {r["replicas"]: r for r in rs}) for (f,), rs in _group(ar, "format").items())])
+    md += ["", "![all-reduce error](allreduce_error.png)", ""]
     if "accumulator_error" in results:
         md += accumulator_markdown(results["accumulator_error"], paths)
     md_path = out / "roundoff.md"
@@ -812,6 +874,7 @@ def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | Non
 
 __all__ = [
     "binade_table", "exp_error", "exp_bound", "softmax_error", "flip_rate", "footnote_example", "footnote_text",
+    "allreduce_error",
     "ANALYSES", "load_roundoff_experiment", "run_analysis", "run_roundoff_experiment", "roundoff_report",
     "PAPER_BINADE", "PAPER_FOOTNOTE", "accumulator_error", "PAPER_ACCUMULATOR",
 ]
