@@ -18,12 +18,17 @@ Conventions, the same in both modes:
     rounds the incoming gradient to the policy's "grads" spec, computes the input gradient from the rounded
     operands (rounded to "matmul_out", like the forward output) and the weight gradient in float32 (the
     trainer rounds it for the all-reduce and the update).
+  * A matmul operand spec may carry an accumulator (`acc=e8m13/128`): then that product, and the two
+    products of its backward pass (dgrad, wgrad), sum K in the order `matmul_accumulated` documents, with
+    the running sum rounded to the accumulator format, instead of in float32.
   * Delayed scaling state enters `dot` as an input whose cotangent is the updated state (the "gradient
     trick" flax uses for fp8 metadata): `jax.grad` w.r.t. the state returns the new state.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import weakref
 from typing import NamedTuple
@@ -33,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from precision_lab.formats import get_format
-from precision_lab.policy import PrecisionPolicy, Spec
-from precision_lab.scaling import DelayedState, init_delayed_state, scaled_quantize
+from precision_lab.policy import Accumulator, PrecisionPolicy, Spec, parse_accumulator
+from precision_lab.rounding import quantize
+from precision_lab.scaling import DelayedState, format_view, init_delayed_state, scaled_quantize
 
 _F32 = jnp.float32
 _FP32_SPEC = Spec(format="fp32")
@@ -135,6 +141,231 @@ def cast(x, policy: PrecisionPolicy, component: str, *, key=None):
     return _round(jnp.asarray(x, _F32), policy[component], policy.mode, key=key)[0]
 
 
+# -- the accumulator model --------------------------------------------------------------------------------
+#
+# Summation order modelled (the "stated order"), for every output element of a product contracting K:
+#   1. K is cut into consecutive blocks of `block` elements (default 32), zero-padded at the end.
+#   2. Within a block the products a_k * b_k are summed by a float32 matmul (XLA's order inside the block,
+#      one float32 rounding per add at most). Products of bf16/fp8 operands are exact in float32, and the
+#      block sum carries 24 significant bits, far more than the narrow accumulator keeps: this stands for
+#      the tensor core's fused multi-term adder, which adds one MMA step's products at once.
+#   3. The narrow running sum s (start 0) takes each block sum in K order: s = round_acc(s + block_sum),
+#      the add in float32, then rounded to the accumulator format (`quantize`, default toward zero: tensor
+#      cores truncate the bits they shift out when they align and normalise -- Fasi et al. 2021 measured
+#      truncation on V100/T4/A100; the e8m13 accumulator of Hopper's FP8 MMA is reported truncating too).
+#   4. promote_every = N_C: after every N_C elements of K (a whole number of blocks) s is added into a
+#      float32 accumulator f (f = f + s, float32 round-to-nearest, in K order) and reset to 0 -- DeepSeek-V3
+#      section 3.3's promotion of the tensor core's partial sums to CUDA-core float32 registers. The result
+#      is f + s (s after the last, possibly partial, group). promote_every None: the result is s.
+# Why blocks and not one rounding per element: a tensor core does not add products to its accumulator one
+# at a time; each MMA instruction adds a k-long dot product (k = 32 for FP8 wgmma, 16 for bf16) to the
+# accumulator in one fused, aligned addition, so the accumulator is rounded once per instruction, i.e.
+# once per `block` products. With block=1 the model is the textbook recursive summation.
+# The difference from a fused adder (which rounds acc + exact block sum once) is the float32 rounding of
+# the block sum and of the add before the accumulator rounding: at most 2^-24 relative, against the
+# accumulator's 2^-(m+1) or 2^-m.
+# Speed: the heavy work (M*N*K multiply-adds) is one float32 matmul producing every block sum at once
+# ([K/block, M, N]); only the K/block accumulator steps run as a `lax.scan` (M*N work each), and with
+# promotion the N_C/block steps of every promotion group run side by side (a scan of N_C/block steps over
+# [K/N_C, M, N]) before the K/N_C float32 adds.
+
+
+def _as_accumulator(accumulator, promote_every, block, rounding) -> Accumulator:
+    if isinstance(accumulator, Accumulator):
+        return accumulator
+    if "/" in str(accumulator):
+        return parse_accumulator(accumulator)
+    kw = {} if block is None else {"block": block}
+    if rounding is not None:
+        kw["rounding"] = rounding
+    return Accumulator(format=str(accumulator), promote_every=promote_every, **kw)
+
+
+def accumulate_blocks(partial, acc: Accumulator, *, prefixes: bool = False):
+    """Sum <float32>[NB, ...] block sums along axis 0 in the accumulator's order (steps 3-4 above).
+
+    Returns the [...] result; prefixes=True returns <float32>[NB, ...] instead: the result the product
+    would have had with K cut after each block (f + s at every block boundary), which is what a dot
+    product of that shorter length gives (the roundoff analysis reads every K from one long product)."""
+    partial = jnp.asarray(partial, _F32)
+    fmt = get_format(acc.format)
+    q = (lambda v: v) if fmt.mantissa_bits >= 23 and fmt.exponent_bits >= 8 else (
+        lambda v: quantize(v, fmt, rounding=acc.rounding))
+    per_group = None if acc.promote_every is None else acc.promote_every // acc.block
+    nb = partial.shape[0]
+    if per_group is None or per_group >= nb:
+        def step(s, p):
+            s = q(s + p)
+            return s, (s if prefixes else None)
+
+        s, hist = jax.lax.scan(step, jnp.zeros(partial.shape[1:], _F32), partial)
+        return hist if prefixes else s
+    groups = -(-nb // per_group)
+    pad = groups * per_group - nb
+    if pad:
+        partial = jnp.concatenate([partial, jnp.zeros((pad, *partial.shape[1:]), _F32)])
+    # [groups, per_group, ...] -> scan over the per_group axis, every group side by side.
+    grouped = jnp.swapaxes(partial.reshape(groups, per_group, *partial.shape[1:]), 0, 1)
+
+    def narrow(s, p):
+        s = q(s + p)
+        return s, (s if prefixes else None)
+
+    s, hist = jax.lax.scan(narrow, jnp.zeros(grouped.shape[1:], _F32), grouped)
+
+    def promote(f, g):
+        f = f + g
+        return f, f
+
+    # f before each group is the float32 sum of the groups before it (in K order).
+    f_last, f_after = jax.lax.scan(promote, jnp.zeros(s.shape[1:], _F32), s)
+    if not prefixes:
+        return f_last
+    f_before = jnp.concatenate([jnp.zeros((1, *f_after.shape[1:]), _F32), f_after[:-1]])
+    out = jnp.swapaxes(hist, 0, 1) + f_before[:, None]  # [groups, per_group, ...]: f + s at each block end
+    return out.reshape(groups * per_group, *out.shape[2:])[:nb]
+
+
+def _block_sums(eq: str, a, b, block: int):
+    """Float32 sums of `block` consecutive products along the contracted axes of einsum(eq, a, b):
+    <float32>[NB, *out]. The contracted axes (all indices in both operands but not the output) are merged
+    into one K axis (in the order they appear in the lhs), zero-padded to a multiple of `block` (K <= block:
+    one block of K, no padding; zero products change no float32 sum, so the result is the same)."""
+    ins, out = eq.replace(" ", "").split("->")
+    xa, xb = ins.split(",")
+    con = [c for c in xa if c in xb and c not in out]
+    if any(c not in xb and c not in out for c in xa) or any(c not in xa and c not in out for c in xb):
+        raise ValueError(f"accumulated einsum {eq!r}: an index summed over one operand alone is not supported")
+    keep_a, keep_b = [c for c in xa if c not in con], [c for c in xb if c not in con]
+    a = jnp.transpose(a, [xa.index(c) for c in keep_a + con])
+    b = jnp.transpose(b, [xb.index(c) for c in keep_b + con])
+    k = int(np.prod([a.shape[len(keep_a) + i] for i in range(len(con))], dtype=np.int64))
+    a = a.reshape(*a.shape[:len(keep_a)], k)
+    b = b.reshape(*b.shape[:len(keep_b)], k)
+    block = min(block, k)
+    padded = -(-k // block) * block
+    if padded != k:
+        a = jnp.pad(a, [(0, 0)] * len(keep_a) + [(0, padded - k)])
+        b = jnp.pad(b, [(0, 0)] * len(keep_b) + [(0, padded - k)])
+    nb = padded // block
+    a = a.reshape(*a.shape[:-1], nb, block)
+    b = b.reshape(*b.shape[:-1], nb, block)
+    free = [chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in eq][:2]
+    jj, kk = free
+    sub = f"{''.join(keep_a)}{jj}{kk},{''.join(keep_b)}{jj}{kk}->{jj}{out}"
+    return jnp.einsum(sub, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F32)
+
+
+def accumulated_einsum(eq: str, a, b, acc: Accumulator):
+    """einsum(eq, a, b) for float32 operands with the contracted axes summed in the accumulator's order
+    (see "the accumulator model" above; several contracted axes are merged into one K, lhs order)."""
+    partial = _block_sums(eq, jnp.asarray(a, _F32), jnp.asarray(b, _F32), acc.block)
+    return accumulate_blocks(partial, acc)
+
+
+def matmul_accumulated(a, b, accumulator: str | Accumulator = "e8m13", promote_every: int | None = 128, *,
+                       block: int | None = None, rounding: str | None = None):
+    """<float32>[M, K] @ <float32>[K, N] -> <float32>[M, N] with a narrow matmul accumulator.
+
+    The K sum runs in this order (the reasons are in the block comment "the accumulator model" of
+    precision_lab/ops.py): K in blocks of `block` (default 32) products, each block summed in float32; a
+    running sum s takes the block sums in K order and is rounded to `accumulator` (default `e8m13`, 14
+    significant bits, rounding toward zero) after each; with `promote_every` (default 128, DeepSeek-V3's
+    N_C; None: never) s is added into a float32 accumulator every `promote_every` elements of K and reset.
+
+    accumulator: a format name (`e8m13`, `fp16`, `fp32` = plain float32 summation in the same order), or the
+    policy's form `e8m13/128/k32/toward_zero` (then promote_every, block and rounding come from it), or an
+    `Accumulator`. Bad values raise UserError naming the field and the valid choices.
+    """
+    acc = _as_accumulator(accumulator, promote_every, block, rounding)
+    a, b = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul_accumulated needs [M, K] @ [K, N], got {a.shape} @ {b.shape}")
+    return _matmul_accumulated_jit(a, b, acc)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _matmul_accumulated_jit(a, b, acc: Accumulator):
+    return accumulated_einsum("mk,kn->mn", a, b, acc)
+
+
+# -- precision telemetry: what the roundings of the matmul operands and gradients lose ------------------------
+#
+# Counted per rounding (`rounding_counts`), as four numbers: underflow (a finite nonzero input that rounds to
+# 0), nonzero (finite nonzero inputs: the underflow fraction's denominator), overflow (a finite input the
+# format cannot hold: it rounds past the format's max with an unbounded exponent, i.e. |x| * scale >=
+# max + ulp(max)/2, so a saturating cast clips it and an IEEE cast makes it inf or NaN; or the rounding
+# turned it non-finite), finite (finite inputs: the overflow fraction's denominator). With scaling, the
+# range is the scaled one (`scaling.format_view`).
+#
+# Where the counts travel, without changing a result: the trainer opens `count_roundings(probe)` around the
+# model's forward pass, with `probe` = `new_probe()` (zeros [sites, 4]) an argument of the function it
+# differentiates. Every `dot` then takes the probe as one more input that its forward pass never reads.
+# The forward counts (operands) are computed next to the rounding and kept as residuals; the backward pass
+# counts the rounding of the incoming gradient to "grads" and returns both as the probe's COTANGENT, at the
+# rows of the site's group ("experts_fwd", "experts_bwd", ...). Autodiff sums cotangents over every use of
+# the probe, so `jax.grad` with respect to the probe is the sum of the counts over all matmul sites of a
+# group: the same side channel as the delayed-scaling state (above: an input whose cotangent is the news).
+# No probe (the default, and every evaluation) means no counting and no extra work. A dot whose output
+# does not reach the loss (none in the model) is not counted: its backward pass never runs.
+
+COUNT_KINDS: tuple[str, ...] = ("underflow", "nonzero", "overflow", "finite")
+# A matmul site's group is named after its lhs component (the router's lhs is router_input, the expert
+# dispatch's is activations, the combine's is comm).
+SITE_GROUPS: dict[str, str] = {
+    "attn_operands": "attention", "ffn_operands": "ffn", "expert_operands": "experts", "head_operands": "head",
+    "router_input": "router", "activations": "dispatch", "comm": "combine",
+}
+TELEMETRY_SITES: tuple[str, ...] = tuple(f"{g}_{d}" for g in dict.fromkeys(SITE_GROUPS.values())
+                                         for d in ("fwd", "bwd"))
+_PROBES: list = []  # the probe of the innermost open count_roundings (a trace-time stack, like _ROUNDED)
+
+
+def new_probe():
+    """<float32>[len(TELEMETRY_SITES), len(COUNT_KINDS)] zeros: pass to `count_roundings` and differentiate."""
+    return jnp.zeros((len(TELEMETRY_SITES), len(COUNT_KINDS)), _F32)
+
+
+@contextlib.contextmanager
+def count_roundings(probe):
+    """While open, every `dot` counts its roundings into `probe`'s cotangent (see above); probe None: off."""
+    _PROBES.append(probe)
+    try:
+        yield
+    finally:
+        _PROBES.pop()
+
+
+def rounding_counts(x, y, spec: Spec, *, axis: int = -1, state=None):
+    """<float32>[4] (underflow, nonzero, overflow, finite) of rounding float32 `x` to `y` per `spec` (the
+    state: the delayed-scaling history the rounding used)."""
+    finite = jnp.isfinite(x)
+    nonzero = finite & (x != 0)
+    count = lambda m: jnp.sum(m, dtype=_F32)  # noqa: E731
+    if spec.is_identity:  # nothing can underflow or overflow
+        return jnp.stack([jnp.float32(0.0), count(nonzero), jnp.float32(0.0), count(finite)])
+    fmt = get_format(spec.format)
+    beyond = float(fmt.max + 0.5 * fmt.ulp(fmt.max))  # fp32-wide formats: inf (no finite float32 reaches it)
+    beyond = np.float32(beyond if beyond <= float(np.finfo(np.float32).max) else np.inf)
+    view = jnp.abs(format_view(x, spec, axis=axis, state=state))
+    overflow = finite & (~jnp.isfinite(y) | (view >= beyond))
+    return jnp.stack([count(nonzero & (y == 0)), count(nonzero), count(overflow), count(finite)])
+
+
+def fractions(counts, prefix: str = "") -> dict:
+    """{underflow_frac/NAME: underflow / nonzero, overflow_frac/NAME: overflow / finite} from counts
+    [..., 4] (0 where nothing was counted). NAME is `prefix`, or each TELEMETRY_SITES name for [sites, 4]."""
+    def frac(num, den):
+        return jnp.where(den > 0, num / jnp.maximum(den, jnp.float32(1.0)), jnp.float32(0.0))
+    if counts.ndim == 1:
+        return {f"underflow_frac/{prefix}": frac(counts[0], counts[1]),
+                f"overflow_frac/{prefix}": frac(counts[2], counts[3])}
+    out = {}
+    for i, site in enumerate(TELEMETRY_SITES):
+        out.update(fractions(counts[i], site))
+    return out
+
+
 # -- matmul ---------------------------------------------------------------------------------------------
 
 
@@ -176,9 +407,13 @@ class _DotConfig(NamedTuple):
     grad_out: Spec
     mode: str
     kind: str = "einsum"  # "einsum" | "grouped" (b[index] per block) | "rows" (a[index], no b)
+    site: int = 0  # the site's group's "_fwd" row of the telemetry probe (TELEMETRY_SITES); "_bwd" is + 1
+    acc: Accumulator | None = None  # narrow accumulator of this product and its backward products
 
 
 def _einsum(cfg: _DotConfig, a, b):
+    if cfg.acc is not None:
+        return accumulated_einsum(cfg.eq, a, b, cfg.acc)
     if cfg.mode == "native":
         da, db = _native_dtype(cfg.lhs), _native_dtype(cfg.rhs)
         if da is not None and da == db:
@@ -207,20 +442,33 @@ def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dot(cfg: _DotConfig, a, b, state, index):
+def _dot(cfg: _DotConfig, a, b, state, index, probe):
     return _dot_fwd_impl(cfg, a, b, state, index)[0]
 
 
-def _dot_fwd(cfg, a, b, state, index):
+def _dot_fwd(cfg, a, b, state, index, probe):
     y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index)
-    return y, (qa, qb, sa, sb, state, index)
+    counts = None
+    if probe is not None:  # precision telemetry (see above): the operands' roundings
+        ka, kb = _contracting_axes(cfg.eq)
+        st = state if state is not None else DotState(None, None, None)
+        counts = rounding_counts(a, qa, cfg.lhs, axis=ka, state=st.lhs)
+        if cfg.rhs is not None:
+            counts = counts + rounding_counts(b, qb, cfg.rhs, axis=kb, state=st.rhs)
+    return y, (qa, qb, sa, sb, state, index, counts)
 
 
 def _dot_bwd(cfg, res, g):
-    qa, qb, sa, sb, state, index = res
+    qa, qb, sa, sb, state, index, counts = res
     st = state if state is not None else DotState(None, None, None)
     qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad)
-    if cfg.rhs is None:
+    dprobe = None
+    if counts is not None:  # the probe's cotangent: this site's forward and gradient rounding counts
+        grad_counts = rounding_counts(g, qg, cfg.grad, state=st.grad)
+        dprobe = new_probe().at[cfg.site].set(counts).at[cfg.site + 1].set(grad_counts)
+    if cfg.acc is not None and cfg.rhs is not None:
+        da, db = _accumulated_grads(cfg, qa, qb, qg, index)
+    elif cfg.rhs is None:
         _, vjp = jax.vjp(lambda a_: _contract(cfg, a_, None, index), qa)
         (da,), db = vjp(qg), None
     else:
@@ -229,7 +477,21 @@ def _dot_bwd(cfg, res, g):
         db = db.astype(_F32)
     da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode)
     new_state = None if state is None else DotState(sa, sb, sg)
-    return da, db, new_state, _zero_cotangent(index)
+    return da, db, new_state, _zero_cotangent(index), dprobe
+
+
+def _accumulated_grads(cfg: _DotConfig, qa, qb, qg, index):
+    """dgrad and wgrad of an accumulated product, each itself a product summed in the accumulator's order
+    (over the forward's output-only axes for dgrad, over the shared batch/token axes for wgrad)."""
+    ins, out = cfg.eq.replace(" ", "").split("->")
+    xa, xb = ins.split(",")
+    if cfg.kind == "grouped":  # per block: b = w[index]; the blocks of one expert then add in float32
+        wb, take_vjp = jax.vjp(lambda w: jnp.take(w, index, axis=0, mode="clip"), qb)
+        da = accumulated_einsum(f"{out},{xb}->{xa}", qg, wb, cfg.acc)
+        (db,) = take_vjp(accumulated_einsum(f"{xa},{out}->{xb}", qa, qg, cfg.acc))
+        return da, db
+    return (accumulated_einsum(f"{out},{xb}->{xa}", qg, qb, cfg.acc),
+            accumulated_einsum(f"{xa},{out}->{xb}", qa, qg, cfg.acc))
 
 
 def _zero_cotangent(index):
@@ -240,11 +502,19 @@ def _zero_cotangent(index):
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
+def _without_accumulator(spec: Spec) -> Spec:
+    return spec if spec.accumulator is None else dataclasses.replace(spec, accumulator=None)
+
+
 def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str, rhs: str | None, out: str,
              state: DotState | None):
     a = jnp.asarray(a, _F32)
     b = None if b is None else jnp.asarray(b, _F32)
     lhs_spec, rhs_spec = policy[lhs], None if rhs is None else policy[rhs]
+    # The accumulator is the product's (the lhs operand's, else the rhs's); the operands round without it.
+    acc = lhs_spec.accumulator or (None if rhs_spec is None else rhs_spec.accumulator)
+    lhs_spec = _without_accumulator(lhs_spec)
+    rhs_spec = None if rhs_spec is None else _without_accumulator(rhs_spec)
     if policy.mode == "emulate":
         # An operand already rounded to its spec (e.g. the previous matmul's output) is not rounded again
         # (see "skipping roundings"). Decided here, outside the custom_vjp, where the operands are the
@@ -252,8 +522,11 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
         lhs_spec = _FP32_SPEC if _already(a, lhs_spec) else lhs_spec
         if b is not None:
             rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
-    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind)
-    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32))
+    site = TELEMETRY_SITES.index(SITE_GROUPS.get(lhs, "dispatch") + "_fwd")
+    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind,
+                     site, acc)
+    probe = _PROBES[-1] if _PROBES else None
+    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), probe)
     if policy.mode == "emulate":
         _remember(y, policy[out])
     return y
@@ -261,8 +534,9 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
 
 def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
         state: DotState | None = None):
-    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation and
-    the output rounded per `out`. The backward pass rounds gradients per the policy's "grads" spec."""
+    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation (or
+    the lhs/rhs spec's accumulator, `acc=`: see `matmul_accumulated`) and the output rounded per `out`. The
+    backward pass rounds gradients per the policy's "grads" spec."""
     return _run_dot("einsum", eq, a, b, None, policy, lhs, rhs, out, state)
 
 
@@ -359,7 +633,72 @@ def rms_norm(x, scale, policy: PrecisionPolicy, component: str = "norms", eps: f
     return y
 
 
+# -- the data-parallel all-reduce ------------------------------------------------------------------------------
+
+
+def ring_allreduce(stacked, policy: PrecisionPolicy, component: str = "grad_allreduce", *, key=None,
+                   with_counts: bool = False):
+    """Sum a pytree of per-replica arrays <float32>[R, ...] over R replicas as a ring all-reduce does, every
+    value on the wire and every partial sum rounded to `component`'s spec. Returns the summed tree (and,
+    with_counts, the <float32>[4] `rounding_counts` of all those roundings together).
+
+    The order, stated: ring all-reduce (NCCL's algorithm for large messages) = reduce-scatter + all-gather.
+    Each leaf, flattened, is cut into R chunks (zero padded); chunk c starts at replica (c + 1) mod R and
+    travels the ring c+1, c+2, ..., c (mod R): each replica rounds its own gradient to the format, adds the
+    incoming partial sum and rounds the result (s = round(s + round(g_r)): R - 1 rounded partial sums per
+    element, in an order that differs per chunk, as on real hardware). The all-gather then copies the
+    finished chunks, which rounds nothing. A sequential chain, not a tree: error grows like (R - 1) units
+    of roundoff in the worst case, against log2(R) for a tree, which is why a bf16 all-reduce over many
+    replicas is a precision risk. R = 1 is one rounding of the local gradient. Stochastic rounding needs
+    `key` (one fresh key per rounding)."""
+    spec = policy[component]
+    needs_key = spec.rounding == "stochastic"
+    leaves, treedef = jax.tree.flatten(stacked)
+    keys = list(jax.random.split(key, len(leaves))) if needs_key else [None] * len(leaves)
+    total = jnp.zeros((len(COUNT_KINDS),), _F32)
+    out = []
+    for leaf, k in zip(leaves, keys):
+        summed, counts = _ring_sum(jnp.asarray(leaf, _F32), spec, policy.mode, k, with_counts)
+        out.append(summed)
+        total = total + counts
+    tree = jax.tree.unflatten(treedef, out)
+    return (tree, total) if with_counts else tree
+
+
+def _ring_sum(x, spec: Spec, mode: str, key, with_counts: bool):
+    """One leaf <float32>[R, ...] -> (ring sum [...], counts [4]); see `ring_allreduce`."""
+    r, shape = x.shape[0], x.shape[1:]
+    flat = x.reshape(r, -1)
+    n = flat.shape[1]
+    pad = (-n) % r
+    chunks = jnp.pad(flat, ((0, 0), (0, pad))).reshape(r, r, (n + pad) // r)  # (replica, chunk, m)
+    hops = np.arange(r)
+    order = (hops[:, None] + hops[None, :] + 1) % r  # order[j, c]: the replica chunk c visits at hop j
+    seq = chunks[order, hops[None, :]]  # (hop, chunk, m)
+
+    def rnd(v, k):
+        y = _round(v, spec, mode, key=k)[0]
+        return y, (rounding_counts(v, y, spec) if with_counts else jnp.zeros((len(COUNT_KINDS),), _F32))
+
+    hop_keys = jax.random.split(key, 2 * r) if key is not None else None
+    s, counts = rnd(seq[0], None if hop_keys is None else hop_keys[0])
+
+    def hop(carry, xs):
+        s, counts = carry
+        g, j = xs
+        kg, ks = (None, None) if hop_keys is None else (hop_keys[2 * j], hop_keys[2 * j + 1])
+        qg, cg = rnd(g, kg)
+        s, cs = rnd(s + qg, ks)
+        return (s, counts + cg + cs), None
+
+    if r > 1:
+        (s, counts), _ = jax.lax.scan(hop, (s, counts), (seq[1:], jnp.arange(1, r)))
+    return s.reshape(-1)[:n].reshape(shape), counts
+
+
 __all__ = [
-    "cast", "exact", "dot",
+    "COUNT_KINDS", "SITE_GROUPS", "TELEMETRY_SITES", "new_probe", "count_roundings", "rounding_counts", "fractions",
+    "ring_allreduce",
+    "cast", "exact", "dot", "matmul_accumulated", "accumulated_einsum", "accumulate_blocks",
     "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm",
 ]
