@@ -219,6 +219,8 @@ def _section(name: str, cls: type, values: Mapping[str, Any] | None):
     for key in values:
         if key not in fields:
             raise unknown_choice(f"{name} field", key, sorted(fields))
+    if name == "train" and isinstance(values.get("mesh"), Mapping):  # the TOML table form of train.mesh
+        values["mesh"] = mesh_text(parse_mesh(dict(values["mesh"])))
     values = check_field_types(name, cls, values)
     try:
         return dataclasses.replace(base, **values)
