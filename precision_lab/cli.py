@@ -227,13 +227,13 @@ def _add_sweep(p):
                    help="empty an --out store that holds another sweep (or the smoke/full version) first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--executor", default="inprocess", choices=("inprocess", "ray"),
-                   help="where groups run: inprocess (default, one after the other) or ray (one Ray task per "
+                   help="where groups run: inprocess (here, one after the other) or ray (one Ray task per "
                         "group, in parallel; needs precision-lab[ray])")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="with --executor ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); "
-                        "default: a local Ray instance")
+                        "none: a local Ray instance, or $RAY_ADDRESS")
     p.add_argument("--cpus-per-task", type=int, default=1, metavar="N",
-                   help="with --executor ray: CPUs Ray reserves for each group's task (default 1)")
+                   help="with --executor ray: CPUs Ray reserves for each group's task")
 
 
 @command("sweep", "run a sweep TOML into a results store (resumable, shardable)",
