@@ -378,8 +378,14 @@ def write_report(out_dir: str | Path, fig_dir: str | Path | None = None) -> Path
              "papers print it).", ""]
     best = next((r["env"].get("best_loss") for r in runs if r["env"].get("best_loss") is not None), None)
     if best is not None:
-        lines += [f"Best possible loss of the synthetic language on this objective: {best:.4f} nats/token "
-                  f"(entropy rate {runs[0]['env'].get('entropy_rate', float('nan')):.4f}).", ""]
+        env0 = runs[0]["env"]
+        stderr = env0.get("best_loss_stderr")
+        lines += [f"Best possible loss of the synthetic data on this objective (Bayes predictor): {best:.4f}"
+                  + (f" +- {stderr:.4f} (Monte Carlo standard error)" if stderr else "")
+                  + f" nats/token (entropy rate {env0.get('entropy_rate', float('nan')):.4f})."
+                  + (f" Unigram reference (format learned, tokens by frequency only; at or above it a seed "
+                     f"failed to learn): {env0['unigram_loss']:.4f}." if env0.get("unigram_loss") is not None
+                     else ""), ""]
     for t in tables:
         lines += [f"## {t.replace('_', ' ').capitalize()}", "", TABLES[t](configs), ""]
     lines += ["## Figures", ""]

@@ -38,7 +38,7 @@ def run_group(runs: list[RunSpec]) -> list[dict]:
             "first_loss_spike_step": s["first_loss_spike_step"][i],
             "eval_history": [{"step": e["step"], "loss": e["loss"][i]} for e in s["eval_history"]],
         }
-        shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
+        shared = {k: s[k] for k in ("best_loss", "best_loss_stderr", "unigram_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
                                     "policy_resolved")}
         shared["moe_layer_names"] = list(run.model.moe_layer_names())
         metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()}  # every per-step metric

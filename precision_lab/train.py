@@ -323,13 +323,16 @@ def _progress(total: int, initial: int, enabled: bool):
 
 def _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval, evals, metrics, timing) -> dict:
     results = monitor.results()
-    best = trainer.dataset.best_loss
+    refs = trainer.dataset.reference_losses()
+    best = refs["best_loss"]
     return {
         "seeds": seeds,
         "hparams": hparams,
         "final_eval_loss": [None if not np.isfinite(v) else float(v) for v in final_eval],
         "quality_gap": None if best is None else [None if not np.isfinite(v) else float(v - best) for v in final_eval],
         "best_loss": best,
+        "best_loss_stderr": refs["best_loss_stderr"],
+        "unigram_loss": refs["unigram_loss"],
         "entropy_rate": trainer.dataset.entropy_rate,
         "diverged": [bool(r.diverged) for r in results],
         "divergence_step": [r.step for r in results],
