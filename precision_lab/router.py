@@ -257,8 +257,8 @@ def fixed_routing(routing: str, *, k: int, num_experts: int, shape: tuple[int, i
     if routing == "random":
         scores = jax.random.uniform(key, (*shape, num_experts), jnp.float32)
     elif routing == "hash":
-        ids = token_ids.astype(jnp.uint32)[..., None] * jnp.uint32(num_experts) + jnp.arange(num_experts,
-                                                                                             dtype=jnp.uint32)
+        experts = jnp.arange(num_experts, dtype=jnp.uint32).reshape((1,) * token_ids.ndim + (num_experts,))
+        ids = token_ids.astype(jnp.uint32)[..., None] * jnp.uint32(num_experts) + experts  # (G, S, E)
         scores = (_hash_u32(ids ^ jnp.uint32(0x9E3779B9)) >> 1).astype(jnp.int32)  # 31 bits: top_k on int32
     else:
         raise ValueError(f"fixed_routing: routing must be one of {FIXED_ROUTINGS}, got {routing!r}")
