@@ -752,9 +752,11 @@ class Dataset:
         return None
 
     @property
-    def unigram_loss(self) -> float:
-        """The "failed to learn" reference: loss of the best context-free model (see `unigram_loss`)."""
-        return unigram_loss(self._token_marginal(), self.layout)
+    def unigram_loss(self) -> float | None:
+        """The "failed to learn" reference: loss of the best context-free model (see `unigram_loss`), when
+        the token marginal is known (else None)."""
+        marginal = self._token_marginal()
+        return None if marginal is None else unigram_loss(marginal, self.layout)
 
     def reference_losses(self) -> dict[str, float | None]:
         """{"best_loss", "best_loss_stderr", "unigram_loss"} in nats per target token: what a run's eval loss
@@ -762,8 +764,8 @@ class Dataset:
         return {"best_loss": self.best_loss, "best_loss_stderr": self.best_loss_stderr,
                 "unigram_loss": self.unigram_loss}
 
-    def _token_marginal(self) -> np.ndarray:
-        raise NotImplementedError
+    def _token_marginal(self) -> np.ndarray | None:
+        return None
 
     def batch(self, step: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Training batch `step` for run seed `seed`: a pure function of (config.seed, seed, step).
@@ -864,6 +866,11 @@ class SyntheticDataset(Dataset):
 class MixtureDataset(SyntheticDataset):
     """The default data (kind "mixture"): `num_languages` Markov languages, one per sequence, latent
     (`MarkovMixture`); `best_loss` is `mixture_best_loss` (Monte Carlo, with its standard error)."""
+
+    @property
+    def mixture(self) -> MarkovMixture:
+        """The mixture (also `language`): its `languages` and `weights` (fine-tuning tasks read them)."""
+        return self.language
 
     def _make_language(self, num_tokens: int):
         return make_markov_mixture(num_tokens=num_tokens, num_languages=self.config.num_languages,

@@ -196,6 +196,27 @@ def flip_rate_figure(rows: list[dict], out_dir: str | Path, stem: str = "flip_ra
     return save(fig, out_dir, stem)
 
 
+def allreduce_error_figure(rows: list[dict], out_dir: str | Path, stem: str = "allreduce_error") -> list[Path]:
+    """`roundoff.allreduce_error` rows: relative L2 error of the ring all-reduce sum vs float64 against the
+    number of replicas, per format (solid, markers), with the worst-case bound R u (dashed)."""
+    colors = _colors(r["format"] for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (name,), rs in _by(rows, "format").items():
+        rs = sorted(rs, key=lambda r: r["replicas"])
+        xs = [r["replicas"] for r in rs]
+        ax.plot(xs, [r["rel_l2"] for r in rs], "o-", color=colors[name], label=f"{name}: measured")
+        ax.plot(xs, [r["bound_rel_l2"] for r in rs], "--", color=colors[name], lw=0.8, label=f"{name}: bound R u")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("replicas R (ring all-reduce: R - 1 rounded partial sums)")
+    ax.set_ylabel("relative L2 error of the summed gradient vs float64")
+    ax.set_title(f"Gradient all-reduce roundoff ({rows[0]['size']} elements over {rows[0]['spread_decades']:g} "
+                 f"decades, noise {rows[0]['noise']:g}x signal)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, out_dir, stem)
+
+
 def footnote_figure(rows: list[dict], out_dir: str | Path, stem: str = "footnote") -> list[Path]:
     """`roundoff.footnote_example` rows: softmax probability of the 128.5 logit per format (max-shift, each
     mode), the exact value and ST-MoE's printed numbers; formats whose unshifted softmax overflows say so."""
@@ -362,3 +383,30 @@ SWEEP_FIGURES = {
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
 }
+
+
+def finetune_curves(summary: dict, metrics: dict, out_dir: str | Path, stem: str = "finetune_curves") -> Path:
+    """Train loss (per step, every seed) and validation loss (at each evaluation) of a fine-tuning run in
+    one panel: where validation turns up while training still falls, the run overfits."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    train = np.asarray(metrics["ce"], np.float64)  # [steps, seeds]
+    steps = np.arange(1, train.shape[0] + 1)
+    evals = summary["eval_history"]
+    for i, seed in enumerate(summary["seeds"]):
+        color = f"C{i % 10}"
+        ax.plot(steps, train[:, i], color=color, alpha=0.35, lw=0.8)
+        ax.plot([e["step"] for e in evals], [np.nan if e["loss"][i] is None else e["loss"][i] for e in evals],
+                color=color, marker="o", ms=3, lw=1.5, label=f"seed {seed} validation")
+    ft = summary.get("finetune", {})
+    if summary.get("best_loss") is not None:
+        ax.axhline(summary["best_loss"], color="k", ls=":", lw=1, label="Bayes-optimal")
+    if ft.get("chance_loss") is not None:
+        ax.axhline(ft["chance_loss"], color="grey", ls="--", lw=1, label="chance (prior only)")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("cross entropy (nats / target token)")
+    ax.set_title(f"{ft.get('task', '')}, trainable {ft.get('trainable', '')}: train (thin) and validation")
+    ax.legend(fontsize=7)
+    paths = save(fig, out_dir, stem)
+    return paths[0]
