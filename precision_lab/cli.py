@@ -295,7 +295,9 @@ def _train(args) -> int:
     s = result.summary
     print(f"backend {s['backend']}; policy {s['policy']}")
     for i, seed in enumerate(s["seeds"]):
-        status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})" if s["diverged"][i] else "stable"
+        status = {"diverged": f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})",
+                  "failed_to_learn": f"failed to learn (eval loss not below the unigram loss {s['unigram_loss']:.4f})",
+                  "stable": "stable"}[s["outcome"][i]]
         loss = s["final_eval_loss"][i]
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
     print(f"wrote {args.out}/summary.json")

@@ -308,6 +308,16 @@ class Slope:
         """The loss still decreases significantly (the whole interval below 0)."""
         return self.ci_hi < 0
 
+    def verdict(self, tolerance: float) -> str:
+        """"plateaued" (no significant fall), "falling slowly" (significant, but the fall over the window is
+        smaller than `tolerance`, e.g. the seed SD: another window would move the loss less than seeds
+        differ) or "still falling"."""
+        if not self.still_falling:
+            return "plateaued"
+        if math.isfinite(tolerance) and abs(self.change_over_window) < tolerance:
+            return "falling slowly"
+        return "still falling"
+
 
 def plateau_slope(steps: Sequence[int], losses, fraction: float = 0.2, confidence: float = 1 - ALPHA) -> Slope:
     """Has training plateaued? The least-squares slope (scipy.stats.linregress) of each seed's loss over the

@@ -157,6 +157,7 @@ def test_plateau_slope_on_known_lines():
     f = stats.plateau_slope(steps, np.stack([falling, falling + 0.1, falling - 0.05]))
     assert f.slope == pytest.approx(-1e-3) and f.still_falling
     assert f.change_over_window == pytest.approx(-0.2)
+    assert (f.verdict(0.1), f.verdict(0.3), s.verdict(0.1)) == ("still falling", "falling slowly", "plateaued")
     # one seed: the regression's own interval, from scipy.stats.linregress
     one = stats.plateau_slope(steps, noisy[0])
     ref = sps.linregress(steps[steps >= 800], noisy[0][steps >= 800])
