@@ -195,13 +195,15 @@ def _figures(args) -> int:
 def _add_report(p):
     p.add_argument("dir", help="a sweep's results store")
     p.add_argument("--figures", default=None, help="folder for the figures (default: DIR/figures)")
+    p.add_argument("--paired-test", default="t", choices=("t", "wilcoxon"),
+                   help="test of the paired-by-seed comparisons: paired t (default) or Wilcoxon signed-rank")
 
 
 @command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment")(_add_report)
 def _report(args) -> int:
     from precision_lab.report import write_report
 
-    print(f"wrote {write_report(args.dir, args.figures)}")
+    print(f"wrote {write_report(args.dir, args.figures, paired_test=args.paired_test)}")
     return 0
 
 

@@ -181,3 +181,14 @@ def test_lr_intervals_pair_with_the_baseline_line_at_the_same_lr():
     assert f"| bf16 | 0.1 |" in text and f"{d.mean:+.3f} [{d.ci_lo:+.3f}, {d.ci_hi:+.3f}] (n=8)" in text
     m = stats.mean_interval(configs[0].eval_losses())
     assert f"{m.mean:.3f} [{m.ci_lo:.3f}, {m.ci_hi:.3f}]" in text
+
+
+def test_report_cli_takes_the_paired_test(report, tmp_path, capsys):
+    from precision_lab.cli import main
+
+    path, _ = report
+    assert main(["report", str(path), "--figures", str(tmp_path), "--paired-test", "wilcoxon"]) == 0
+    assert "p (Wilcoxon signed-rank)" in (path / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(path), "--paired-test", "wilcox"]) == 2  # argparse names the choices
+    assert "invalid choice: 'wilcox' (choose from 't', 'wilcoxon')" in capsys.readouterr().err
