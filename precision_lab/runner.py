@@ -34,7 +34,9 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
         per_seed = {
             "final_eval_loss": s["final_eval_loss"][i],
             "final_train_loss": s["final_train_loss"][i],
+            "final_eval_batch_losses": s["final_eval_batch_losses"][i],
             "quality_gap": None if s["quality_gap"] is None else s["quality_gap"][i],
+            "outcome": s["outcome"][i],
             "diverged": s["diverged"][i],
             "divergence_step": s["divergence_step"][i],
             "divergence_rule": s["divergence_rule"][i],
