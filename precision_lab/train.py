@@ -552,6 +552,7 @@ def _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval_batches, 
                                     for i in range(len(seeds))],
         "quality_gap": None if best is None else [None if v is None else v - best for v in final_eval],
         "best_loss": best,
+        "best_loss_stderr": getattr(trainer.dataset, "best_loss_stderr", None),
         "unigram_loss": unigram,
         "entropy_rate": trainer.dataset.entropy_rate,
         "outcome": [classify_outcome(diverged=r.diverged, final_eval_loss=v, unigram_loss=unigram)
