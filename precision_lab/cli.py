@@ -164,14 +164,21 @@ def _roundoff(args) -> int:
 def _add_model_info(p):
     p.add_argument("preset", help="model preset: tiny, small, switch-base, gshard, st-moe-l, st-moe-32b, dense-l")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="override a model field, e.g. --set model.num_experts=0 --set model.flop_matched_dense=true")
 
 
 @command("model-info", "total and active parameters and FLOPs per sequence of a model preset",
          "precision-lab model-info st-moe-l")(_add_model_info)
 def _model_info(args) -> int:
+    from precision_lab.config import run_config
     from precision_lab.model.info import model_info_text
 
-    print(model_info_text(args.preset, as_json=args.json))
+    fields = _overrides(args.set)
+    if set(fields) - {"model"}:
+        raise UserError(f"model-info --set takes model fields only (model.FIELD=VALUE), got {sorted(fields)[0]!r}")
+    cfg = run_config({"model": {"preset": args.preset, **fields["model"]}}).model if fields else args.preset
+    print(model_info_text(cfg, as_json=args.json))
     return 0
 
 
@@ -271,6 +278,8 @@ def _figures(args) -> int:
 def _add_report(p):
     p.add_argument("dir", help="a sweep's results store")
     p.add_argument("--figures", default=None, help="folder for the figures (default: DIR/figures)")
+    p.add_argument("--paired-test", default="t", choices=("t", "wilcoxon"),
+                   help="test of the paired-by-seed comparisons: paired t (default) or Wilcoxon signed-rank")
 
 
 @command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment",
@@ -281,7 +290,7 @@ def _report(args) -> int:
     check_results(args.dir)
     writable_folder(args.dir, "DIR")
     writable_folder(args.figures or Path(args.dir) / "figures", "--figures")
-    print(f"wrote {write_report(args.dir, args.figures)}")
+    print(f"wrote {write_report(args.dir, args.figures, paired_test=args.paired_test)}")
     return 0
 
 
@@ -432,7 +441,9 @@ def _train(args) -> int:
 def _print_seeds(s: dict) -> None:
     print(f"backend {s['backend']}; policy {s['policy']}")
     for i, seed in enumerate(s["seeds"]):
-        status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})" if s["diverged"][i] else "stable"
+        status = {"diverged": f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})",
+                  "failed_to_learn": f"failed to learn (eval loss not below the unigram loss {s['unigram_loss']:.4f})",
+                  "stable": "stable"}[s["outcome"][i]]
         loss = s["final_eval_loss"][i]
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
 
