@@ -143,10 +143,13 @@ def _nearest_even_magnitude(a, fmt: Format):
     m = fmt.mantissa_bits
     shift = 23 - m
     if shift == 0:
-        return a
-    # Ties go to the even significand. With no mantissa bits every significand is 1 (odd): ties round up.
-    lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
-    normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+        # 23 mantissa bits: every float32 in the format's normal range is already on its grid; but a
+        # narrower exponent range (e5m23, e7m23) still has a subnormal range to round into below.
+        normal = a
+    else:
+        # Ties go to the even significand. With no mantissa bits every significand is 1 (odd): ties round up.
+        lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
+        normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
     if fmt.emin <= -126:
         return normal
     biased = lax.shift_right_logical(a, _u(23)).astype(jnp.int32)

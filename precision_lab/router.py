@@ -43,10 +43,11 @@ _F32_POLICY = get_policy("fp32")
 def num_groups(num_tokens: int, group_size: int, num_partitions: int = 1) -> int:
     """How many routing groups `num_tokens` tokens split into (flaxformer's `_num_groups`).
 
-    The smallest G >= max(num_tokens // group_size, num_partitions) that divides num_tokens and is a
-    multiple of num_partitions, so each group has at most `group_size` tokens (when one exists).
+    The smallest G >= max(ceil(num_tokens / group_size), num_partitions) that divides num_tokens and is a
+    multiple of num_partitions, so each group has at most `group_size` tokens (when one exists): 448 tokens
+    with group_size 256 make 2 groups of 224, never one group of 448.
     """
-    g = max(num_tokens // group_size, num_partitions, 1)
+    g = max(-(-num_tokens // group_size), num_partitions, 1)
     while g < num_tokens and (num_tokens % g or g % num_partitions):
         g += 1
     return g

@@ -24,7 +24,8 @@ from precision_lab.errors import UserError
 from precision_lab.formats import FORMATS, get_format
 from precision_lab.rounding import ROUNDINGS, quantize
 
-CUSTOM = [get_format(n) for n in ("e3m4", "e5m7", "e2m1", "e6m0")]
+# e5m23 / e7m23: 23 mantissa bits with a narrower exponent range than float32 (a subnormal range to round into)
+CUSTOM = [get_format(n) for n in ("e3m4", "e5m7", "e2m1", "e6m0", "e5m23", "e7m23")]
 ALL_FORMATS = list(FORMATS.values()) + CUSTOM
 WITH_DTYPE = [f for f in FORMATS.values() if f.dtype is not None]
 DETERMINISTIC = [r for r in ROUNDINGS if r != "stochastic"]
@@ -262,6 +263,16 @@ def test_stochastic_tiny_values_stay_unbiased():
 
 
 # -- specials, options, transformations -------------------------------------------------------------------
+
+
+def test_m23_formats_round_into_their_subnormal_range():
+    """Regression: 23 mantissa bits skipped the subnormal branch of the nearest-even fast path, so
+    quantize(2^-40, "e5m23") returned 2^-40 although e5m23's smallest subnormal is 2^-37."""
+    assert float(quantize(np.float32(2.0**-40), "e5m23")) == 0.0
+    assert float(quantize(np.float32(-(2.0**-38) * 1.5), "e5m23")) == -(2.0**-37)  # above half a quantum
+    assert float(quantize(np.float32(2.0**-37 * 1.5), "e5m23")) == 2.0**-36  # tie: to the even quantum count
+    assert float(quantize(np.float32(2.0**-86), "e7m23")) == 0.0  # e7m23's smallest subnormal is 2^-85
+    assert float(quantize(np.float32(2.0**-40), "e7m23")) == 2.0**-40  # a normal e7m23 value
 
 
 def test_overflow_modes():

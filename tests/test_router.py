@@ -133,6 +133,17 @@ def test_capacity_formula_rounds_with_floor():
     assert router.num_groups(224, 64) == 4  # 3 does not divide 224
 
 
+@pytest.mark.parametrize("tokens, groups", [(300, 2), (384, 2), (448, 2), (256, 1), (257, 257), (520, 4)])
+def test_num_groups_never_exceeds_group_size(tokens, groups):
+    """flaxformer's `_num_groups`: the fewest groups of at most group_size tokens that split the tokens
+    evenly (the old floor gave ONE group of 448 tokens); capacity follows from the real group size."""
+    g = router.num_groups(tokens, 256)
+    assert g == groups
+    assert tokens % g == 0 and tokens // g <= 256
+    assert all(tokens % h or tokens // h > 256 for h in range(1, g))  # no fewer groups would do
+    assert router.expert_capacity(tokens // g, 8, 1.25) == max(round(1.25 * (tokens // g) / 8), 4)
+
+
 @settings(max_examples=25)
 @given(logits_arrays(), st.integers(1, 3), st.integers(1, 6), st.booleans())
 def test_no_expert_exceeds_capacity_and_first_choices_win(x, k, capacity, bpr):
