@@ -321,15 +321,33 @@ def _count(shape, axis) -> int:
     return n
 
 
-def softmax(x, policy: PrecisionPolicy, component: str, axis: int = -1, shift: bool = True):
+def softmax(x, policy: PrecisionPolicy, component: str, axis: int = -1, shift: bool = True, where=None):
     """softmax rounded after every elementary op. shift=False exponentiates the raw logits (the form ST-MoE
-    worries about: exp of large logits, whose relative roundoff grows with |logit|)."""
+    worries about: exp of large logits, whose relative roundoff grows with |logit|).
+
+    where: <bool> broadcastable to x, False for masked entries (probability exactly 0). Masking happens
+    AFTER the input is rounded and is independent of the format: a large negative fill value (T5's -1e10)
+    is not a value every format holds (fn/fnuz formats overflow it to NaN, fp6/fp4 saturate it to -max,
+    which no longer masks). Masked entries enter exp as 0 (finite in every format, and finite gradients)
+    and their exponential is replaced by 0. A row with every entry masked gives all zeros."""
     q = _rounder(policy, component)
     x = q(jnp.asarray(x, _F32))
+    if where is not None:
+        where = jnp.broadcast_to(where, x.shape)
+        x = jnp.where(where, x, jnp.float32(0.0))
     if shift:
-        x = q(x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)))
+        big = x if where is None else jnp.where(where, x, -jnp.inf)
+        m = jax.lax.stop_gradient(jnp.max(big, axis=axis, keepdims=True))
+        m = m if where is None else jnp.where(jnp.isfinite(m), m, jnp.float32(0.0))
+        x = q(x - m)
+        if where is not None:
+            x = jnp.where(where, x, jnp.float32(0.0))
     e = q(jnp.exp(x))
+    if where is not None:
+        e = jnp.where(where, e, jnp.float32(0.0))
     s = q(jnp.sum(e, axis=axis, keepdims=True))
+    if where is not None:
+        s = jnp.where(s > 0, s, jnp.float32(1.0))  # every entry masked: 0 / 1, not 0 / 0
     return q(e / s)
 
 

@@ -252,3 +252,40 @@ def test_sentinel_entropy_telemetry():
                   decoder_inputs_sentinel=(batch["decoder_inputs"] >= 120).astype(np.float32))
     ent = np.asarray(jitted_apply(TINY, FP32, False)(params, state, marked, None).router["sentinel_entropy"])
     assert np.isfinite(ent).all() and (ent >= 0).all() and (ent <= np.log(TINY.num_experts) + 1e-6).all()
+
+
+# -- attention masking -------------------------------------------------------------------------------------------
+
+# e8m0 is left out: it is the MX scale format, unsigned with no zero, so no softmax can run in it (every
+# max-shifted logit is <= 0 and becomes NaN), masked or not.
+_SOFTMAX_FORMATS = [name for name in __import__("precision_lab.formats", fromlist=["FORMATS"]).FORMATS
+                    if name != "e8m0"]
+
+
+@pytest.mark.parametrize("component", ["attn_softmax", "attn_logits"])
+def test_attention_masking_is_finite_and_exact_in_every_format(component):
+    """Regression: masked logits were filled with -1e9 BEFORE the softmax rounded its input, which an
+    fn/fnuz format overflows to NaN (every row NaN) and fp6/fp4 saturate to -max (masked keys got weight).
+    Now every format gives finite attention and masked keys get exactly zero weight: attending over 8 keys
+    with the last 3 masked equals attending over the first 5."""
+    from precision_lab.model import layers
+
+    cfg = dataclasses.replace(TINY, d_model=16, num_heads=2, d_kv=8)
+    params, state = layers.init_attention(jax.random.key(0), cfg, FP32)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16), jnp.float32) * 0.5
+    mask = jnp.asarray(np.arange(8) < 5)[None, None, None, :]  # (1, 1, 1, Lk): the last 3 keys are padding
+
+    @jax.jit
+    def both(x):
+        out = {}
+        for name in _SOFTMAX_FORMATS:
+            policy = FP32.replace(**{component: name})
+            masked, _ = layers.attention(params, state, x, x, None, mask, policy=policy)
+            short, _ = layers.attention(params, state, x, x[:, :5], None, jnp.ones((1, 1, 1, 5), bool),
+                                        policy=policy)
+            out[name] = (masked, short)
+        return out
+
+    for name, (masked, short) in both(x).items():
+        assert bool(jnp.all(jnp.isfinite(masked))), f"{component}={name}: non-finite attention"
+        np.testing.assert_allclose(masked, short, rtol=1e-6, atol=1e-7, err_msg=f"{component}={name}")

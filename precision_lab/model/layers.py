@@ -22,10 +22,6 @@ from precision_lab import ops
 from precision_lab.model.config import ModelConfig
 from precision_lab.policy import PrecisionPolicy
 
-# Masked attention logits: T5 adds -1e10; -1e9 keeps exp() exactly 0 in float32 and bf16.
-MASKED_LOGIT = -1e9
-
-
 def normal(key, shape, std: float):
     """<float32>[shape] ~ N(0, std^2)."""
     return jax.random.normal(key, shape, jnp.float32) * jnp.float32(std)
@@ -180,8 +176,9 @@ def attention(params, state, x_q, x_kv, bias, mask, *, policy: PrecisionPolicy, 
     if bias is not None:
         logits = ops.cast(add_position_bias(logits, bias), policy, "attn_logits")
     max_logit = jax.lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(logits), jnp.float32(0.0))))
-    logits = jnp.where(mask, logits, jnp.float32(MASKED_LOGIT))
-    probs = ops.softmax(logits, policy, "attn_softmax", axis=-1)  # (B, H, Lq, Lk)
+    # Masked keys get probability exactly 0 whatever the formats: the softmax masks after rounding its input
+    # (T5 adds -1e10 instead, which an fn/fnuz attn_softmax overflows to NaN and fp6/fp4 saturate).
+    probs = ops.softmax(logits, policy, "attn_softmax", axis=-1, where=mask)  # (B, H, Lq, Lk)
     probs = dropout(probs, dropout_rate, key, policy, "attn_softmax")
     out = ops.dot("bhqt,bhtk->bhqk", probs, v, policy, lhs="attn_operands", rhs="attn_operands",
                   state=state["values"])  # (B, H, Lq, K)
