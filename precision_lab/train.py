@@ -111,7 +111,9 @@ class Trainer:
         master, scale_state = stmoe.init(jax.random.fold_in(seed_key, 0), self.model_cfg, self.policy)
         master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
                                                   if _needs_key(self.policy, "master") else None)
-        return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 4)):  # a stochastic optimizer_state
+            opt_state = self.optimizer.init(master)
+        return TrainState(master, opt_state, scale_state, jnp.array(True))
 
     def _loss(self, params, scale_state, batch, key, hp):
         out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True, key=key)
@@ -128,8 +130,10 @@ class Trainer:
         params = _rounder(self.policy, "params")(state.master, k_params if _needs_key(self.policy, "params") else None)
         grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
         (loss, out), (grads, new_scale_state) = grad_fn(params, state.scale_state, batch, k_model, hp)
-        grads = _rounder(self.policy, "grad_allreduce")(grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
+        # Stochastic grad_allreduce / optimizer_state roundings draw from a key of this seed and step.
+        with ops.rounding_keys(jax.random.fold_in(key, 3)):
+            grads = _rounder(self.policy, "grad_allreduce")(grads)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
         stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
         master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
 
@@ -145,7 +149,8 @@ class Trainer:
         return new, metrics
 
     def _eval_one(self, state: TrainState, seed_key, batch):
-        params = _rounder(self.policy, "params")(state.master)
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):  # stochastic `params`
+            params = _rounder(self.policy, "params")(state.master)
         out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
                           key=jax.random.fold_in(seed_key, 3))
         return out.ce_loss

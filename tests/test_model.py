@@ -289,3 +289,32 @@ def test_attention_masking_is_finite_and_exact_in_every_format(component):
     for name, (masked, short) in both(x).items():
         assert bool(jnp.all(jnp.isfinite(masked))), f"{component}={name}: non-finite attention"
         np.testing.assert_allclose(masked, short, rtol=1e-6, atol=1e-7, err_msg=f"{component}={name}")
+
+
+def test_model_wide_init_scale_scales_every_weight_matrix():
+    """Switch Table 3's init scale s acts on ALL weight matrices (truncated normal, std sqrt(s / fan_in)), not
+    only the router: with weight_init="truncated_normal", every attention, FFN, expert and output matrix's
+    std is sqrt(s) times that at s = 1 and 0.8796 sqrt(s / fan_in) (a normal cut at 2 std); the router
+    keeps its own knob and the embedding stays N(0, 1)."""
+    cfg = dataclasses.replace(TINY, weight_init="truncated_normal", tie_embeddings=False)
+    stds = {}
+    for s in (0.1, 1.0):
+        params, _ = init(jax.random.key(0), dataclasses.replace(cfg, init_scale=s), FP32)
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        stds[s] = {jax.tree_util.keystr(path): (np.asarray(leaf), float(np.std(leaf))) for path, leaf in flat}
+    fan_in = {"['q']": cfg.d_model * cfg.head_dim, "['k']": cfg.d_model, "['v']": cfg.d_model,
+              "['o']": cfg.num_heads * cfg.head_dim, "['wi_0']": cfg.d_model, "['wi_1']": cfg.d_model,
+              "['wo']": cfg.d_ff, "['lm_head']": cfg.d_model}
+    checked = 0
+    for name, (w, std) in stds[0.1].items():
+        leaf = name[name.rfind("["):]
+        if leaf in fan_in:
+            np.testing.assert_allclose(std / stds[1.0][name][1], 0.1**0.5, rtol=1e-5, err_msg=name)
+            assert abs(np.abs(w).max() / (0.1 / fan_in[leaf]) ** 0.5) <= 2.0 + 1e-5, name  # truncated at 2 std
+            assert std == pytest.approx(0.8796 * (0.1 / fan_in[leaf]) ** 0.5, rel=0.15), name
+            checked += 1
+        elif leaf in ("['router']", "['token_embed']"):
+            np.testing.assert_array_equal(w, stds[1.0][name][0])  # not scaled by the model-wide knob
+    assert checked >= 20  # 2+2 blocks' attention (self, cross), FFNs, experts and the output projection
+    with pytest.raises(UserError, match="weight_init"):
+        dataclasses.replace(cfg, weight_init="xavier")

@@ -262,6 +262,21 @@ def test_stochastic_tiny_values_stay_unbiased():
         quantize(jnp.ones(3), fmt, rounding="stochastic")
 
 
+def test_stochastic_rounding_is_exact_up_to_64_dropped_bits_then_rounds_toward_zero():
+    """The documented limit (README, rounding._stochastic_up): the round-up probability rem / 2^s is exact
+    for s <= 64 dropped bits, here s = 40 (the high random word decides, p = (2^24 - 1) / 2^40), and at
+    s > 64 (|x| < 2^-41 x the smallest subnormal) every draw rounds toward zero."""
+    fmt = get_format("fp8_e4m3fn")  # smallest subnormal 2^-9
+    n = 1 << 22
+    x = np.float32((2.0 - 2.0**-23) * 2.0**-26)  # significand 2^24 - 1, s = -9 + 23 + 26 = 40
+    y = np.asarray(quantize(jnp.full((n,), x), fmt, rounding="stochastic", key=jax.random.key(4)))
+    assert set(np.unique(y)) <= {0.0, fmt.min_subnormal}
+    assert stats.binomtest(int((y > 0).sum()), n, (2.0**24 - 1) / 2.0**40).pvalue > 1e-6
+    below = np.float32(fmt.min_subnormal * 2.0**-42 * 1.5)  # s = 65: past the limit
+    for key in range(4):
+        assert not np.asarray(quantize(jnp.full((n,), below), fmt, rounding="stochastic", key=jax.random.key(key))).any()
+
+
 # -- specials, options, transformations -------------------------------------------------------------------
 
 
