@@ -103,7 +103,7 @@ def test_decoder_is_causal():
     changed = dict(batch, decoder_inputs=batch["decoder_inputs"].at[:, t].set(7))
     f = jitted_apply(cfg, FP32, False)
     a, b = f(params, state, batch, None), f(params, state, changed, None)
-    assert float(jnp.max(a.router["dropped_fraction"])) == 0.0
+    assert float(jnp.max(a.router["dropped_assignment_fraction"])) == 0.0
     np.testing.assert_array_equal(np.asarray(a.token_ce[:, :t]), np.asarray(b.token_ce[:, :t]))
     assert not np.array_equal(np.asarray(a.token_ce[:, t:]), np.asarray(b.token_ce[:, t:]))
 
@@ -144,7 +144,26 @@ def test_dropped_tokens_get_zero_moe_output():
     norms = np.abs(np.asarray(y)).sum(-1)
     assert (~kept).sum() > 0 and kept.sum() > 0
     assert (norms[~kept] == 0).all() and (norms[kept] > 0).all()
-    assert float(aux["telemetry"]["dropped_fraction"]) == pytest.approx((~kept).mean())
+    assert float(aux["telemetry"]["dropped_assignment_fraction"]) == pytest.approx((~kept).mean())
+
+
+def test_telemetry_reports_dropped_tokens_and_dropped_assignments():
+    """Top-2 with little capacity: a dropped ASSIGNMENT is one request without a slot; a dropped TOKEN (ST-MoE's
+    measure) is one no expert processed, all its assignments dropped, so its MoE output is exactly 0."""
+    cfg = dataclasses.replace(TINY, routing="top2", eval_capacity_factor=0.5, min_capacity=1)
+    params, state, x, mask = _moe_setup(cfg)
+    y, aux = moe.moe_ffn(params, state, x, mask, cfg=cfg, policy=FP32, train=False, prioritized=False)
+    g = router.num_groups(64, cfg.group_size)
+    logits = router.router_logits(x.reshape(g, -1, cfg.d_model), params["router"], FP32)
+    capacity = router.expert_capacity(64 // g, cfg.num_experts, 0.5, 1)
+    r = router.route(router.router_probs(logits, FP32), FP32, routing="top2", k=2, capacity=capacity)
+    kept = np.asarray(r.kept).reshape(64, 2)
+    tokens_dropped = ~kept.any(-1)
+    assert 0 < tokens_dropped.mean() < (~kept).mean()  # the two measures differ
+    t = aux["telemetry"]
+    assert float(t["dropped_assignment_fraction"]) == pytest.approx((~kept).mean())
+    assert float(t["dropped_token_fraction"]) == pytest.approx(tokens_dropped.mean())
+    assert (np.abs(np.asarray(y)).reshape(64, -1).sum(-1)[tokens_dropped] == 0).all()
 
 
 def test_permuting_experts_with_router_columns_leaves_output_unchanged():
@@ -179,7 +198,7 @@ def test_bf16_router_changes_only_router_numerics():
 
     y32, aux32, g32 = run(FP32)
     y16, aux16, g16 = run(bf16_router)
-    assert float(aux32["telemetry"]["dropped_fraction"]) == 0.0 == float(aux16["telemetry"]["dropped_fraction"])
+    assert float(aux32["telemetry"]["dropped_assignment_fraction"]) == 0.0 == float(aux16["telemetry"]["dropped_assignment_fraction"])
     same = (np.asarray(aux16["expert_index"]) == np.asarray(aux32["expert_index"])).reshape(2, -1)
     assert 0.8 < same.mean()
     assert float(aux16["telemetry"]["flip_rate"]) == pytest.approx(1 - same.mean())
