@@ -182,6 +182,7 @@ def test_bf16_params_with_stochastic_rounding_train():
             np.testing.assert_array_equal(leaf, leaf.astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
+@pytest.mark.slow  # every stochastic site adds a random-bit generator: a large program to compile
 def test_stochastic_rounding_of_every_component_trains_deterministically():
     """Regression: only params/master got a PRNG key, so optimizer_state=bf16:stochastic,
     grad_allreduce=bf16:stochastic, activations=bf16:stochastic (any component but those two) crashed inside
