@@ -15,7 +15,7 @@ run() { wait_quiet; echo "+ $*" >&2; "$@" | tail -n 1 | tee -a "$OUT" | cut -c1-
 # As `precision-lab` runs itself (precision_lab/cli.py re-executes with it): malloc asks for transparent
 # huge pages, so XLA's per-call temporaries are not first-touched page by page on every call.
 export GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-for s in ${SECTIONS:-hf policies gain seeds small compile}; do
+for s in ${SECTIONS:-hf policies accumulator gain seeds small compile}; do
     run "$MAIN" benchmarks/lab_bench.py "$s" --reps "$REPS" --json
 done
 # The lab-vs-HF comparison once more with the tunable off for both (what a plain process gets).
