@@ -100,10 +100,14 @@ class Program:
         self.state, self.seed_keys, self.hps = place(self.state), place(self.seed_keys), place(self.hps)
         self.batches = place(jax.device_put(self.batches), axis=1)
         t0 = time.perf_counter()
-        self.compiled = trainer._chunk.lower(self.state, self.seed_keys, self.hps, self.batches,
-                                             jnp.int32(0)).compile()
+        lowered = trainer._chunk.lower(self.state, self.seed_keys, self.hps, self.batches, jnp.int32(0))
+        self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
         self.flops = hlo_flops(self.compiled)
+        if not self.flops["dots"]:  # a GPU program: its dots became library calls; count the lowered ones
+            low = hlo_flops(lowered.as_text(dialect="hlo"))
+            self.flops.update(matmul_gflop_per_step=low["matmul_gflop_per_step"], dots=low["dots"],
+                              dots_counted_in="lowered HLO")
         self.times: list[float] = []
         self.warm_times: list[float] = []  # the untimed block before each timed one (see interleave)
         self.guards: list[dict] = []
@@ -148,14 +152,16 @@ def stats(ts: list[float]) -> dict:
 
 def hlo_flops(compiled) -> dict:
     """Matmul FLOPs of the compiled program's dot instructions (each counted once: the scan body is one
-    step) and XLA's cost-analysis FLOPs (every op, also once per loop body)."""
-    txt = compiled.as_text()
+    step) and XLA's cost-analysis FLOPs (every op, also once per loop body). `compiled` may also be HLO
+    text: a GPU's compiled program has cuBLAS custom calls instead of dots, so device_check.py counts the
+    dots of the lowered (unoptimised) program."""
+    txt = compiled if isinstance(compiled, str) else compiled.as_text()
     shapes = {}
-    for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", txt):
+    for m in re.finditer(r"%?([\w.\-]+) = \w+\[([\d,]*)\]", txt):
         shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
     dot_flops = 0
     n_dots = 0
-    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\)[^\n]*?lhs_contracting_dims=\{([\d,]*)\}",
+    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?[\w.\-]+\)[^\n]*?lhs_contracting_dims=\{([\d,]*)\}",
                          txt):
         out = [int(d) for d in m.group(1).split(",") if d]
         lhs = shapes.get(m.group(2))
@@ -171,7 +177,7 @@ def hlo_flops(compiled) -> dict:
         dot_flops += 2 * size * contracted
         n_dots += 1
     try:
-        ca = compiled.cost_analysis()
+        ca = compiled.cost_analysis()  # AttributeError for HLO text: no cost analysis
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         xla_flops = float(ca.get("flops", 0.0))
     except Exception:  # noqa: BLE001 - cost analysis is optional
@@ -461,7 +467,41 @@ def section_blocks(args) -> dict:
     return out
 
 
-SECTIONS = {"gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
+def section_telemetry(args) -> dict:
+    """What the per-step telemetry costs at the matched configuration (fp32, the user's default) and for the
+    quick-start model: the full step, the step without the float32 shadow router (flip rate against a
+    constant), and without any router telemetry (every router statistic a constant). The variants are
+    traced with the model's telemetry functions replaced, so the rest of the program is the same."""
+    import jax.numpy as jnp
+
+    import precision_lab.model.moe as moe_mod
+    import precision_lab.router as router_mod
+
+    shadow, telem = router_mod.shadow_expert_index, moe_mod._telemetry
+
+    def no_shadow(x_router, w_router, *, k, shift=True):
+        return jnp.zeros((*x_router.shape[:-1], k), jnp.int32)
+
+    def no_telemetry(*a, **kw):
+        return {name: jnp.float32(0.0) for name in moe_mod.TELEMETRY}
+
+    out = {"benchmark": "telemetry_cost", "configs": {}}
+    for cfg_name, model, src, tgt in (("matched", MATCHED, SRC_LEN, TGT_LEN), ("quickstart", {"preset": "tiny"}, 64, 14)):
+        progs = []
+        try:
+            for label, (sh, te) in (("full", (shadow, telem)), ("no shadow router", (no_shadow, telem)),
+                                    ("no router telemetry", (shadow, no_telemetry))):
+                router_mod.shadow_expert_index, moe_mod._telemetry = sh, te
+                progs.append(Program(label, run_for(model, "fp32"), k=args.k, src=src, tgt=tgt))
+        finally:
+            router_mod.shadow_expert_index, moe_mod._telemetry = shadow, telem
+        interleave(progs, args.reps)
+        out["configs"][cfg_name] = ratios_to_first(progs)
+    out["env"] = env()
+    return out
+
+
+SECTIONS = {"telemetry": section_telemetry, "gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
             "compile": section_compile}
 
 
