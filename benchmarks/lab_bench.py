@@ -84,7 +84,10 @@ def make_batches(k: int, members: int, batch: int, src: int, tgt: int, vocab: in
 class Program:
     """One compiled Trainer chunk (k steps, `seeds` vmapped members) and its state, ready to time."""
 
-    def __init__(self, name: str, run, *, seeds: int = 1, k: int = 5, src: int = SRC_LEN, tgt: int = TGT_LEN):
+    def __init__(self, name: str, run, *, seeds: int = 1, k: int = 5, src: int = SRC_LEN, tgt: int = TGT_LEN,
+                 dataset_batches: bool = False):
+        """dataset_batches: the run's own Dataset draws the batches (the shapes `precision-lab train` sees:
+        targets_length from the data layout, sentinel masks) instead of uniform random tokens."""
         import jax
         import jax.numpy as jnp
 
@@ -94,9 +97,12 @@ class Program:
         trainer = Trainer(run)
         self.state, self.seed_keys = trainer.init(list(range(seeds)))
         self.hps = {n: jnp.asarray([v] * seeds, jnp.float32) for n, v in hparams_of(run).items()}
-        self.batches = make_batches(k, seeds, run.train.batch_size, src, tgt, trainer.model_cfg.vocab_size)
+        self.trainer, self.seed_list = trainer, list(range(seeds))
+        self.batches = (trainer.batches(self.seed_list, 0, k) if dataset_batches else
+                        make_batches(k, seeds, run.train.batch_size, src, tgt, trainer.model_cfg.vocab_size))
         # Members spread over the host devices exactly as precision_lab.train.train spreads them.
         self.member_devices, place = member_sharding(seeds)
+        self.place = place
         self.state, self.seed_keys, self.hps = place(self.state), place(self.seed_keys), place(self.hps)
         self.batches = place(jax.device_put(self.batches), axis=1)
         t0 = time.perf_counter()
@@ -186,6 +192,35 @@ def hlo_flops(compiled) -> dict:
             "xla_cost_gflop_per_step": None if xla_flops is None else round(xla_flops / 1e9, 4)}
 
 
+class UserPath(Program):
+    """A Program timed as `precision-lab train` runs it (precision_lab.train.train's loop): each block draws
+    its chunk's data with the run's Dataset, places it, runs the chunk and fetches the metrics to the host.
+    prefetch=True draws the next chunk's data while the chunk runs (what train() does), False after it."""
+
+    def __init__(self, name: str, run, *, prefetch: bool, **kw):
+        self.prefetch, self.step0 = prefetch, 0
+        super().__init__(name, run, dataset_batches=True, **kw)
+
+    def _data(self):
+        self.step0 += self.k
+        return self.place(self.trainer.batches(self.seed_list, self.step0, self.k), axis=1)
+
+    def block(self) -> float:
+        import jax
+        import jax.numpy as jnp
+
+        t0 = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.seed_keys, self.hps, self.batches,
+                                            jnp.int32(self.step0))
+        if self.prefetch:
+            self.batches = self._data()
+        metrics = jax.device_get(metrics)
+        if not self.prefetch:
+            self.batches = self._data()
+        self.last_loss = float(metrics["loss"].reshape(-1)[-1])
+        return (time.perf_counter() - t0) * 1e3 / self.k
+
+
 class MatmulPeak:
     """JAX f32 n^3 matmul (the machine's peak for these ratios), timed in blocks like a Program."""
 
@@ -220,15 +255,16 @@ class MatmulPeak:
 class HFWorker:
     """hf_switch.py --serve in the HF venv: a warmed-up HF train step, timed in blocks on request."""
 
-    def __init__(self, steps: int, huge_pages: bool | None = None):
-        """huge_pages: run HF with glibc's malloc.hugetlb tunable on/off (None: this process's setting)."""
+    def __init__(self, steps: int, huge_pages: bool | None = None, extra_args: tuple[str, ...] = ()):
+        """huge_pages: run HF with glibc's malloc.hugetlb tunable on/off (None: this process's setting);
+        extra_args: hf_switch.py options (e.g. --tgt-len 29)."""
         if not HF_PY.exists():
             raise SystemExit(f"{HF_PY} missing: run bash benchmarks/setup_hf.sh first")
         child_env = dict(os.environ)
         if huge_pages is not None:
             rest = [t for t in child_env.get("GLIBC_TUNABLES", "").split(":") if t and "malloc.hugetlb" not in t]
             child_env["GLIBC_TUNABLES"] = ":".join(rest + (["glibc.malloc.hugetlb=1"] if huge_pages else []))
-        self.p = subprocess.Popen([str(HF_PY), str(REPO / "benchmarks" / "hf_switch.py"), "--serve"],
+        self.p = subprocess.Popen([str(HF_PY), str(REPO / "benchmarks" / "hf_switch.py"), "--serve", *extra_args],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env)
         self.info = json.loads(self.p.stdout.readline())
         self.info["glibc_tunables"] = child_env.get("GLIBC_TUNABLES", "")
@@ -323,6 +359,67 @@ def section_hf(args) -> dict:
                                      / peak_s["gflops_median"], 3),
         "env": env(),
     }
+
+
+def section_userpath(args) -> dict:
+    """Issue 12 item 1: the fp32 step as `precision-lab train` runs it (the run's Dataset draws the data,
+    telemetry and the shadow router included, metrics fetched every chunk; 16 x (128 + 29) tokens, the data
+    layout's target length) vs HF's train step at the same token lengths, interleaved; also the same
+    loop without the data prefetch, and the bare compiled chunk on fixed batches (no data, no fetch)."""
+    run = run_for(MATCHED, "fp32")
+    user = UserPath("lab user path (prefetch)", run, prefetch=True, k=args.k)
+    src, tgt = (int(user.batches[n].shape[-1]) for n in ("inputs", "targets"))  # the data layout's lengths
+    nopre = UserPath("lab user path (no prefetch)", run, prefetch=False, k=args.k)
+    bare = Program("lab bare chunk", run, k=args.k, src=src, tgt=tgt)
+    hf = HFWorker(steps=args.k, extra_args=("--src-len", str(src), "--tgt-len", str(tgt)))
+    try:
+        interleave([user, nopre, bare, hf], args.reps)
+    finally:
+        hf.close()
+    out = {"benchmark": "lab_user_path_vs_hf", "tokens": [src, tgt], "batch": BATCH,
+           "hf": {**stats(hf.times), **hf.info}}
+    for p in (user, nopre, bare):
+        r = [h / t for h, t in zip(hf.times, p.times)]
+        out[p.name] = {**p.summary(), "hf_over_lab_median": round(statistics.median(r), 3),
+                       "hf_over_lab_min_max": [round(min(r), 3), round(max(r), 3)]}
+    t0 = time.perf_counter()
+    for i in range(3):
+        user.trainer.batches(user.seed_list, 1000 + i * args.k, args.k)
+    out["data_ms_per_step"] = round((time.perf_counter() - t0) * 1e3 / (3 * args.k), 3)
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
+
+
+def section_cli(args) -> dict:
+    """`precision-lab train` itself (a fresh process, as a user runs it) at the matched configuration, fp32,
+    1 seed and 8 seeds: timing of its summary.json (step_s: wall per step after the first chunk, the data
+    the loop could not overlap included). Not interleaved with HF: compare with `userpath`."""
+    out = {"benchmark": "cli_train", "runs": {}}
+    sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
+    sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
+    for seeds in (1, 8):
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [sys.executable, "-m", "precision_lab.cli", "train", "--preset", "tiny", "--steps", str(args.cli_steps),
+                   "--batch-size", str(BATCH), "--seeds", str(seeds), "--no-progress", "--out", d,
+                   "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+            for kv in sets:
+                cmd += ["--set", kv]
+            t0 = time.perf_counter()
+            with CpuGuard() as g:
+                cp = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                    env=dict(os.environ, PYTHONPATH=str(REPO)))
+            if cp.returncode:
+                raise SystemExit(cp.stderr[-3000:])
+            timing = json.loads((Path(d) / "summary.json").read_text())["timing"]
+        out["runs"][f"{seeds} seed{'s' if seeds > 1 else ''}"] = {
+            **timing, "step_ms": round(timing["step_s"] * 1e3, 2), "process_s": round(time.perf_counter() - t0, 1),
+            "cpu_guard": g.result(), "command": " ".join(cmd)}
+    r = out["runs"]
+    out["cost_8_over_1"] = round(r["8 seeds"]["step_s"] / r["1 seed"]["step_s"], 3)
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
 
 
 POLICIES = ["fp32", "bf16", "fp8-hybrid", "bf16,mode=native"]
@@ -501,7 +598,7 @@ def section_telemetry(args) -> dict:
     return out
 
 
-SECTIONS = {"telemetry": section_telemetry, "gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
+SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry, "gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
             "compile": section_compile}
 
 
@@ -511,6 +608,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median/spread over these)")
     p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
     p.add_argument("--compile-reps", type=int, default=2)
+    p.add_argument("--cli-steps", type=int, default=60, help="steps of each `precision-lab train` run (cli)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from precision_lab.cli import use_one_device_per_core
