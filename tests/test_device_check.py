@@ -33,6 +33,7 @@ def test_device_check_cpu_smoke_writes_every_part(tmp_path):
     assert "fp32" in rows and ("bf16,mode=native" in rows or "micro bf16,mode=native: time budget" in skipped)
     for row in rows.values():
         assert row["ms_per_step_median"] > 0 and row["matmul_gflop_per_step"] > 0 and row["ratio_to_fp32_median"] > 0
-    tests = summary["tests"]["files"]["tests/test_formats.py"]
-    assert tests["returncode"] == 0 and tests["tests"] > 0 and tests["failures"] == 0
-    assert (out / "junit-test_formats.xml").exists()
+    if "tests/test_formats.py: time budget" not in summary["tests"]["skipped"]:  # a crowded machine's way out
+        tests = summary["tests"]["files"]["tests/test_formats.py"]
+        assert tests["returncode"] == 0 and tests["tests"] > 0 and tests["failures"] == 0
+        assert (out / "junit-test_formats.xml").exists()
