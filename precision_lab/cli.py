@@ -292,13 +292,79 @@ def _train(args) -> int:
     run = run_config(spec)
     enable_compilation_cache()
     result = train(run, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
-    s = result.summary
+    _print_seeds(result.summary)
+    print(f"wrote {args.out}/summary.json")
+    return 0
+
+
+def _print_seeds(s: dict) -> None:
     print(f"backend {s['backend']}; policy {s['policy']}")
     for i, seed in enumerate(s["seeds"]):
         status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})" if s["diverged"][i] else "stable"
         loss = s["final_eval_loss"][i]
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
-    print(f"wrote {args.out}/summary.json")
+
+
+# Fine-tuning defaults (ST-MoE section 4: a constant learning rate; 1e-3 suited its sparse models best).
+FINETUNE_DEFAULTS = dict(steps=200, lr=1e-3, batch_size=16, eval_every=20)
+
+
+def _add_finetune(p):
+    from precision_lab.finetune import TRAINABLE
+    from precision_lab.tasks import describe
+
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.epilog = ("tasks: " + "; ".join(f"{name}: {text}" for name, text in describe())
+                + ". Example: precision-lab finetune --from runs/pre --task langid-small --trainable non_moe "
+                "--out runs/ft")
+    p.add_argument("--from", dest="from_run", required=True, metavar="PRETRAINED_RUN_DIR",
+                   help="the --out folder of a finished `precision-lab train` run (config.json, params.npz)")
+    p.add_argument("--task", default="langid-small", help="a built-in downstream task (see below)")
+    p.add_argument("--trainable", default="all", choices=TRAINABLE, help="which parameters move")
+    p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"])
+    p.add_argument("--lr", type=float, default=FINETUNE_DEFAULTS["lr"], help="constant learning rate")
+    p.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"])
+    p.add_argument("--policy", default=None, help="precision policy (default: the pretrained run's)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="fine-tune the first N pretrained seeds (default: all of them)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any config field, e.g. --set model.capacity_factor=2.0 (repeatable)")
+    p.add_argument("--out", required=True, help="output folder (as train's, plus params.npz and loss curves)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+@command("finetune", "fine-tune a trained run on a built-in downstream task")(_add_finetune)
+def _finetune(args) -> int:
+    from precision_lab.config import run_config
+    from precision_lab.finetune import pretrained_spec
+    from precision_lab.train import enable_compilation_cache, train
+
+    spec = pretrained_spec(args.from_run)
+    pretrained_seeds = list(range(spec["train"]["seed"], spec["train"]["seed"] + spec["train"]["seeds"]))
+    if args.seeds is not None and not 1 <= args.seeds <= len(pretrained_seeds):
+        raise UserError(f"--seeds must be in [1, {len(pretrained_seeds)}] (the pretrained run's seeds), got {args.seeds}")
+    seeds = pretrained_seeds[: args.seeds or len(pretrained_seeds)]
+    spec["train"] = {**spec["train"], "steps": args.steps, "batch_size": args.batch_size, "seeds": len(seeds),
+                     "eval_every": FINETUNE_DEFAULTS["eval_every"], "eval_batches": 1024 // args.batch_size,
+                     "checkpoint_every": 0}
+    spec["optim"] = {**spec["optim"], "lr": args.lr, "schedule": "constant", "warmup_steps": 0, "total_steps": 0}
+    spec["finetune"] = {"from_run": str(args.from_run), "task": args.task, "trainable": args.trainable}
+    if args.policy is not None:
+        spec["policy"] = args.policy
+    for section, fields in _overrides(args.set).items():
+        spec[section] = {**spec.get(section, {}), **fields} if isinstance(spec.get(section), dict) else fields
+    run = run_config(spec)
+    enable_compilation_cache()
+    result = train(run, seeds=seeds, out_dir=args.out, progress=not args.no_progress)
+    _print_seeds(result.summary)
+    ft = result.summary["finetune"]
+    print(f"task {ft['task']} ({ft['train_examples']} training examples), trainable {ft['trainable']}: "
+          f"best loss {result.summary['best_loss']:.4f}, chance {ft['chance_loss']:.4f}")
+    for seed, loss in zip(seeds, ft["final_test_loss"]):
+        print(f"seed {seed}: test loss {loss if loss is None else f'{loss:.4f}'}")
+    from precision_lab.figures import finetune_curves
+
+    print(f"wrote {args.out}/summary.json, {finetune_curves(result.summary, result.metrics, args.out)}")
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from precision_lab.data import DataConfig
 from precision_lab.divergence import DivergenceConfig
 from precision_lab.errors import UserError, unknown_choice
+from precision_lab.finetune import FinetuneConfig
 from precision_lab.model.config import ModelConfig, get_model_config
 from precision_lab.optim import OptimConfig
 from precision_lab.policy import PrecisionPolicy, format_policy, get_policy
@@ -57,7 +58,7 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-    "divergence": DivergenceConfig,
+    "divergence": DivergenceConfig, "finetune": FinetuneConfig,
 }
 
 # Defaults a lab user expects from a quick run: the tiny model, short sequences (T5's 100 sentinels would
@@ -79,11 +80,14 @@ class RunConfig:
     train: TrainConfig
     optim: OptimConfig
     divergence: DivergenceConfig
+    finetune: FinetuneConfig
     policy: PrecisionPolicy
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe, fully resolved (every field, the policy in canonical and per-component form)."""
-        out = {name: _jsonable(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
+        # an inactive finetune section is left out, so pretraining runs keep the fingerprints they had
+        out = {name: _jsonable(dataclasses.asdict(getattr(self, name))) for name in SECTIONS
+               if name != "finetune" or self.finetune.active}
         out["policy"] = format_policy(self.policy)
         out["policy_resolved"] = self.policy.to_dict()
         return out

@@ -362,3 +362,30 @@ SWEEP_FIGURES = {
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
 }
+
+
+def finetune_curves(summary: dict, metrics: dict, out_dir: str | Path, stem: str = "finetune_curves") -> Path:
+    """Train loss (per step, every seed) and validation loss (at each evaluation) of a fine-tuning run in
+    one panel: where validation turns up while training still falls, the run overfits."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    train = np.asarray(metrics["ce"], np.float64)  # [steps, seeds]
+    steps = np.arange(1, train.shape[0] + 1)
+    evals = summary["eval_history"]
+    for i, seed in enumerate(summary["seeds"]):
+        color = f"C{i % 10}"
+        ax.plot(steps, train[:, i], color=color, alpha=0.35, lw=0.8)
+        ax.plot([e["step"] for e in evals], [np.nan if e["loss"][i] is None else e["loss"][i] for e in evals],
+                color=color, marker="o", ms=3, lw=1.5, label=f"seed {seed} validation")
+    ft = summary.get("finetune", {})
+    if summary.get("best_loss") is not None:
+        ax.axhline(summary["best_loss"], color="k", ls=":", lw=1, label="Bayes-optimal")
+    if ft.get("chance_loss") is not None:
+        ax.axhline(ft["chance_loss"], color="grey", ls="--", lw=1, label="chance (prior only)")
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("cross entropy (nats / target token)")
+    ax.set_title(f"{ft.get('task', '')}, trainable {ft.get('trainable', '')}: train (thin) and validation")
+    ax.legend(fontsize=7)
+    paths = save(fig, out_dir, stem)
+    return paths[0]

@@ -38,6 +38,8 @@ def run_group(runs: list[RunSpec]) -> list[dict]:
             "first_loss_spike_step": s["first_loss_spike_step"][i],
             "eval_history": [{"step": e["step"], "loss": e["loss"][i]} for e in s["eval_history"]],
         }
+        if "finetune" in s:  # a fine-tuning run: its task's test-split loss
+            per_seed["final_test_loss"] = s["finetune"]["final_test_loss"][i]
         shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
                                     "policy_resolved")}
         shared["moe_layer_names"] = list(run.model.moe_layer_names())

@@ -26,14 +26,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from precision_lab import model as stmoe
 from precision_lab import ops
 from precision_lab.config import RunConfig
 from precision_lab.data import Dataset, make_dataset
 from precision_lab.divergence import DivergenceMonitor
+from precision_lab.finetune import load_params, save_params, trainable_labels
 from precision_lab.optim import make_optimizer_traced_lr, map_float_leaves
 from precision_lab.policy import PrecisionPolicy
+from precision_lab.tasks import make_task
 
 _F32 = jnp.float32
 
@@ -93,7 +96,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, dataset: Dataset | None = None):
         self.run = run
-        self.dataset = dataset or make_dataset(run.data)
+        self.dataset = dataset or make_run_dataset(run)
         self.model_cfg = run.model
         if self.dataset.vocab_size != run.model.vocab_size:  # text data decides the vocabulary
             self.model_cfg = dataclasses.replace(run.model, vocab_size=self.dataset.vocab_size)
@@ -102,13 +105,19 @@ class Trainer:
         quantize_state = None if state_rounding.is_identity else map_float_leaves(
             lambda x: ops.cast(x, self.policy, "optimizer_state"))
         self.optimizer = make_optimizer_traced_lr(run.optim, quantize_state=quantize_state)
+        if run.finetune.trainable != "all":  # frozen parameters: a zero update and no optimiser state
+            self.optimizer = optax.partition(
+                {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
+                lambda params: trainable_labels(params, run.finetune.trainable))
         self._chunk = jax.jit(self._chunk_impl, donate_argnums=(0,))
         self._eval = jax.jit(jax.vmap(self._eval_one, in_axes=(0, 0, None)))
 
     # -- one seed ------------------------------------------------------------------------------------------
 
-    def init_one(self, seed_key):
+    def init_one(self, seed_key, pretrained=None):
         master, scale_state = stmoe.init(jax.random.fold_in(seed_key, 0), self.model_cfg, self.policy)
+        if pretrained is not None:  # fine-tuning: the pretrained weights, fresh scaling and optimiser state
+            master = pretrained
         master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
                                                   if _needs_key(self.policy, "master") else None)
         return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
@@ -170,7 +179,11 @@ class Trainer:
 
     def init(self, seeds: list[int]):
         seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        return jax.jit(jax.vmap(self.init_one))(seed_keys), seed_keys
+        if not self.run.finetune.active:
+            return jax.jit(jax.vmap(self.init_one))(seed_keys), seed_keys
+        template = jax.eval_shape(lambda k: stmoe.init(k, self.model_cfg, self.policy)[0], jax.random.key(0))
+        pretrained = load_params(self.run.finetune.from_run, template, seeds)
+        return jax.jit(jax.vmap(self.init_one))(seed_keys, pretrained), seed_keys
 
 
     def batches(self, seeds: list[int], step0: int, k: int):
@@ -180,11 +193,20 @@ class Trainer:
             per_step.append({n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]})
         return {n: np.stack([b[n] for b in per_step]) for n in per_step[0]}
 
-    def evaluate(self, state, seed_keys) -> np.ndarray:
-        """Mean held-out cross entropy per seed (nats per target token), at the eval capacity factor."""
-        losses = [np.asarray(self._eval(state, seed_keys, b))
-                  for b in self.dataset.eval_batches(self.run.train.eval_batches, self.run.train.batch_size)]
-        return np.mean(losses, axis=0)
+    def evaluate(self, state, seed_keys, batches=None) -> np.ndarray:
+        """Mean held-out cross entropy per seed (nats per target token), at the eval capacity factor, over
+        `batches` (default: the dataset's evaluation batches)."""
+        if batches is None:
+            batches = self.dataset.eval_batches(self.run.train.eval_batches, self.run.train.batch_size)
+        return np.mean([np.asarray(self._eval(state, seed_keys, b)) for b in batches], axis=0)
+
+
+def make_run_dataset(run: RunConfig) -> Dataset:
+    """The run's data: its pretraining data, or, when fine-tuning, the task built from that data's languages."""
+    if not run.finetune.active:
+        return make_dataset(run.data)
+    return make_task(run.finetune.task, run.data, inputs_length=run.model.inputs_length,
+                     targets_length=run.model.targets_length, vocab_size=run.model.vocab_size)
 
 
 def member_sharding(num_members: int):
@@ -313,14 +335,22 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
 
     final_eval = trainer.evaluate(state, seed_keys)
     evals.append((cfg.steps, final_eval))
+    test_batches = getattr(trainer.dataset, "test_batches", None)  # fine-tuning tasks have a test split
+    final_test = trainer.evaluate(state, seed_keys, test_batches(cfg.batch_size)) if test_batches else None
     metrics = {name: np.concatenate(chunks, axis=0) for name, chunks in history.items()}
     summary = _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval, evals, metrics,
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1),
                                    data_s=data_s / max(cfg.steps, 1),
                                    member_devices=member_devices))
+    if final_test is not None:
+        summary["finetune"] = dict(task=run.finetune.task, trainable=run.finetune.trainable,
+                                   from_run=run.finetune.from_run, chance_loss=trainer.dataset.chance_loss,
+                                   train_examples=trainer.dataset.num_examples("train"),
+                                   final_test_loss=[None if not np.isfinite(v) else float(v) for v in final_test])
     if out_dir is not None:
         _write_outputs(Path(out_dir), run, summary, metrics)
+        save_params(Path(out_dir), state.master, seeds)
         if ckpt is not None and ckpt.exists():
             shutil.rmtree(ckpt)
     return RunResult(summary, metrics)
