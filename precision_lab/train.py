@@ -307,7 +307,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         state, metrics = trainer._chunk(state, seed_keys, hps, batches, jnp.int32(step))
         # The chunk runs asynchronously: the host draws the next chunk's data meanwhile (the data is a pure
         # function of seed and step, so this changes no number), instead of leaving the device idle while it
-        # draws them after the chunk (data is 0.3-0.7x of a step: benchmarks/RESULTS.md).
+        # draws them after the chunk (one Dataset.batch call per seed and step: benchmarks/RESULTS.md, round 3).
         batches = chunk_batches(step + k) if step + k < cfg.steps else None
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - tic  # the chunk, and the next chunk's data as far as it did not overlap
