@@ -268,7 +268,8 @@ def part_train(args, budget: Budget) -> dict:
     # Two phases, so a tight budget still covers every model: first fp32 and the native policies of each
     # config (cheap to compile), then the emulated ones, timed again together with that config's first
     # phase (the phase-1 times are then replaced, so every ratio comes from one interleaved run).
-    phases = [[p for p in policies if p == "fp32" or "native" in p], [p for p in policies if p != "fp32" and "native" not in p]]
+    cheap = [p for p in policies if p == "fp32" or "native" in p]
+    phases = [cheap, [p for p in policies if p not in cheap]]
     progs: dict[str, list] = {}
     for phase in phases:
         for cfg_name, model, batch, src, tgt in configs:
