@@ -10,24 +10,67 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from precision_lab.errors import UserError
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
-def command(name: str, help: str):
-    """Register a subcommand: the decorated function adds its arguments; `run` executes it."""
+def command(name: str, help: str, example: str):
+    """Register a subcommand: the decorated function adds its arguments; `run` executes it. `example` is
+    one command line, shown at the end of the command's --help."""
 
     def wrap(add_args):
         def register(run):
-            COMMANDS[name] = (help, add_args, run)
+            COMMANDS[name] = (help, example, add_args, run)
             return run
 
         return register
 
     return wrap
+
+
+def writable_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Prove, before any work, that `path` is a folder a file can be written in, or can be created as one:
+    one UserError line otherwise (an existing file, /proc/x, a read-only place). Creates nothing: a probe
+    file (deleted at once) in the folder or in its nearest existing parent; not os.access, which says yes
+    to root everywhere."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder; give a folder")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a folder; give a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {parent} ({err.strerror or err}); give a writable "
+                        "folder") from None
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (>= 1)")
+    return value
+
+
+def _report_names() -> dict[str, list[str]]:
+    """The figure and table names a sweep's [report] may use (checked when the sweep is loaded)."""
+    from precision_lab.figures import SWEEP_FIGURES
+    from precision_lab.report import TABLES
+
+    return {"figures": list(SWEEP_FIGURES), "tables": list(TABLES)}
 
 
 def _fmt_num(v: float) -> str:
@@ -38,7 +81,12 @@ def _add_formats(p):
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-@command("formats", "print the table of number formats")(_add_formats)
+SPECIALS = {"ieee": "inf, NaN", "fn": "NaN only (no inf)", "fnuz": "one NaN, no -0, no inf",
+            "none": "none (finite only)", "e8m0": "NaN, no zero, unsigned"}
+
+
+@command("formats", "print the table of number formats (with their aliases and special values)",
+         "precision-lab formats --json")(_add_formats)
 def _formats(args) -> int:
     from precision_lab.formats import format_table
 
@@ -46,29 +94,33 @@ def _formats(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["name", "bits", "exponent_bits", "mantissa_bits", "bias", "max", "min_normal", "min_subnormal",
-            "eps", "has_inf", "has_nan"]
-    head = ["format", "bits", "exp", "man", "bias", "max", "min normal", "min subnormal", "eps", "inf", "nan"]
-    table = [[_fmt_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
+    cols = ["name", "bits", "exponent_bits", "mantissa_bits", "bias", "max", "min_normal", "min_subnormal", "eps"]
+    head = ["format", "bits", "exp", "man", "bias", "max", "min normal", "min subnormal", "eps", "specials",
+            "aliases"]
+    table = [[_fmt_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols]
+             + [SPECIALS[r["specials"]], ", ".join(r["aliases"])] for r in rows]
     _print_table(head, table)
+    print("e4m3 and fp8 are fp8_e4m3fn (OCP/NVIDIA, max 448); fp8_e4m3 is the IEEE-style e4m3 with inf (max 240). "
+          "Any eXmY (e.g. e5m7) is an IEEE-style custom format.")
     return 0
 
 
 def _print_table(head: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
 def _add_roundoff(p):
     p.add_argument("--format", action="append", dest="formats", metavar="NAME",
                    help="format to tabulate (repeatable; default: bf16 and fp32 as in ST-MoE)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-@command("roundoff-table", "maximum roundoff per binade, as the ST-MoE paper prints it")(_add_roundoff)
+@command("roundoff-table", "maximum roundoff per binade, as the ST-MoE paper prints it",
+         "precision-lab roundoff-table --format bf16 --format fp8_e4m3fn")(_add_roundoff)
 def _roundoff_table(args) -> int:
     from precision_lab.formats import get_format, roundoff_per_binade
 
@@ -91,14 +143,17 @@ def _add_roundoff_cmd(p):
     p.add_argument("--out", default="figures", help="folder for figures, tables and roundoff.md")
 
 
-@command("roundoff", "roundoff analyses (no training): binade table, exp, softmax, flip rate, footnote")(
-    _add_roundoff_cmd)
+@command("roundoff", "roundoff analyses (no training): binade table, exp, softmax, flip rate, footnote",
+         "precision-lab roundoff experiments/roundoff_exp.toml --out runs/roundoff_exp")(_add_roundoff_cmd)
 def _roundoff(args) -> int:
     from precision_lab import roundoff
 
     if args.experiment:
-        paths = roundoff.run_roundoff_experiment(args.experiment, args.out)
+        analysis = roundoff.load_roundoff_experiment(args.experiment)  # a bad file fails before any work
+        writable_folder(args.out)
+        paths = roundoff.run_analysis(*analysis, args.out)[1]
     else:
+        writable_folder(args.out)
         paths = roundoff.roundoff_report(args.out)
         print(roundoff.footnote_text())
     for p in paths:
@@ -108,10 +163,11 @@ def _roundoff(args) -> int:
 
 def _add_model_info(p):
     p.add_argument("preset", help="model preset: tiny, small, switch-base, gshard, st-moe-l, st-moe-32b, dense-l")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-@command("model-info", "total and active parameters and FLOPs per sequence of a model preset")(_add_model_info)
+@command("model-info", "total and active parameters and FLOPs per sequence of a model preset",
+         "precision-lab model-info st-moe-l")(_add_model_info)
 def _model_info(args) -> int:
     from precision_lab.model.info import model_info_text
 
@@ -121,15 +177,16 @@ def _model_info(args) -> int:
 
 def _add_compare(p):
     p.add_argument("dirs", nargs="+", help="output folders of `precision-lab train`")
-    p.add_argument("--last", type=int, default=100, help="average telemetry over the last N steps (default 100)")
+    p.add_argument("--last", type=_positive_int, default=100, metavar="N",
+                   help="average telemetry over the last N steps (N >= 1)")
 
 
 COMPARED = ("loss", "router_max_abs_logit", "router_mean_lse_sq", "router_flip_rate", "router_entropy",
             "router_dropped_fraction", "router_load_cv", "max_attention_logit", "grad_norm")
 
 
-@command("compare", "final telemetry of several train runs side by side (mean over seeds and last steps)")(
-    _add_compare)
+@command("compare", "final telemetry of several train runs side by side (mean over seeds and last steps)",
+         "precision-lab compare runs/fp32 runs/bf16 --last 50")(_add_compare)
 def _compare(args) -> int:
     import warnings
 
@@ -160,19 +217,25 @@ def _compare(args) -> int:
 def _add_sweep(p):
     p.add_argument("file", help="sweep TOML (see experiments/)")
     p.add_argument("--out", required=True, help="results store folder")
-    p.add_argument("--shard", default="0/1", metavar="I/N", help="run shard I of N (groups split evenly)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run shard I of N, counting from 0 (0/4 .. 3/4; groups split evenly)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed sweep (finished runs are always kept and skipped; this says so)")
     p.add_argument("--smoke", action="store_true",
                    help="run the seconds-long smoke version (micro model, few steps, first axis points)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true",
+                   help="empty an --out store that holds another sweep (or the smoke/full version) first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("sweep", "run a sweep TOML into a results store (resumable, shardable)")(_add_sweep)
+@command("sweep", "run a sweep TOML into a results store (resumable, shardable)",
+         "precision-lab sweep experiments/z_loss.toml --out runs/z_loss --shard 0/2")(_add_sweep)
 def _sweep(args) -> int:
     from precision_lab.runner import sweep
 
-    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke)
+    writable_folder(args.out)
+    summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke,
+                    force=args.force, report_names=_report_names())
     print(f"{summary.name}: {summary.computed} runs computed, {summary.skipped} already stored, "
           f"shard {summary.shard[0]}/{summary.shard[1]} of {summary.total_runs} runs; store: {args.out}")
     return 0
@@ -180,13 +243,16 @@ def _sweep(args) -> int:
 
 def _add_figures(p):
     p.add_argument("dir", help="a sweep's results store")
-    p.add_argument("--out", default="figures", help="folder for the figures (default: figures)")
+    p.add_argument("--out", default="figures", help="folder for the figures")
 
 
-@command("figures", "draw a sweep's figures (PNG and SVG) from its results store")(_add_figures)
+@command("figures", "draw a sweep's figures (PNG and SVG) from its results store",
+         "precision-lab figures runs/z_loss --out figures/z_loss")(_add_figures)
 def _figures(args) -> int:
-    from precision_lab.report import write_figures
+    from precision_lab.report import check_results, write_figures
 
+    check_results(args.dir)  # a folder that is not a store fails before the --out check creates anything
+    writable_folder(args.out)
     for p in write_figures(args.dir, args.out):
         print(f"wrote {p}")
     return 0
@@ -197,33 +263,48 @@ def _add_report(p):
     p.add_argument("--figures", default=None, help="folder for the figures (default: DIR/figures)")
 
 
-@command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment")(_add_report)
+@command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment",
+         "precision-lab report runs/z_loss")(_add_report)
 def _report(args) -> int:
-    from precision_lab.report import write_report
+    from precision_lab.report import check_results, write_report
 
+    check_results(args.dir)
+    writable_folder(args.dir, "DIR")
+    writable_folder(args.figures or Path(args.dir) / "figures", "--figures")
     print(f"wrote {write_report(args.dir, args.figures)}")
     return 0
 
 
 def _add_run(p):
     p.add_argument("--out", default="runs/quickstart", help="results store of the quick-start sweep")
-    p.add_argument("--figures", default="figures", help="folder for figures (default: figures)")
+    p.add_argument("--figures", default="figures", help="folder for figures")
     p.add_argument("--sweep", default=None, help="sweep TOML (default: the built-in quick-start sweep)")
     p.add_argument("--smoke", action="store_true", help="the seconds-long smoke version of the sweep")
+    p.add_argument("--force", action="store_true", help="empty an --out store that holds another sweep first")
 
 
-@command("run", "the main job: roundoff analyses, then the quick-start sweep, its figures and report")(_add_run)
+@command("run", "the main job: roundoff analyses, then the quick-start sweep, its figures and report",
+         "precision-lab run --out runs/quickstart --figures figures")(_add_run)
 def _run(args) -> int:
     from precision_lab import figures, roundoff
     from precision_lab.report import write_report
-    from precision_lab.runner import QUICKSTART, sweep
+    from precision_lab.runner import QUICKSTART, load, sweep
+    from precision_lab.store import ResultsStore
+    from precision_lab.sweep import check_store
 
+    # Everything that can be wrong is checked before the first analysis runs.
+    spec = load(args.sweep or QUICKSTART, smoke_test=args.smoke, report_names=_report_names())
+    writable_folder(args.out)
+    writable_folder(args.figures, "--figures")
+    if not args.force:
+        check_store(ResultsStore(args.out), spec.name)
     _formats(argparse.Namespace(json=False))
     print()
     for p in [*figures.roundoff_per_binade_figure(args.figures), *roundoff.roundoff_report(args.figures)]:
         print(f"wrote {p}")
     print(roundoff.footnote_text())
-    summary = sweep(args.sweep or QUICKSTART, args.out, smoke_test=args.smoke)
+    summary = sweep(args.sweep or QUICKSTART, args.out, smoke_test=args.smoke, force=args.force,
+                    report_names=_report_names())
     report = write_report(args.out, args.figures)
     print(f"quick-start sweep: {summary.computed} runs computed, {summary.skipped} reused; report: {report}")
     return 0
@@ -252,27 +333,37 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _add_train(p):
+    from precision_lab.config import DEFAULTS, TrainConfig
+    from precision_lab.model.config import get_model_config
+
+    model, train = get_model_config("tiny"), TrainConfig()
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, switch-base, gshard, ...)")
     p.add_argument("--policy", default="fp32", help="precision policy: a preset or a compact string")
-    p.add_argument("--z-loss", type=float, default=None, help="router z-loss coefficient c_z")
-    p.add_argument("--aux-loss", type=float, default=None, help="load-balancing coefficient c_B")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--optimizer", default=None, help="adamw or adafactor")
-    p.add_argument("--seeds", type=int, default=None, help="seeds, vmapped into one program")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--data", default=None, metavar="FILE", help="train on a local text file (byte level)")
+    p.add_argument("--z-loss", type=float, default=None,
+                   help=f"router z-loss coefficient c_z (default: the preset's; tiny: {model.router_z_loss_coef})")
+    p.add_argument("--aux-loss", type=float, default=None,
+                   help=f"load-balancing coefficient c_B (default: the preset's; tiny: {model.load_balance_coef})")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default: {DEFAULTS['optim']['lr']})")
+    p.add_argument("--optimizer", default=None, help=f"adamw or adafactor (default: {DEFAULTS['optim']['name']})")
+    p.add_argument("--seeds", type=int, default=None, help=f"seeds, vmapped into one program (default: {train.seeds})")
+    p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default: {train.steps})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {train.batch_size})")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="train on a local text file, byte level (default: the synthetic Markov language)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="any config field, e.g. --set model.router_softmax_shift=false (repeatable)")
+                   help="any config field in TOML syntax, e.g. --set model.router_softmax_shift=false "
+                        "(booleans: true/false only; repeatable)")
     p.add_argument("--out", required=True, help="output folder (config.json, metrics.npz, summary.json)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (of a finished run: says so, does nothing)")
+    p.add_argument("--force", action="store_true",
+                   help="discard what --out holds (another run, a checkpoint) and train from step 0")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("train", "train seeds of one configuration (vmapped), detect divergence, write a summary")(_add_train)
-def _train(args) -> int:
+def train_config(args: argparse.Namespace):
+    """The RunConfig a `train` command line asks for (every value checked)."""
     from precision_lab.config import run_config
-    from precision_lab.train import enable_compilation_cache, train
 
     spec: dict = {"model": {"preset": args.preset}, "policy": args.policy}
     for section, field, value in (("model", "router_z_loss_coef", args.z_loss),
@@ -289,9 +380,23 @@ def _train(args) -> int:
             spec[section].update(fields)
         else:
             spec[section] = fields
-    run = run_config(spec)
+    return run_config(spec)
+
+
+@command("train", "train seeds of one configuration (vmapped), detect divergence, write a summary",
+         "precision-lab train --preset tiny --policy bf16 --seeds 4 --steps 500 --set model.rmsnorm_scale=false "
+         "--out runs/bf16")(_add_train)
+def _train(args) -> int:
+    from precision_lab.train import enable_compilation_cache, prepare_out_dir, read_run, train
+
+    run = train_config(args)
+    writable_folder(args.out)
+    if prepare_out_dir(args.out, run, resume=args.resume, force=args.force) == "finished":
+        print(f"{args.out}: this run already finished ({run.train.steps} steps); nothing to do")
+        _print_seeds(read_run(args.out)[0])
+        return 0
     enable_compilation_cache()
-    result = train(run, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(run, out_dir=args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
     _print_seeds(result.summary)
     print(f"wrote {args.out}/summary.json")
     return 0
@@ -313,27 +418,26 @@ def _add_finetune(p):
     from precision_lab.finetune import TRAINABLE
     from precision_lab.tasks import describe
 
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    p.epilog = ("tasks: " + "; ".join(f"{name}: {text}" for name, text in describe())
-                + ". Example: precision-lab finetune --from runs/pre --task langid-small --trainable non_moe "
-                "--out runs/ft")
+    p.epilog = "tasks: " + "; ".join(f"{name}: {text}" for name, text in describe()) + ".\n\n" + (p.epilog or "")
     p.add_argument("--from", dest="from_run", required=True, metavar="PRETRAINED_RUN_DIR",
                    help="the --out folder of a finished `precision-lab train` run (config.json, params.npz)")
     p.add_argument("--task", default="langid-small", help="a built-in downstream task (see below)")
     p.add_argument("--trainable", default="all", choices=TRAINABLE, help="which parameters move")
-    p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"])
+    p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"], help="fine-tuning steps")
     p.add_argument("--lr", type=float, default=FINETUNE_DEFAULTS["lr"], help="constant learning rate")
-    p.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"])
+    p.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"], help="sequences per step")
     p.add_argument("--policy", default=None, help="precision policy (default: the pretrained run's)")
     p.add_argument("--seeds", type=int, default=None,
                    help="fine-tune the first N pretrained seeds (default: all of them)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any config field, e.g. --set model.capacity_factor=2.0 (repeatable)")
     p.add_argument("--out", required=True, help="output folder (as train's, plus params.npz and loss curves)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true", help="discard what --out holds and fine-tune from step 0")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@command("finetune", "fine-tune a trained run on a built-in downstream task")(_add_finetune)
+@command("finetune", "fine-tune a trained run on a built-in downstream task",
+         "precision-lab finetune --from runs/pre --task langid-small --trainable non_moe --out runs/ft")(_add_finetune)
 def _finetune(args) -> int:
     from precision_lab.config import run_config
     from precision_lab.finetune import pretrained_spec
@@ -354,8 +458,9 @@ def _finetune(args) -> int:
     for section, fields in _overrides(args.set).items():
         spec[section] = {**spec.get(section, {}), **fields} if isinstance(spec.get(section), dict) else fields
     run = run_config(spec)
+    writable_folder(args.out)
     enable_compilation_cache()
-    result = train(run, seeds=seeds, out_dir=args.out, progress=not args.no_progress)
+    result = train(run, seeds=seeds, out_dir=args.out, force=args.force, progress=not args.no_progress)
     _print_seeds(result.summary)
     ft = result.summary["finetune"]
     print(f"task {ft['task']} ({ft['train_examples']} training examples), trainable {ft['trainable']}: "
@@ -368,11 +473,37 @@ def _finetune(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless the help already says it, or it is off/none) and keeps the
+    example epilog's line breaks."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if ("default" not in help and action.option_strings and default not in (None, False, [], argparse.SUPPRESS)
+                and not isinstance(action, argparse._VersionAction)):
+            help += " (default: %(default)s)"
+        return help
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (the README's promise), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="precision-lab", description=__doc__.splitlines()[0])
+    from precision_lab import __version__
+
+    parser = _Parser(prog="precision-lab", description=__doc__.splitlines()[0], formatter_class=_HelpFormatter,
+                     epilog="example:\n  precision-lab run --smoke\n\n"
+                            "`precision-lab COMMAND --help` shows a command's options and an example.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help, description=help))
+    for name, (help, example, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter,
+                                epilog=f"example:\n  {example}"))
     return parser
 
 
@@ -419,11 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed one line; keep its status (2 for bad usage)
         return int(exit_.code or 0)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a bare `precision-lab`: usage, not success
+        parser.print_help(sys.stderr)
+        return 2
     try:
-        return COMMANDS[args.command][2](args)
+        return COMMANDS[args.command][3](args)
     except UserError as err:
         print(f"precision-lab {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -12,8 +12,11 @@ Every section is optional; unknown sections or fields fail with one line naming 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +38,12 @@ class TrainConfig:
     chunk_steps: steps per compiled call (lax.scan) between host-side divergence checks and logging;
     eval_every / eval_batches: held-out evaluation cadence and size; checkpoint_every: steps between
     checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it).
+    replicas: R emulated data-parallel replicas: each step's batch is split into R equal shards whose
+    gradients are computed separately (vmapped) and summed by a ring all-reduce in the policy's
+    `grad_allreduce` format (`precision_lab.ops.ring_allreduce`); batch_size must be a multiple of R.
+    precision_telemetry: record per step the underflow and overflow fractions of the matmul operand and
+    gradient roundings per component group, of the all-reduce, and the lost-update fraction of the master
+    weights (off: none of that work is done; on or off, every other number is the same).
     """
 
     steps: int = 300
@@ -46,14 +55,22 @@ class TrainConfig:
     eval_batches: int = 2
     checkpoint_every: int = 100
     label: str = ""
+    replicas: int = 1
+    precision_telemetry: bool = False
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches"):
+        for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches", "replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("seed", "eval_every", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.batch_size % self.replicas:
+            valid = [r for r in range(1, self.batch_size + 1) if self.batch_size % r == 0]
+            raise UserError(f"train.replicas ({self.replicas}) must divide train.batch_size ({self.batch_size}) "
+                            f"so every replica gets an equal shard; valid: {valid}")
+        if not isinstance(self.precision_telemetry, bool):
+            raise UserError(f"train.precision_telemetry must be true or false, got {self.precision_telemetry!r}")
 
 
 SECTIONS: dict[str, type] = {
@@ -107,20 +124,97 @@ def _jsonable(v):
     return v
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    """A field type in the words a TOML or --set user needs."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = " or ".join(_describe(a) for a in args if a is not type(None))
+        return inner + (" (leave the field out for none)" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(args[0], str(args[0]))
+    return {bool: "true or false (TOML booleans, lowercase)", int: "an integer", float: "a number",
+            str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(tp: Any, value: Any) -> tuple[bool, Any]:
+    """(ok, value) for `value` against the field type `tp`: bools are only TOML booleans (never 1, "no" or
+    "False"), ints are not bools, floats accept integers (stored as float, so 1 and 1.0 are one config),
+    Literal fields one of their values, tuple fields a list or tuple of the element type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is not type(None):
+                ok, out = _coerce(arg, value)
+                if ok:
+                    return True, out
+        return False, value
+    if origin is typing.Literal:
+        return value in args and type(value) in {type(a) for a in args}, value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_coerce(args[0], v) for v in value]
+        return all(ok for ok, _ in items), tuple(v for _, v in items)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    return True, value  # a type without a TOML spelling: the dataclass's own checks judge it
+
+
+def check_field_types(section: str, cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check every value against its dataclass field's annotation; one UserError line naming the field
+    and the expected type otherwise. Returns the values with integers in float fields made floats and
+    lists in tuple fields made tuples. One generic check for every section (the dataclasses' own
+    `__post_init__` checks ranges and choices)."""
+    types_ = _field_types(cls)
+    out = dict(values)
+    for key, value in values.items():
+        if key not in types_:
+            continue
+        ok, out[key] = _coerce(types_[key], value)
+        if not ok:
+            if typing.get_origin(types_[key]) is typing.Literal and isinstance(value, str):
+                raise unknown_choice(f"{section}.{key}", value, typing.get_args(types_[key]))
+            hint = ""
+            if types_[key] is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+                hint = f" (write {value.lower()})"
+            elif str in (types_[key], *typing.get_args(types_[key])) and typing.get_origin(types_[key]) in (
+                    None, typing.Union, types.UnionType) and not isinstance(value, (str, list, dict)):
+                hint = f' (quote it: "{value}")'
+            raise UserError(f"{section}.{key} must be {_describe(types_[key])}, got {value!r}{hint}")
+    return out
+
+
 def _section(name: str, cls: type, values: Mapping[str, Any] | None):
     values = dict(values or {})
     fields = {f.name for f in dataclasses.fields(cls)}
     if name == "model":
-        base = get_model_config(values.pop("preset", "tiny"))
+        preset = values.pop("preset", "tiny")
+        if not isinstance(preset, str):
+            raise UserError(f"model.preset must be a string (a preset name), got {preset!r}")
+        base = get_model_config(preset)
         fields.add("preset")
     else:
         base = cls()
     for key in values:
         if key not in fields:
             raise unknown_choice(f"{name} field", key, sorted(fields))
-    for key, default in dataclasses.asdict(base).items():  # tuples in configs arrive as TOML lists
-        if isinstance(default, tuple) and isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
+    values = check_field_types(name, cls, values)
     try:
         return dataclasses.replace(base, **values)
     except TypeError as err:

@@ -196,6 +196,27 @@ def flip_rate_figure(rows: list[dict], out_dir: str | Path, stem: str = "flip_ra
     return save(fig, out_dir, stem)
 
 
+def allreduce_error_figure(rows: list[dict], out_dir: str | Path, stem: str = "allreduce_error") -> list[Path]:
+    """`roundoff.allreduce_error` rows: relative L2 error of the ring all-reduce sum vs float64 against the
+    number of replicas, per format (solid, markers), with the worst-case bound R u (dashed)."""
+    colors = _colors(r["format"] for r in rows)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for (name,), rs in _by(rows, "format").items():
+        rs = sorted(rs, key=lambda r: r["replicas"])
+        xs = [r["replicas"] for r in rs]
+        ax.plot(xs, [r["rel_l2"] for r in rs], "o-", color=colors[name], label=f"{name}: measured")
+        ax.plot(xs, [r["bound_rel_l2"] for r in rs], "--", color=colors[name], lw=0.8, label=f"{name}: bound R u")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("replicas R (ring all-reduce: R - 1 rounded partial sums)")
+    ax.set_ylabel("relative L2 error of the summed gradient vs float64")
+    ax.set_title(f"Gradient all-reduce roundoff ({rows[0]['size']} elements over {rows[0]['spread_decades']:g} "
+                 f"decades, noise {rows[0]['noise']:g}x signal)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, out_dir, stem)
+
+
 def footnote_figure(rows: list[dict], out_dir: str | Path, stem: str = "footnote") -> list[Path]:
     """`roundoff.footnote_example` rows: softmax probability of the 128.5 logit per format (max-shift, each
     mode), the exact value and ST-MoE's printed numbers; formats whose unshifted softmax overflows say so."""

@@ -217,7 +217,7 @@ def get_format(name: str | Format) -> Format:
             )
         fmt = _ieee(key, e, m, description="custom IEEE-style format with inf/NaN")
         return fmt
-    raise unknown_choice("format", name, [*FORMATS, "eXmY (custom, e.g. e5m7)"], aliases=ALIASES)
+    raise unknown_choice("format", name, FORMATS, aliases=ALIASES, patterns=["eXmY (custom, e.g. e5m7)"])
 
 
 def register_format(fmt: Format) -> Format:
@@ -237,6 +237,7 @@ def format_table() -> list[dict]:
                 name=f.name, bits=f.bits, exponent_bits=f.exponent_bits, mantissa_bits=f.mantissa_bits,
                 bias=f.bias, max=f.max, min_normal=f.min_normal, min_subnormal=f.min_subnormal, eps=f.eps,
                 has_inf=f.has_inf, has_nan=f.has_nan, specials=f.specials, description=f.description,
+                aliases=sorted(a for a, target in ALIASES.items() if target == f.name),
             )
         )
     return rows

@@ -24,6 +24,7 @@ Conventions, the same in both modes:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from typing import NamedTuple
@@ -34,7 +35,7 @@ import numpy as np
 
 from precision_lab.formats import get_format
 from precision_lab.policy import PrecisionPolicy, Spec
-from precision_lab.scaling import DelayedState, init_delayed_state, scaled_quantize
+from precision_lab.scaling import DelayedState, format_view, init_delayed_state, scaled_quantize
 
 _F32 = jnp.float32
 _FP32_SPEC = Spec(format="fp32")
@@ -135,6 +136,83 @@ def cast(x, policy: PrecisionPolicy, component: str, *, key=None):
     return _round(jnp.asarray(x, _F32), policy[component], policy.mode, key=key)[0]
 
 
+# -- precision telemetry: what the roundings of the matmul operands and gradients lose ------------------------
+#
+# Counted per rounding (`rounding_counts`), as four numbers: underflow (a finite nonzero input that rounds to
+# 0), nonzero (finite nonzero inputs: the underflow fraction's denominator), overflow (a finite input the
+# format cannot hold: it rounds past the format's max with an unbounded exponent, i.e. |x| * scale >=
+# max + ulp(max)/2, so a saturating cast clips it and an IEEE cast makes it inf or NaN; or the rounding
+# turned it non-finite), finite (finite inputs: the overflow fraction's denominator). With scaling, the
+# range is the scaled one (`scaling.format_view`).
+#
+# Where the counts travel, without changing a result: the trainer opens `count_roundings(probe)` around the
+# model's forward pass, with `probe` = `new_probe()` (zeros [sites, 4]) an argument of the function it
+# differentiates. Every `dot` then takes the probe as one more input that its forward pass never reads.
+# The forward counts (operands) are computed next to the rounding and kept as residuals; the backward pass
+# counts the rounding of the incoming gradient to "grads" and returns both as the probe's COTANGENT, at the
+# rows of the site's group ("experts_fwd", "experts_bwd", ...). Autodiff sums cotangents over every use of
+# the probe, so `jax.grad` with respect to the probe is the sum of the counts over all matmul sites of a
+# group: the same side channel as the delayed-scaling state (above: an input whose cotangent is the news).
+# No probe (the default, and every evaluation) means no counting and no extra work. A dot whose output
+# does not reach the loss (none in the model) is not counted: its backward pass never runs.
+
+COUNT_KINDS: tuple[str, ...] = ("underflow", "nonzero", "overflow", "finite")
+# A matmul site's group is named after its lhs component (the router's lhs is router_input, the expert
+# dispatch's is activations, the combine's is comm).
+SITE_GROUPS: dict[str, str] = {
+    "attn_operands": "attention", "ffn_operands": "ffn", "expert_operands": "experts", "head_operands": "head",
+    "router_input": "router", "activations": "dispatch", "comm": "combine",
+}
+TELEMETRY_SITES: tuple[str, ...] = tuple(f"{g}_{d}" for g in dict.fromkeys(SITE_GROUPS.values())
+                                         for d in ("fwd", "bwd"))
+_PROBES: list = []  # the probe of the innermost open count_roundings (a trace-time stack, like _ROUNDED)
+
+
+def new_probe():
+    """<float32>[len(TELEMETRY_SITES), len(COUNT_KINDS)] zeros: pass to `count_roundings` and differentiate."""
+    return jnp.zeros((len(TELEMETRY_SITES), len(COUNT_KINDS)), _F32)
+
+
+@contextlib.contextmanager
+def count_roundings(probe):
+    """While open, every `dot` counts its roundings into `probe`'s cotangent (see above); probe None: off."""
+    _PROBES.append(probe)
+    try:
+        yield
+    finally:
+        _PROBES.pop()
+
+
+def rounding_counts(x, y, spec: Spec, *, axis: int = -1, state=None):
+    """<float32>[4] (underflow, nonzero, overflow, finite) of rounding float32 `x` to `y` per `spec` (the
+    state: the delayed-scaling history the rounding used)."""
+    finite = jnp.isfinite(x)
+    nonzero = finite & (x != 0)
+    count = lambda m: jnp.sum(m, dtype=_F32)  # noqa: E731
+    if spec.is_identity:  # nothing can underflow or overflow
+        return jnp.stack([jnp.float32(0.0), count(nonzero), jnp.float32(0.0), count(finite)])
+    fmt = get_format(spec.format)
+    beyond = float(fmt.max + 0.5 * fmt.ulp(fmt.max))  # fp32-wide formats: inf (no finite float32 reaches it)
+    beyond = np.float32(beyond if beyond <= float(np.finfo(np.float32).max) else np.inf)
+    view = jnp.abs(format_view(x, spec, axis=axis, state=state))
+    overflow = finite & (~jnp.isfinite(y) | (view >= beyond))
+    return jnp.stack([count(nonzero & (y == 0)), count(nonzero), count(overflow), count(finite)])
+
+
+def fractions(counts, prefix: str = "") -> dict:
+    """{underflow_frac/NAME: underflow / nonzero, overflow_frac/NAME: overflow / finite} from counts
+    [..., 4] (0 where nothing was counted). NAME is `prefix`, or each TELEMETRY_SITES name for [sites, 4]."""
+    def frac(num, den):
+        return jnp.where(den > 0, num / jnp.maximum(den, jnp.float32(1.0)), jnp.float32(0.0))
+    if counts.ndim == 1:
+        return {f"underflow_frac/{prefix}": frac(counts[0], counts[1]),
+                f"overflow_frac/{prefix}": frac(counts[2], counts[3])}
+    out = {}
+    for i, site in enumerate(TELEMETRY_SITES):
+        out.update(fractions(counts[i], site))
+    return out
+
+
 # -- matmul ---------------------------------------------------------------------------------------------
 
 
@@ -176,6 +254,7 @@ class _DotConfig(NamedTuple):
     grad_out: Spec
     mode: str
     kind: str = "einsum"  # "einsum" | "grouped" (b[index] per block) | "rows" (a[index], no b)
+    site: int = 0  # the site's group's "_fwd" row of the telemetry probe (TELEMETRY_SITES); "_bwd" is + 1
 
 
 def _einsum(cfg: _DotConfig, a, b):
@@ -207,19 +286,30 @@ def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dot(cfg: _DotConfig, a, b, state, index):
+def _dot(cfg: _DotConfig, a, b, state, index, probe):
     return _dot_fwd_impl(cfg, a, b, state, index)[0]
 
 
-def _dot_fwd(cfg, a, b, state, index):
+def _dot_fwd(cfg, a, b, state, index, probe):
     y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index)
-    return y, (qa, qb, sa, sb, state, index)
+    counts = None
+    if probe is not None:  # precision telemetry (see above): the operands' roundings
+        ka, kb = _contracting_axes(cfg.eq)
+        st = state if state is not None else DotState(None, None, None)
+        counts = rounding_counts(a, qa, cfg.lhs, axis=ka, state=st.lhs)
+        if cfg.rhs is not None:
+            counts = counts + rounding_counts(b, qb, cfg.rhs, axis=kb, state=st.rhs)
+    return y, (qa, qb, sa, sb, state, index, counts)
 
 
 def _dot_bwd(cfg, res, g):
-    qa, qb, sa, sb, state, index = res
+    qa, qb, sa, sb, state, index, counts = res
     st = state if state is not None else DotState(None, None, None)
     qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad)
+    dprobe = None
+    if counts is not None:  # the probe's cotangent: this site's forward and gradient rounding counts
+        grad_counts = rounding_counts(g, qg, cfg.grad, state=st.grad)
+        dprobe = new_probe().at[cfg.site].set(counts).at[cfg.site + 1].set(grad_counts)
     if cfg.rhs is None:
         _, vjp = jax.vjp(lambda a_: _contract(cfg, a_, None, index), qa)
         (da,), db = vjp(qg), None
@@ -229,7 +319,7 @@ def _dot_bwd(cfg, res, g):
         db = db.astype(_F32)
     da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode)
     new_state = None if state is None else DotState(sa, sb, sg)
-    return da, db, new_state, _zero_cotangent(index)
+    return da, db, new_state, _zero_cotangent(index), dprobe
 
 
 def _zero_cotangent(index):
@@ -252,8 +342,11 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
         lhs_spec = _FP32_SPEC if _already(a, lhs_spec) else lhs_spec
         if b is not None:
             rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
-    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind)
-    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32))
+    site = TELEMETRY_SITES.index(SITE_GROUPS.get(lhs, "dispatch") + "_fwd")
+    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind,
+                     site)
+    probe = _PROBES[-1] if _PROBES else None
+    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), probe)
     if policy.mode == "emulate":
         _remember(y, policy[out])
     return y
@@ -359,7 +452,72 @@ def rms_norm(x, scale, policy: PrecisionPolicy, component: str = "norms", eps: f
     return y
 
 
+# -- the data-parallel all-reduce ------------------------------------------------------------------------------
+
+
+def ring_allreduce(stacked, policy: PrecisionPolicy, component: str = "grad_allreduce", *, key=None,
+                   with_counts: bool = False):
+    """Sum a pytree of per-replica arrays <float32>[R, ...] over R replicas as a ring all-reduce does, every
+    value on the wire and every partial sum rounded to `component`'s spec. Returns the summed tree (and,
+    with_counts, the <float32>[4] `rounding_counts` of all those roundings together).
+
+    The order, stated: ring all-reduce (NCCL's algorithm for large messages) = reduce-scatter + all-gather.
+    Each leaf, flattened, is cut into R chunks (zero padded); chunk c starts at replica (c + 1) mod R and
+    travels the ring c+1, c+2, ..., c (mod R): each replica rounds its own gradient to the format, adds the
+    incoming partial sum and rounds the result (s = round(s + round(g_r)): R - 1 rounded partial sums per
+    element, in an order that differs per chunk, as on real hardware). The all-gather then copies the
+    finished chunks, which rounds nothing. A sequential chain, not a tree: error grows like (R - 1) units
+    of roundoff in the worst case, against log2(R) for a tree, which is why a bf16 all-reduce over many
+    replicas is a precision risk. R = 1 is one rounding of the local gradient. Stochastic rounding needs
+    `key` (one fresh key per rounding)."""
+    spec = policy[component]
+    needs_key = spec.rounding == "stochastic"
+    leaves, treedef = jax.tree.flatten(stacked)
+    keys = list(jax.random.split(key, len(leaves))) if needs_key else [None] * len(leaves)
+    total = jnp.zeros((len(COUNT_KINDS),), _F32)
+    out = []
+    for leaf, k in zip(leaves, keys):
+        summed, counts = _ring_sum(jnp.asarray(leaf, _F32), spec, policy.mode, k, with_counts)
+        out.append(summed)
+        total = total + counts
+    tree = jax.tree.unflatten(treedef, out)
+    return (tree, total) if with_counts else tree
+
+
+def _ring_sum(x, spec: Spec, mode: str, key, with_counts: bool):
+    """One leaf <float32>[R, ...] -> (ring sum [...], counts [4]); see `ring_allreduce`."""
+    r, shape = x.shape[0], x.shape[1:]
+    flat = x.reshape(r, -1)
+    n = flat.shape[1]
+    pad = (-n) % r
+    chunks = jnp.pad(flat, ((0, 0), (0, pad))).reshape(r, r, (n + pad) // r)  # (replica, chunk, m)
+    hops = np.arange(r)
+    order = (hops[:, None] + hops[None, :] + 1) % r  # order[j, c]: the replica chunk c visits at hop j
+    seq = chunks[order, hops[None, :]]  # (hop, chunk, m)
+
+    def rnd(v, k):
+        y = _round(v, spec, mode, key=k)[0]
+        return y, (rounding_counts(v, y, spec) if with_counts else jnp.zeros((len(COUNT_KINDS),), _F32))
+
+    hop_keys = jax.random.split(key, 2 * r) if key is not None else None
+    s, counts = rnd(seq[0], None if hop_keys is None else hop_keys[0])
+
+    def hop(carry, xs):
+        s, counts = carry
+        g, j = xs
+        kg, ks = (None, None) if hop_keys is None else (hop_keys[2 * j], hop_keys[2 * j + 1])
+        qg, cg = rnd(g, kg)
+        s, cs = rnd(s + qg, ks)
+        return (s, counts + cg + cs), None
+
+    if r > 1:
+        (s, counts), _ = jax.lax.scan(hop, (s, counts), (seq[1:], jnp.arange(1, r)))
+    return s.reshape(-1)[:n].reshape(shape), counts
+
+
 __all__ = [
+    "COUNT_KINDS", "SITE_GROUPS", "TELEMETRY_SITES", "new_probe", "count_roundings", "rounding_counts", "fractions",
+    "ring_allreduce",
     "cast", "exact", "dot",
     "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm",
 ]

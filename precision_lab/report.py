@@ -80,13 +80,19 @@ def _short(v) -> str:
     return str(v)
 
 
-def load_sweep_results(out_dir: str | Path) -> tuple[dict, list[ConfigResult]]:
-    """(manifest, configurations in manifest order) of the store at out_dir."""
+def check_results(out_dir: str | Path) -> ResultsStore:
+    """The store at out_dir, if it holds a sweep's results (cheap: reads no record); UserError otherwise."""
     store = ResultsStore(out_dir)
-    manifest = store.manifest()
-    if manifest is None or not store.ids():
+    if store.manifest() is None or not store.ids():
         raise UserError(f"{out_dir}: no sweep results here (expected sweep.json and runs/); run "
                         "`precision-lab sweep FILE --out DIR` first")
+    return store
+
+
+def load_sweep_results(out_dir: str | Path) -> tuple[dict, list[ConfigResult]]:
+    """(manifest, configurations in manifest order) of the store at out_dir."""
+    store = check_results(out_dir)
+    manifest = store.manifest()
     # fields zipped with train.label are named by the label
     hidden = frozenset(f for axis in manifest.get("axes", []) if "train.label" in axis.get("fields", [])
                        for f in axis["fields"] if f != "train.label")

@@ -13,6 +13,8 @@ section 3).
     flip_rate        fraction of tokens whose top-1 expert / top-2 set changes when the router softmax is
                      computed in the format instead of float64
     footnote_example ST-MoE's footnote: ten logits of 128 and one of 128.5 (exact 0.142, bf16 0.091)
+    allreduce_error  relative error of a gradient summed over R data-parallel replicas by the emulated ring
+                     all-reduce (`ops.ring_allreduce`) in the format, against float64, as R grows
 
 Experiments are TOML files (`experiments/roundoff_*.toml`):
 
@@ -396,6 +398,47 @@ def footnote_text(rows: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+# -- 6. the gradient all-reduce ---------------------------------------------------------------------------------
+
+ALLREDUCE_FORMATS = ("fp32", "bf16")
+ALLREDUCE_REPLICAS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def allreduce_error(formats: Sequence[str] = ALLREDUCE_FORMATS, replicas: Sequence[int] = ALLREDUCE_REPLICAS, *,
+                    size: int = 16384, spread_decades: float = 4.0, noise: float = 3.0, seed: int = SEED) -> list[dict]:
+    """Error of the gradient sum over R replicas when the ring all-reduce (`ops.ring_allreduce`: every local
+    gradient and each of the R - 1 partial sums rounded to the format) runs in the format, against the
+    float64 sum of the same float32 per-replica gradients.
+
+    Synthetic gradients with a realistic spread: `size` elements whose magnitudes m_i = 10^U(-spread, 0)
+    span `spread_decades` decades (real gradients span many binades), a true gradient mu_i ~ N(0, 1) m_i,
+    and replica r's gradient (mu_i + noise * m_i * eps_ri) / R with eps ~ N(0, 1): mini-batch noise
+    `noise` times the signal per replica (the 1/R is the per-replica loss weight the trainer uses, so the
+    sum is the full-batch gradient). Rows: rel_l2 = ||sum - ref|| / ||ref||, median and max of the
+    elementwise |sum - ref| / |ref|, and bound_rel_l2 = R u || sum_r |g_r| || / ||ref|| (u = 2^-(m+1): the
+    worst case of R roundings of a sequential sum; a tree would have log2(R) + 1 instead of R)."""
+    rows = []
+    for r in replicas:
+        rng = np.random.default_rng([seed, r])
+        magnitude = 10.0 ** rng.uniform(-spread_decades, 0.0, size)
+        mu = rng.normal(size=size) * magnitude
+        grads = ((mu[None] + noise * magnitude[None] * rng.normal(size=(r, size))) / r).astype(np.float32)
+        ref = grads.astype(np.float64).sum(axis=0)
+        abs_sum = np.abs(grads.astype(np.float64)).sum(axis=0)
+        for name in formats:
+            fmt = get_format(name)
+            policy = get_policy(f"fp32,grad_allreduce={fmt.name}")
+            summed = np.asarray(jax.jit(lambda g, p=policy: ops.ring_allreduce(g, p))(jnp.asarray(grads)), np.float64)
+            err = np.abs(summed - ref)
+            rel = err / np.maximum(np.abs(ref), np.finfo(np.float64).tiny)
+            u = 2.0 ** -(fmt.mantissa_bits + 1)
+            rows.append(dict(format=fmt.name, replicas=int(r), size=int(size), spread_decades=float(spread_decades),
+                             noise=float(noise), rel_l2=float(np.linalg.norm(err) / np.linalg.norm(ref)),
+                             median_rel=float(np.median(rel)), max_rel=float(np.max(rel)),
+                             bound_rel_l2=float(r * u * np.linalg.norm(abs_sum) / np.linalg.norm(ref))))
+    return rows
+
+
 # -- experiments (TOML) ----------------------------------------------------------------------------------------
 
 
@@ -425,6 +468,9 @@ ANALYSES: dict[str, Analysis] = {
                           "flip_rate_figure", "routing flips (top-1 / top-2) vs logit scale"),
     "footnote_example": Analysis(footnote_example, {"formats": "formats", "modes": "modes"},
                                  "footnote_figure", "ST-MoE footnote: 128 x10 and 128.5"),
+    "allreduce_error": Analysis(allreduce_error, {"formats": "formats", "replicas": "posints", "size": "posint",
+                                                  "spread_decades": "posnum", "noise": "num", "seed": "int"},
+                                "allreduce_error_figure", "gradient ring all-reduce error vs replicas"),
 }
 _META_KEYS = ("kind", "analysis", "name", "description")
 
@@ -480,6 +526,9 @@ def load_roundoff_experiment(path: str | os.PathLike) -> tuple[str, dict]:
     source = str(path)
     data = read_toml(path, "experiment file")
     kind = data.get("kind")
+    if kind is None and ("base" in data or "axes" in data):
+        raise UserError(f"{source}: is a sweep (it has [base]/[[axes]]), not a roundoff experiment; "
+                        f"run it with: precision-lab sweep {source} --out DIR")
     if kind != "roundoff":
         raise UserError(f"{source}: field 'kind' must be \"roundoff\" for a roundoff experiment, got {kind!r}")
     name = data.get("analysis")
@@ -560,7 +609,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | None = None) -> list[Path]:
-    """Run all five analyses with their defaults, write every figure, the data (JSON) and roundoff.md into
+    """Run all six analyses with their defaults, write every figure, the data (JSON) and roundoff.md into
     out_dir. Returns the written paths (roundoff.md last). overrides: analysis name -> keyword arguments that
     replace defaults (smaller runs for tests; the report says the defaults were changed)."""
     import time
@@ -654,6 +703,19 @@ def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | Non
                     [["exact", f"{PAPER_FOOTNOTE['exact']:.3f}", f"{fn[0]['exact']:.4f} (float64)"],
                      ["bf16", f"{PAPER_FOOTNOTE['bf16']:.3f}", f"{lab_bf16:.4f} (emulate, max-shift; 128.5 -> 128)"]])
     md += ["", "```", footnote_text(fn), "```", "", "![footnote](footnote.png)", ""]
+
+    ar = results["allreduce_error"]
+    reps = sorted({r["replicas"] for r in ar})
+    md += ["## Gradient all-reduce", "", "Relative L2 error of a gradient summed over R replicas by the emulated "
+           "ring all-reduce in the format (R - 1 rounded partial sums; `ops.ring_allreduce`) against float64, "
+           "synthetic gradients spanning "
+           f"{ar[0]['spread_decades']:g} decades with per-replica noise {ar[0]['noise']:g}x the signal; in brackets "
+           "the worst-case bound R u ||sum |g_r||| / ||sum g_r||.", ""]
+    md += _md_table(["format", *(f"R = {r}" for r in reps)],
+                    [[fmt] + [f"{_g(by[r]['rel_l2'])} ({_g(by[r]['bound_rel_l2'])})" if r in by else ""
+                              for r in reps]
+                     for fmt, by in ((f, {r["replicas"]: r for r in rs}) for (f,), rs in _group(ar, "format").items())])
+    md += ["", "![all-reduce error](allreduce_error.png)", ""]
     md_path = out / "roundoff.md"
     md_path.write_text("\n".join(md))
     return [*paths, md_path]
@@ -661,6 +723,7 @@ def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | Non
 
 __all__ = [
     "binade_table", "exp_error", "exp_bound", "softmax_error", "flip_rate", "footnote_example", "footnote_text",
+    "allreduce_error",
     "ANALYSES", "load_roundoff_experiment", "run_analysis", "run_roundoff_experiment", "roundoff_report",
     "PAPER_BINADE", "PAPER_FOOTNOTE",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,13 @@ from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hpar
 QUICKSTART = Path(__file__).with_name("quickstart.toml")
 
 
-def run_group(runs: list[RunSpec]) -> list[dict]:
-    """Train every run of one group (identical configurations, different seeds) in one vmapped program."""
+def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = None) -> list[dict]:
+    """Train every run of one group (identical configurations, different seeds) in one vmapped program.
+    `progress(n)` is called as n more member-steps finish (see `group_steps`)."""
     configs = [run_config(r.config) for r in runs]
     run = configs[0]  # the group shares everything but seeds and BATCHABLE_FIELDS (traced hyperparameters)
-    result = train(run, seeds=[r.seed for r in runs], hparams=[hparams_of(c) for c in configs], progress=False)
+    result = train(run, seeds=[r.seed for r in runs], hparams=[hparams_of(c) for c in configs],
+                   progress=progress or False)
     s = result.summary
     records = []
     for i, _ in enumerate(runs):
@@ -70,14 +73,27 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     return dataclasses.replace(spec, name=spec.name + "_smoke", base=base, axes=axes, seeds=spec.seeds[:2])
 
 
+def group_steps(group: list[RunSpec]) -> int:
+    """Training steps of each member of a group (the progress bar counts members x steps)."""
+    return run_config(group[0].config).train.steps
+
+
+def load(path: str | os.PathLike, *, smoke_test: bool = False,
+         report_names: Mapping[str, Iterable[str]] | None = None) -> SweepSpec:
+    """The sweep TOML at `path`, every run configuration (and, given `report_names`, the [report] names)
+    checked; its smoke version with `smoke_test`."""
+    spec = load_sweep(path, validate=validate, report_names=report_names)
+    return smoke(spec) if smoke_test else spec
+
+
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
-          resume: bool = True, progress: bool = True, smoke_test: bool = False) -> SweepSummary:
+          resume: bool = True, progress: bool = True, smoke_test: bool = False, force: bool = False,
+          report_names: Mapping[str, Iterable[str]] | None = None) -> SweepSummary:
     """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`).
-    `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`)."""
+    `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`); a store of another
+    sweep is refused unless `force` (see `check_store`)."""
+    spec = load(path, smoke_test=smoke_test, report_names=report_names)
     enable_compilation_cache()
-    spec = load_sweep(path, validate=validate)
-    if smoke_test:
-        spec = smoke(spec)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
-                     batchable_fields=tuple(BATCHABLE_FIELDS))
+                     batchable_fields=tuple(BATCHABLE_FIELDS), force=force, group_steps=group_steps)

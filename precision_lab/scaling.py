@@ -157,7 +157,31 @@ def scaled_quantize(x, spec, *, axis: int = -1, state: DelayedState | None = Non
     raise ValueError(f"unknown scaling {spec.scaling!r}")  # the policy validates names before this
 
 
+def format_view(x, spec, *, axis: int = -1, state: DelayedState | None = None, margin: int = 0):
+    """`x` times the scale `scaled_quantize` applies before rounding: the values the format itself sees (for
+    the overflow telemetry of `precision_lab.ops`: an element overflows when this exceeds the format's
+    range). Delayed scaling without a state scales with the current amax, as `ops` does."""
+    fmt = get_format(spec.format)
+    if spec.scaling == "none":
+        return x
+    if spec.scaling == "current" or (spec.scaling == "delayed" and state is None):
+        return x * scale_from_amax(_amax(x), fmt, margin)
+    if spec.scaling == "delayed":
+        return x * scale_from_amax(jnp.max(state.amax_history), fmt, margin)
+    if spec.scaling == "mx":
+        blocks, undo = _blocked(x, axis, MX_BLOCK)
+        return undo(blocks / mx_scales(x, fmt, axis=axis))
+    if spec.scaling == "tile1x128" or x.ndim < 2:
+        blocks, undo = _blocked(x, axis, TILE)
+        return undo(blocks * scale_from_amax(_amax(blocks, axis=-1, keepdims=True), fmt))
+    r, c = x.shape[-2:]
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, (-r) % TILE), (0, (-c) % TILE)])
+    t = padded.reshape(*padded.shape[:-2], padded.shape[-2] // TILE, TILE, padded.shape[-1] // TILE, TILE)
+    scaled = t * scale_from_amax(_amax(t, axis=(-3, -1), keepdims=True), fmt)
+    return scaled.reshape(padded.shape)[..., :r, :c]
+
+
 __all__ = [
-    "DelayedState", "init_delayed_state", "scale_from_amax", "current_scaled", "delayed_scaled", "mx_scales",
+    "format_view", "DelayedState", "init_delayed_state", "scale_from_amax", "current_scaled", "delayed_scaled", "mx_scales",
     "mx_scaled", "tile_scaled", "scaled_quantize", "MX_BLOCK", "TILE",
 ]

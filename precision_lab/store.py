@@ -409,4 +409,7 @@ def load_results(path: str | os.PathLike) -> list[dict]:
     store = ResultsStore(path)
     if not store.path.is_dir():
         raise UserError(f"{store.path}: results store directory does not exist (expected DIR/runs/*.json)")
+    if not store.runs_dir.is_dir() and not store.manifest_path.exists():
+        raise UserError(f"{store.path}: not a results store (no sweep.json and no runs/ here); give the --out "
+                        "folder of `precision-lab sweep`")
     return store.to_rows()

@@ -43,9 +43,11 @@ import copy
 import dataclasses
 import datetime as dt
 import hashlib
+import inspect
 import itertools
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -285,7 +287,7 @@ def _parse_axis(source: str, k: int, raw: Any, base: Mapping[str, Any], validate
     return Axis(fields=fields, points=points, zipped=zipped)
 
 
-def _parse_report(source: str, raw: Any) -> dict[str, tuple[str, ...]]:
+def _parse_report(source: str, raw: Any, report_names: Mapping[str, Iterable[str]] | None) -> dict[str, tuple[str, ...]]:
     if not isinstance(raw, Mapping):
         raise _err(source, "report", "must be a table with figures and/or tables lists")
     report = {}
@@ -294,14 +296,23 @@ def _parse_report(source: str, raw: Any) -> dict[str, tuple[str, ...]]:
             raise UserError(f"{source}: {unknown_choice('key in [report]', key, REPORT_KEYS)}")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise _err(source, f"report.{key}", f"{names!r} is not a list of names")
+        valid = None if report_names is None else list(report_names.get(key, ()))
+        for n in names if valid is not None else ():
+            if n not in valid:  # checked now, not after the sweep has trained for minutes
+                raise UserError(f"{source}: report.{key}: {unknown_choice(key[:-1], n, valid)}")
         report[key] = tuple(names)
     return report
 
 
 def parse_sweep(
-    data: Mapping[str, Any], source: str = "<sweep>", validate: Validate | None = None
+    data: Mapping[str, Any], source: str = "<sweep>", validate: Validate | None = None,
+    report_names: Mapping[str, Iterable[str]] | None = None,
 ) -> SweepSpec:
-    """Build a SweepSpec from already-parsed TOML data; `source` names it in error messages."""
+    """Build a SweepSpec from already-parsed TOML data; `source` names it in error messages.
+    `report_names` ({"figures": names, "tables": names}, from the report code) checks [report] now."""
+    if data.get("kind") == "roundoff":
+        raise UserError(f"{source}: is a roundoff experiment (kind = \"roundoff\"), not a sweep; "
+                        f"run it with: precision-lab roundoff {source} --out DIR")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise UserError(f"{source}: {unknown_choice('top-level key', key, TOP_LEVEL_KEYS)}")
@@ -332,7 +343,7 @@ def parse_sweep(
                         f"overlaps {other!r} of axes[{j}]; each field may be swept by one axis only",
                     )
             seen[field] = k
-    report = _parse_report(source, data.get("report", {}))
+    report = _parse_report(source, data.get("report", {}), report_names)
     spec = SweepSpec(
         name=name, description=description, source=source, seeds=seeds, base=base, axes=axes, report=report
     )
@@ -342,14 +353,26 @@ def parse_sweep(
                 validate(copy.deepcopy(config))
             except UserError as e:
                 at = ", ".join(f"{f}={v!r}" for f, v in overrides.items()) or "[base]"
+                if overrides and _same_error(validate, base, e):
+                    at = "[base]"  # the base itself is wrong: not the fault of the first axis point
                 raise UserError(f"{source}: {at}: {_one_line(e)}") from None
     return spec
 
 
-def load_sweep(path: str | os.PathLike, validate: Validate | None = None) -> SweepSpec:
+def _same_error(validate: Validate, base: Mapping[str, Any], err: UserError) -> bool:
+    try:
+        validate(copy.deepcopy(dict(base)))
+    except UserError as base_err:
+        return str(base_err) == str(err)
+    return False
+
+
+def load_sweep(path: str | os.PathLike, validate: Validate | None = None,
+               report_names: Mapping[str, Iterable[str]] | None = None) -> SweepSpec:
     """Read and check a sweep TOML file. Every problem raises a one-line UserError naming the file and
-    the field; `validate(config)` (optional, from the trainer) may raise UserError for a bad config."""
-    return parse_sweep(read_toml(path, "sweep file"), str(path), validate)
+    the field; `validate(config)` (optional, from the trainer) may raise UserError for a bad config;
+    `report_names` checks the [report] figure and table names."""
+    return parse_sweep(read_toml(path, "sweep file"), str(path), validate, report_names)
 
 
 # -- expansion --------------------------------------------------------------------------------------------
@@ -525,6 +548,32 @@ def _record(spec: SweepSpec, run: RunSpec, result: Mapping[str, Any], timing: di
     return {**ours, **result, "timing": {**result.get("timing", {}), **timing}}, metrics
 
 
+def _todo(group: Sequence[RunSpec], done: set[str]) -> list[RunSpec]:
+    return [r for r in group if r.run_id not in done]
+
+
+def check_store(store: ResultsStore, name: str, *, force: bool = False) -> None:
+    """Refuse (UserError) a store that holds another sweep or a train run, unless `force`, which empties it.
+    The same sweep, extended or not, is welcome: its finished runs are reused."""
+    if (store.path / "summary.json").exists() and not (store.path / "sweep.json").exists():
+        raise UserError(f"--out {store.path}: is the output folder of `precision-lab train`, not a results "
+                        "store; use another --out")
+    old = store.manifest()
+    if old is None or old.get("name") == name:
+        return
+    theirs = str(old.get("name"))
+    if force:
+        shutil.rmtree(store.runs_dir, ignore_errors=True)
+        store.manifest_path.unlink(missing_ok=True)
+        return
+    if theirs == name + "_smoke" or name == theirs + "_smoke":
+        what = "the smoke version" if theirs.endswith("_smoke") else "the full version"
+        hint = f"it holds {what} of this sweep ({theirs!r}), whose runs would be reported as {name!r}"
+    else:
+        hint = f"it holds another sweep ({theirs!r}); the two would mix their records"
+    raise UserError(f"--out {store.path}: {hint}; use another --out, or --force to empty it first")
+
+
 def run_sweep(
     spec: SweepSpec | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -533,6 +582,8 @@ def run_sweep(
     resume: bool = True,
     progress: bool = True,
     batchable_fields: Iterable[str] = (),
+    force: bool = False,
+    group_steps: Callable[[Sequence[RunSpec]], int] | None = None,
 ) -> SweepSummary:
     """Run one shard of a sweep into the results store at `out_dir`.
 
@@ -544,6 +595,12 @@ def run_sweep(
     resume=True skips runs already stored; resume=False recomputes this shard and overwrites its records.
     Records are stored one by one as each group finishes, so a killed sweep loses at most the groups in
     flight. `shard` is (i, n) or "i/n".
+
+    A store that holds another sweep (another name: also the smoke version of this one) is refused with a
+    UserError before anything runs, unless `force`, which empties it first. Extending this sweep (same
+    name, more points) is fine. `group_steps(group)` (optional) gives a group's steps per member: the
+    progress bar then counts member-steps (members x steps) and, if `run_group` takes a `progress`
+    keyword, advances inside the running group as it calls `progress(member_steps_done)`.
     """
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
@@ -552,6 +609,7 @@ def run_sweep(
     started = time.perf_counter()
     store = ResultsStore(out_dir)
     runs = expand(spec, batchable_fields)
+    check_store(store, spec.name, force=force)
     store.write_manifest(sweep_manifest(spec, runs, batchable_fields))
     mine = _select_groups(group_runs(runs), i, n)
     shard_runs = sum(len(g) for g in mine)
@@ -559,25 +617,36 @@ def run_sweep(
 
     from tqdm.auto import tqdm  # imported here: only a running sweep needs it
 
+    # Progress in member-steps when the trainer says how long a group is (a bar of whole groups sits at
+    # 0/48 for minutes and has no ETA), else in runs.
+    cost = (lambda g: len(g) * group_steps(g)) if group_steps is not None else len
+    in_group = group_steps is not None and "progress" in inspect.signature(run_group).parameters
     computed = raced = groups_run = 0
     desc = spec.name if n == 1 else f"{spec.name} [shard {i}/{n}]"
     with tqdm(
-        total=shard_runs, initial=len(done), desc=desc, unit="run", disable=not progress, file=sys.stderr,
-        dynamic_ncols=True,
+        total=sum(cost(g) for g in mine), initial=sum(cost(g) for g in mine if not _todo(g, done)), desc=desc,
+        unit="step" if group_steps else "run", disable=not progress, file=sys.stderr, dynamic_ncols=True,
     ) as bar:
-        for group in mine:
-            todo = [r for r in group if r.run_id not in done]
+        for k, group in enumerate(mine):
+            todo = _todo(group, done)
+            if not todo:
+                continue  # counted in the bar's initial value
             # Look again: another process (a concurrent resume of this shard) may have stored some since.
             missing = [r for r in todo if not (resume and store.has(r.run_id))]
-            bar.update(len(todo) - len(missing))
             if not missing:
+                bar.update(cost(group))
                 continue
-            bar.set_postfix_str(missing[0].run_id.rsplit("-s", 1)[0], refresh=False)
+            bar.set_postfix_str(f"group {k + 1}/{len(mine)} {missing[0].run_id.rsplit('-s', 1)[0]}", refresh=False)
             t0 = time.perf_counter()
+            start = bar.n
             # The whole group runs again even if only some of it is missing (a kill between two of its
             # records): a vmapped program's numbers may depend on which members it holds (XLA orders batched
             # reductions by batch size), so only the original membership reproduces the original records.
-            results = list(run_group(list(group)))
+            if in_group:
+                results = list(run_group(list(group), progress=bar.update))
+            else:
+                results = list(run_group(list(group)))
+            bar.update(start + cost(group) - bar.n)  # the group is done, whatever it reported
             if len(results) != len(group):
                 raise ValueError(f"run_group returned {len(results)} records for {len(group)} runs")
             timing = {
@@ -598,7 +667,6 @@ def run_sweep(
                 except RecordConflict:
                     # First writer wins: another process stored this run while we computed it.
                     raced += 1
-                bar.update(1)
     return SweepSummary(
         name=spec.name,
         out_dir=str(out_dir),

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -105,6 +106,7 @@ class Trainer:
         quantize_state = None if state_rounding.is_identity else map_float_leaves(
             lambda x: ops.cast(x, self.policy, "optimizer_state"))
         self.optimizer = make_optimizer_traced_lr(run.optim, quantize_state=quantize_state)
+        self.replicas = run.train.replicas
         if run.finetune.trainable != "all":  # frozen parameters: a zero update and no optimiser state
             self.optimizer = optax.partition(
                 {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
@@ -122,22 +124,79 @@ class Trainer:
                                                   if _needs_key(self.policy, "master") else None)
         return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
 
-    def _loss(self, params, scale_state, batch, key, hp):
-        out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True, key=key)
-        loss = stmoe.total_loss(out.ce_loss, out.output_z_loss, out.router_z_loss, out.load_balancing_loss,
-                                cfg=self.model_cfg, load_balance_coef=hp["load_balance_coef"],
+    def _loss(self, params, scale_state, probe, batch, key, hp, weights=None):
+        """(loss, ModelOutput). probe: the precision-telemetry probe (ops.count_roundings) or None.
+        weights (one replica of R): (w_tokens, w_aux) multiply the token-mean parts (CE, output z-loss) and
+        the router losses, so the R replicas' losses sum to the full batch's (see _replica_grads)."""
+        with ops.count_roundings(probe):
+            out = stmoe.apply(params, scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=True,
+                              key=key)
+        parts = (out.ce_loss, out.output_z_loss, out.router_z_loss, out.load_balancing_loss)
+        if weights is not None:
+            w_tokens, w_aux = weights
+            parts = (parts[0] * w_tokens, parts[1] * w_tokens, parts[2] * w_aux, parts[3] * w_aux)
+        loss = stmoe.total_loss(*parts, cfg=self.model_cfg, load_balance_coef=hp["load_balance_coef"],
                                 router_z_loss_coef=hp["router_z_loss_coef"],
                                 output_z_loss_coef=hp["output_z_loss_coef"])
         return loss, out
+
+    def _replica_grads(self, grad_fn, params, scale_state, probe, batch, key, hp):
+        """Emulated data parallelism: the batch split into R equal shards (consecutive sequences), each
+        shard's loss and gradient computed separately (vmapped), as R replicas would.
+
+        Replica r's loss is (its token sum of CE and output z-loss) / (the batch's token count) + (its
+        router losses) / R: the sum over replicas is then exactly the full batch's loss (CE is a mean over
+        the batch's target tokens, the router losses a mean over routing groups, equal in number per
+        shard), and the SUM of the replicas' gradients is the full-batch gradient (the all-reduce sums).
+        Each replica routes its own tokens in its own groups (group_size and capacity per replica group,
+        as in real data parallelism); when the full batch's groups are the shards' groups, routing is the
+        same as R = 1. Delayed-scaling amax histories are reduced by max over replicas (Transformer Engine
+        reduces amax across the data-parallel group). Returns (loss, combined output, per-replica grads
+        [R, ...], new scale state, probe counts summed over replicas or None)."""
+        r = self.replicas
+        shards = jax.tree.map(lambda x: x.reshape(r, x.shape[0] // r, *x.shape[1:]), batch)
+        n_total = jnp.maximum(jnp.sum(batch["loss_mask"]), jnp.float32(1.0))
+        n_shard = jnp.maximum(jnp.sum(shards["loss_mask"], axis=tuple(range(1, batch["loss_mask"].ndim + 1))),
+                              jnp.float32(1.0))
+        w_tokens = n_shard / n_total  # (R,)
+
+        def one(shard, k, w):
+            return grad_fn(params, scale_state, probe, shard, k, hp, (w, jnp.float32(1.0 / r)))
+
+        (losses, outs), (grads, scale_r, counts) = jax.vmap(one)(shards, jax.random.split(key, r), w_tokens)
+        new_scale_state = jax.tree.map(lambda x: jnp.max(x, axis=0), scale_r)
+        counts = None if counts is None else jnp.sum(counts, axis=0)
+        mean = lambda x: jnp.mean(x, axis=0)  # noqa: E731
+        tokens = lambda x: jnp.sum(x * w_tokens.reshape((r,) + (1,) * (x.ndim - 1)), axis=0)  # noqa: E731
+        out = outs._replace(
+            ce_loss=tokens(outs.ce_loss), output_z_loss=tokens(outs.output_z_loss),
+            output_lse_mean=tokens(outs.output_lse_mean), router_z_loss=mean(outs.router_z_loss),
+            load_balancing_loss=mean(outs.load_balancing_loss),
+            max_attention_logit=jnp.max(outs.max_attention_logit, axis=0),
+            router={k: (jnp.max(v, axis=0) if k.startswith("max") else mean(v)) for k, v in outs.router.items()})
+        return jnp.sum(losses), out, grads, new_scale_state, counts
 
     def step_one(self, state: TrainState, batch, seed_key, hp, step):
         """One optimiser step of one seed. Returns (new state, metrics dict of scalars/[layers] arrays)."""
         key = jax.random.fold_in(jax.random.fold_in(seed_key, 2), step)
         k_model, k_params, k_master = jax.random.split(key, 3)
         params = _rounder(self.policy, "params")(state.master, k_params if _needs_key(self.policy, "params") else None)
-        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1), has_aux=True)
-        (loss, out), (grads, new_scale_state) = grad_fn(params, state.scale_state, batch, k_model, hp)
-        grads = _rounder(self.policy, "grad_allreduce")(grads)
+        telemetry = self.run.train.precision_telemetry
+        probe = ops.new_probe() if telemetry else None
+        grad_fn = jax.value_and_grad(self._loss, argnums=(0, 1, 2), has_aux=True)
+        if self.replicas == 1:
+            (loss, out), (grads, new_scale_state, site_counts) = grad_fn(params, state.scale_state, probe, batch,
+                                                                         k_model, hp)
+            reduced = _rounder(self.policy, "grad_allreduce")(grads)
+            allreduce_counts = _tree_counts(grads, reduced, self.policy["grad_allreduce"]) if telemetry else None
+            grads = reduced
+        else:
+            loss, out, grads, new_scale_state, site_counts = self._replica_grads(
+                grad_fn, params, state.scale_state, probe, batch, k_model, hp)
+            reduced = ops.ring_allreduce(
+                grads, self.policy, "grad_allreduce", with_counts=telemetry,
+                key=jax.random.fold_in(k_model, 1) if _needs_key(self.policy, "grad_allreduce") else None)
+            grads, allreduce_counts = reduced if telemetry else (reduced, None)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
         stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
         master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
@@ -149,6 +208,8 @@ class Trainer:
         new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state._replace(active=keep))
         metrics = _telemetry(out)
         metrics.update(loss=loss, grad_norm=grad_norm, update_rms=_rms(updates), param_rms=_rms(state.master))
+        if telemetry:
+            metrics.update(_precision_telemetry(site_counts, allreduce_counts, updates, state.master, master))
         # after a seed froze its numbers are not training results any more: NaN marks them
         metrics = jax.tree.map(lambda m: jnp.where(state.active, m.astype(_F32), jnp.nan), metrics)
         return new, metrics
@@ -243,6 +304,37 @@ def _telemetry(out) -> dict:
     return metrics
 
 
+def _tree_counts(before, after, spec):
+    """ops.rounding_counts summed over the leaves of a tree rounded from `before` to `after` per `spec`."""
+    return sum(ops.rounding_counts(x, y, spec) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def _precision_telemetry(site_counts, allreduce_counts, updates, old_master, new_master) -> dict:
+    """Per-step precision telemetry (train.precision_telemetry): underflow_frac/SITE and overflow_frac/SITE
+    for every matmul site group's operands (SITE = GROUP_fwd) and incoming gradients (GROUP_bwd, rounded to
+    `grads`), for all gradient roundings together (grads) and for the all-reduce (grad_allreduce); and
+    lost_update_frac: of the parameters with a nonzero intended update, the fraction whose master value did
+    not move after rounding into the master format (Zamirai et al. 2020's cancelled small updates); and
+    applied_update_ratio = sum |applied update| / sum |intended update|."""
+    out = ops.fractions(site_counts)
+    bwd = [i for i, site in enumerate(ops.TELEMETRY_SITES) if site.endswith("_bwd")]
+    out.update(ops.fractions(jnp.sum(site_counts[np.asarray(bwd)], axis=0), "grads"))
+    out.update(ops.fractions(allreduce_counts, "grad_allreduce"))
+    pairs = list(zip(jax.tree.leaves(updates), jax.tree.leaves(old_master), jax.tree.leaves(new_master)))
+    intended = sum(jnp.sum(u != 0, dtype=_F32) for u, _, _ in pairs)
+    lost = sum(jnp.sum((u != 0) & (new == old), dtype=_F32) for u, old, new in pairs)
+    out["lost_update_frac"] = jnp.where(intended > 0, lost / jnp.maximum(intended, jnp.float32(1.0)),
+                                        jnp.float32(0.0))
+    # sum |applied| / sum |intended|: ~1 when the updates arrive on average (stochastic rounding moves a
+    # weight by a whole ulp with probability |update|/ulp, so its per-step lost fraction stays high at a tiny
+    # lr while this ratio stays ~1); ~0 when round-to-nearest cancels them.
+    applied = sum(jnp.sum(jnp.abs(new - old)) for _, old, new in pairs)
+    wanted = sum(jnp.sum(jnp.abs(u)) for u, _, _ in pairs)
+    out["applied_update_ratio"] = jnp.where(wanted > 0, applied / jnp.where(wanted > 0, wanted, jnp.float32(1.0)),
+                                            jnp.float32(0.0))
+    return out
+
+
 def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -261,18 +353,102 @@ class RunResult:
     metrics: dict[str, np.ndarray]  # name -> [steps, seeds, ...]
 
 
+def _members(run: RunConfig, seeds, hparams) -> tuple[list[int], list[dict]]:
+    """The seeds and per-member hyperparameters `train` runs (defaults: run.train's seeds, the run's values)."""
+    seeds = list(seeds if seeds is not None else range(run.train.seed, run.train.seed + run.train.seeds))
+    return seeds, list(hparams) if hparams is not None else [hparams_of(run)] * len(seeds)
+
+
+def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _config_diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def prepare_out_dir(out_dir: str | Path, run: RunConfig, seeds: list[int] | None = None,
+                    hparams: list[dict] | None = None, *, resume: bool = False, force: bool = False) -> str:
+    """Decide what `train` may do with `out_dir` before any work: never overwrite silently.
+
+    Returns "new" (train from step 0), "resume" (continue this run's checkpoint) or "finished" (the folder
+    already holds this finished run and `resume` was asked: nothing to do). Raises UserError when the folder
+    holds a checkpoint and `resume` was not asked, a checkpoint or finished run of another configuration,
+    this finished run without `resume`, or a finished run with fewer steps (a finished run keeps no
+    checkpoint, so it cannot be extended: train into a new folder). `force` discards what is there
+    (checkpoint and outputs) and trains from step 0, except a checkpoint of this very run with `resume`."""
+    from precision_lab.errors import UserError
+
+    out = Path(out_dir)
+    seeds, hparams = _members(run, seeds, hparams)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; give a folder")
+    if (out / "sweep.json").exists():
+        raise UserError(f"--out {out}: is a sweep's results store, not a train output folder; use another --out")
+    ckpt = out / "checkpoint"
+    meta = _read_json(ckpt / "meta.json")
+    if meta is not None:
+        same = (meta.get("fingerprint") == run.fingerprint() and meta.get("seeds") == seeds
+                and meta.get("hparams") == hparams)
+        if resume and same:
+            return "resume"
+        if not force:
+            if not resume:
+                raise UserError(f"--out {out}: holds the checkpoint of an unfinished run (step {meta.get('step')}); "
+                                "--resume continues it, --force discards it and trains from step 0")
+            raise UserError(f"{ckpt}: the checkpoint belongs to another configuration or seed list; use a new "
+                            "--out folder, or --force to discard it and train from step 0")
+    elif (out / "summary.json").exists() and not force:
+        summary = _read_json(out / "summary.json") or {}
+        diff = _config_diff(_read_json(out / "config.json"), json.loads(json.dumps(run.to_dict())))
+        if summary.get("seeds") != seeds:
+            diff.append("seeds")
+        if not diff and summary.get("hparams") not in (None, hparams):
+            diff.append("hparams")  # library callers may give members their own hyperparameters
+        if not diff:
+            if resume:
+                return "finished"
+            raise UserError(f"--out {out}: already holds this finished run; --resume does nothing to it, "
+                            "--force trains it again and replaces it")
+        if set(diff) <= {"train.steps", "optim.total_steps"}:
+            steps = (_read_json(out / "config.json") or {}).get("train", {}).get("steps")
+            raise UserError(f"--out {out}: holds a finished run of {steps} steps; a finished run cannot be "
+                            f"extended to {run.train.steps} (it keeps no checkpoint): train into a new --out, "
+                            "or --force to train from step 0 and replace it")
+        shown = ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+        raise UserError(f"--out {out}: holds a finished run of another configuration (differs in {shown}); "
+                        "use a new --out, or --force to replace it")
+    if force:  # discard what is there now, so the folder never mixes two runs
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for name in ("summary.json", "metrics.npz", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    return "new"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict] | None = None,
-          out_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> RunResult:
+          out_dir: str | Path | None = None, resume: bool = False, force: bool = False,
+          progress: bool | Callable[[int], object] = True) -> RunResult:
     """Train `seeds` (default: run.train.seeds seeds from run.train.seed) of one configuration, vmapped.
 
     `hparams` (one dict per seed, keys from BATCHABLE_FIELDS' values) lets the vmapped members differ in
     learning rate and loss coefficients too; default: the run's own values for every member.
     With `out_dir`, checkpoints go to out_dir/checkpoint every `train.checkpoint_every` steps and `resume`
-    continues from the last one; the result is bit-identical to an uninterrupted run.
+    continues from the last one; the result is bit-identical to an uninterrupted run. What is already in
+    `out_dir` is never overwritten silently (see `prepare_out_dir`; `force` replaces it); `resume` of a
+    finished run returns its stored result without training. `progress`: a bar on stderr (True), none
+    (False), or a function called with the number of member-steps (members x steps) each chunk finished.
     """
     cfg = run.train
-    seeds = list(seeds if seeds is not None else range(cfg.seed, cfg.seed + cfg.seeds))
-    hparams = list(hparams) if hparams is not None else [hparams_of(run)] * len(seeds)
+    seeds, hparams = _members(run, seeds, hparams)
+    if out_dir is not None and prepare_out_dir(out_dir, run, seeds, hparams, resume=resume,
+                                               force=force) == "finished":
+        return RunResult(*read_run(out_dir))
     hps = {name: jnp.asarray([h[name] for h in hparams], _F32) for name in hparams_of(run)}
     trainer = Trainer(run)
     t0 = time.perf_counter()
@@ -290,7 +466,9 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         state, monitor, spikes, history, evals, step = _load_checkpoint(ckpt, run, seeds, hparams, state)
         state = place(state)
 
-    bar = _progress(cfg.steps, step, progress)
+    bar = _progress(cfg.steps, step, progress is True)
+    if bar is not None:
+        bar.set_description_str("compiling", refresh=True)  # the first chunk compiles: minutes on big models
     compile_s, step_s, data_s = 0.0, 0.0, 0.0
 
     def chunk_batches(start: int):  # [k, members, ...]: a pure function of (seeds, start step)
@@ -327,7 +505,10 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
             evals.append((step, trainer.evaluate(state, seed_keys)))
         if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             _save_checkpoint(ckpt, run, seeds, hparams, state, monitor, spikes, history, evals, step)
+        if callable(progress):
+            progress(k * len(seeds))
         if bar is not None:
+            bar.set_description_str("training", refresh=False)
             bar.update(k)
             bar.set_postfix(loss=f"{np.nanmean(metrics['loss'][-1]):.3f}", diverged=int(diverged.sum()))
     if bar is not None:
@@ -451,7 +632,7 @@ def _load_checkpoint(path: Path, run, seeds, hparams, template):
     meta = json.loads((path / "meta.json").read_text())
     if meta["fingerprint"] != run.fingerprint() or meta["seeds"] != seeds or meta["hparams"] != hparams:
         raise UserError(f"{path}: the checkpoint belongs to another configuration or seed list; "
-                        "use a new --out folder or drop --resume")
+                        "use a new --out folder, or --force to discard it and train from step 0")
     with np.load(path / "state.npz") as z:
         leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
     treedef = jax.tree.structure(template)

@@ -186,6 +186,7 @@ SMALL = {
                           mean_shifts=(0.0,), tokens=64),
     "flip_rate": dict(formats=("bf16",), scales=(1.0,), tokens=256),
     "footnote_example": dict(formats=("bf16",), modes=("emulate",)),
+    "allreduce_error": dict(replicas=(2, 8), size=256),
 }
 
 

@@ -427,3 +427,89 @@ def test_parse_sweep_from_data():
     spec = parse_sweep({"seeds": 2, "base": {"a": {"b": 1}}, "axes": [{"field": "a.b", "values": [1, 2]}]}, "mem.toml")
     assert spec.name == "mem" and [r.config["a"]["b"] for r in expand(spec)] == [1, 1, 2, 2]
     assert len(expand(parse_sweep({"base": {"x": 1}}, "empty.toml"))) == 1
+
+
+# -- issue 16: a store is never mixed; progress counts steps ----------------------------------------------
+
+
+def _store_state(out: Path) -> tuple:
+    return (out / "sweep.json").read_text(), sorted(p.name for p in (out / "runs").iterdir())
+
+
+def test_store_of_another_sweep_is_refused_unless_force(spec_path, tmp_path):
+    import dataclasses
+
+    spec = load_sweep(spec_path)
+    out = tmp_path / "out"
+    run_sweep(spec, out, make_run_group(), progress=False)
+    before = _store_state(out)
+    calls = []
+
+    def run_group(runs):
+        calls.append(runs)
+        return make_run_group()(runs)
+
+    with pytest.raises(UserError, match=r"another sweep \('z_loss'\).*--force"):
+        run_sweep(dataclasses.replace(spec, name="other"), out, run_group, progress=False)
+    with pytest.raises(UserError, match=r"full version of this sweep \('z_loss'\), whose runs would be reported "
+                                        r"as 'z_loss_smoke'.*--force"):
+        run_sweep(dataclasses.replace(spec, name="z_loss_smoke"), out, run_group, progress=False)
+    assert calls == [] and _store_state(out) == before  # nothing ran, nothing changed
+    # The same sweep, extended by one more z_loss value, reuses what is there.
+    extended = dataclasses.replace(spec, axes=(dataclasses.replace(spec.axes[0], points=(*spec.axes[0].points, (0.1,))),
+                                               spec.axes[1]))
+    assert run_sweep(extended, out, run_group, progress=False).skipped == 24 and len(calls) == 2
+    summary = run_sweep(dataclasses.replace(spec, name="other"), out, run_group, progress=False, force=True)
+    store = ResultsStore(out)
+    assert summary.computed == 24 and store.manifest()["name"] == "other"
+    assert {r["sweep"] for r in store.records()} == {"other"}  # the old sweep's records are gone, not mixed
+
+
+class _Bar:
+    """Stands in for tqdm: records what run_sweep tells the bar."""
+
+    made: list = []
+
+    def __init__(self, total, initial=0, unit="it", **_):
+        self.total, self.n, self.unit, self.updates = total, initial, unit, []
+        self.initial = initial
+        _Bar.made.append(self)
+
+    def update(self, n=1):
+        self.n += n
+        self.updates.append(n)
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_progress_counts_member_steps_within_the_running_group(spec_path, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bar)
+    spec = load_sweep(spec_path)  # 8 groups of 3 seeds, 20 steps each
+
+    def run_group(runs, progress):
+        for _ in range(4):  # four chunks of 5 steps, every member
+            progress(len(runs) * 5)
+        return make_run_group()(runs)
+
+    steps = lambda group: group[0].config["train"]["steps"]  # noqa: E731
+    _Bar.made.clear()
+    run_sweep(spec, tmp_path / "out", run_group, group_steps=steps)
+    bar = _Bar.made[-1]
+    assert (bar.total, bar.initial, bar.unit, bar.n) == (8 * 3 * 20, 0, "step", 480)
+    assert bar.updates[:5] == [15, 15, 15, 15, 0]  # inside the first group, chunk by chunk
+    assert bar.postfix.startswith("group 8/8 ")
+    # Resumed with one run missing: the finished groups are the bar's starting point.
+    victim = expand(spec)[4].run_id
+    os.unlink(tmp_path / "out" / "runs" / f"{victim}.json")
+    run_sweep(spec, tmp_path / "out", run_group, group_steps=steps)
+    bar = _Bar.made[-1]
+    assert (bar.initial, bar.n, bar.updates) == (420, 480, [15, 15, 15, 15, 0])

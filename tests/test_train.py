@@ -161,6 +161,16 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(tmp_path, capsys, a
     assert (out / "summary.json").read_text() == "precious"
 
 
+def test_progress_bar_says_compiling_during_the_first_chunk(three_members, capsys):
+    """The first chunk compiles (minutes on a large model): the bar says so, then "training". Same program
+    as `three_members` (3 members, 10-step chunks), so the compilation cache makes this cheap."""
+    run, _ = three_members
+    h = hparams_of(run)
+    train(micro(steps=10), seeds=[0, 1, 2], hparams=[h, h, h], progress=True)
+    err = capsys.readouterr().err
+    assert "compiling" in err and "training" in err and err.index("compiling") < err.index("training"), err
+
+
 def test_bf16_params_with_stochastic_rounding_train():
     """A valid configuration: master weights stored in bf16 with stochastic rounding of every update; the
     optimizer state in bf16 too. After training, every parameter and state leaf is a bf16 value."""

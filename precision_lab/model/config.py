@@ -55,6 +55,11 @@ class ModelConfig:
       expert_d_ff: the experts' d_ff (None = d_ff), same convention.
       ffn_type: "geglu" (gelu-tanh(x W0) * (x W1), T5.1.1) | "relu".
       rmsnorm_scale: whether RMSNorm has a learned scale (ST-MoE's stability table removes it).
+      qk_norm: qk-layernorm (Dehghani et al. 2023; Wortsman et al. 2023): RMSNorm over d_kv on every head's
+        queries and keys before the logits, computed per the `norms` component, each with a learned [d_kv]
+        scale shared by the heads (the query's starts at d_kv^-0.5: T5 folds 1/sqrt(d_kv) into the query
+        init, which the norm would undo). Bounds every logit by d_kv * max|q scale| * max|k scale| (sqrt(d_kv)
+        at init).
       tie_embeddings: share the input embedding with the output projection (then logits are scaled by
         d_model^-0.5, as T5.1.0 did); T5.1.1 and ST-MoE untie them.
       relative_attention_num_buckets / _max_distance: T5 relative position buckets (32 / 128).
@@ -107,6 +112,7 @@ class ModelConfig:
     ffn_type: str = "geglu"
     relu_flop_matched: bool = True
     rmsnorm_scale: bool = True
+    qk_norm: bool = False
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     relative_attention_num_buckets: int = 32
@@ -155,6 +161,8 @@ class ModelConfig:
             _check_int(name, getattr(self, name), low=1)
         for name in ("num_experts", "min_capacity"):
             _check_int(name, getattr(self, name), low=0)
+        if not isinstance(self.qk_norm, bool):
+            raise UserError(f"qk_norm must be true or false, got {self.qk_norm!r}")
         for name in ("expert_d_ff", "d_kv"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)

@@ -91,10 +91,11 @@ def model_info(cfg: ModelConfig | str) -> dict:
     return info
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+def _human(n: float, billion: str = "B") -> str:
+    """3 significant digits with K/M/B/T; FLOPs pass billion="G" (as the README writes them: 119G, not 119B)."""
+    for unit, scale in (("T", 1e12), (billion, 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
+            return f"{n / scale:#.3g}".rstrip(".") + unit  # 22.0T, not 22T: always 3 digits
     return f"{n:.3g}"
 
 
@@ -105,8 +106,9 @@ def model_info_text(cfg: ModelConfig | str, *, as_json: bool = False) -> str:
         return json.dumps(info, indent=2, sort_keys=True)
     paper = info.get("paper", {})
 
-    def vs(key):
-        return f"   (paper: {_human(paper[key])}, ratio {info[key] / paper[key]:.3f})" if key in paper else ""
+    def vs(key, billion="B"):
+        return (f"   (paper: {_human(paper[key], billion)}, ratio {info[key] / paper[key]:.3f})" if key in paper
+                else "")
 
     lines = [
         f"model {info['preset'] or 'custom'}: {len(info['sparse_layers'])} sparse layers "
@@ -114,9 +116,9 @@ def model_info_text(cfg: ModelConfig | str, *, as_json: bool = False) -> str:
         f"params              {info['params']:>18,d}  {_human(info['params'])}{vs('params')}",
         f"expert params       {info['expert_params']:>18,d}  {_human(info['expert_params'])}",
         f"active params/token {info['active_params']:>18,d}  {_human(info['active_params'])}",
-        f"forward FLOPs/seq   {info['flops_per_sequence']:>18,d}  {_human(info['flops_per_sequence'])}"
-        f"{vs('flops_per_sequence')}   [{info['inputs_length']} in / {info['targets_length']} out tokens]",
-        "  by part: " + ", ".join(f"{k} {_human(v)}" for k, v in info["flops_by_part"].items()),
+        f"forward FLOPs/seq   {info['flops_per_sequence']:>18,d}  {_human(info['flops_per_sequence'], 'G')}"
+        f"{vs('flops_per_sequence', 'G')}   [{info['inputs_length']} in / {info['targets_length']} out tokens]",
+        "  by part: " + ", ".join(f"{k} {_human(v, 'G')}" for k, v in info["flops_by_part"].items()),
     ]
     return "\n".join(lines)
 

@@ -152,13 +152,17 @@ def init_attention(key, cfg: ModelConfig, policy: PrecisionPolicy):
         "v": normal(kv, (d, h, k), s * d**-0.5),
         "o": normal(ko, (h, k, d), s * (h * k) ** -0.5),
     }
+    if cfg.qk_norm:  # qk-layernorm: see ModelConfig.qk_norm for the query scale's d_kv^-0.5
+        params["q_norm"] = jnp.full((k,), k**-0.5, jnp.float32)
+        params["k_norm"] = jnp.ones((k,), jnp.float32)
     state = {site: dot_state(policy, *_ATTN) for site in ("q", "k", "v", "logits", "values", "o")}
     return params, state
 
 
 def attention(params, state, x_q, x_kv, bias, mask, *, policy: PrecisionPolicy, dropout_rate: float = 0.0,
-              key=None):
-    """Multi-head attention without 1/sqrt(d) scaling (T5).
+              key=None, norm_eps: float = 1e-6):
+    """Multi-head attention without 1/sqrt(d) scaling (T5); with qk-layernorm when params has "q_norm" and
+    "k_norm" (RMSNorm of each head's queries and keys over d_kv, per the `norms` component, eps norm_eps).
 
     Args:
       x_q: <float32>[B, Lq, D] queries' input; x_kv: <float32>[B, Lk, D] keys'/values' input.
@@ -175,6 +179,9 @@ def attention(params, state, x_q, x_kv, bias, mask, *, policy: PrecisionPolicy, 
     q = proj(x_q, params["q"], "q")  # (B, H, Lq, K)
     k = proj(x_kv, params["k"], "k")  # (B, H, Lk, K)
     v = proj(x_kv, params["v"], "v")  # (B, H, Lk, K)
+    if "q_norm" in params:  # qk-layernorm: |logit| <= K * max|q_norm| * max|k_norm|, whatever q, k grow to
+        q = ops.rms_norm(q, params["q_norm"], policy, "norms", eps=norm_eps)
+        k = ops.rms_norm(k, params["k_norm"], policy, "norms", eps=norm_eps)
     logits = ops.dot("bhqk,bhtk->bhqt", q, k, policy, lhs="attn_operands", rhs="attn_operands",
                      out="attn_logits", state=state["logits"])  # (B, H, Lq, Lk)
     if bias is not None:

@@ -166,12 +166,13 @@ def _run_stack(params, state, x, stack: _Stack, enc_out, cross_mask, aux: list, 
 
         h = layers.rms_norm(p["self_attn_norm"], x, cfg=cfg, policy=policy)  # (B, L, D)
         y, m = layers.attention(p["self_attn"], s["self_attn"], h, h, stack.bias, stack.self_mask, policy=policy,
-                                dropout_rate=rate, key=_site_key(key, f"{site}/self_attn"))
+                                dropout_rate=rate, key=_site_key(key, f"{site}/self_attn"), norm_eps=cfg.norm_eps)
         x, max_logit = residual(x, y, "self_attn"), jnp.maximum(max_logit, m)
         if enc_out is not None:
             h = layers.rms_norm(p["cross_attn_norm"], x, cfg=cfg, policy=policy)
             y, m = layers.attention(p["cross_attn"], s["cross_attn"], h, enc_out, None, cross_mask, policy=policy,
-                                    dropout_rate=rate, key=_site_key(key, f"{site}/cross_attn"))
+                                    dropout_rate=rate, key=_site_key(key, f"{site}/cross_attn"),
+                                    norm_eps=cfg.norm_eps)
             x, max_logit = residual(x, y, "cross_attn"), jnp.maximum(max_logit, m)
         if "moe" in p:
             if cfg.extra_dense_ffn == "before":
