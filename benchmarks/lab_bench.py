@@ -2,7 +2,7 @@
 """precision_lab's own train-step benchmarks, each measured as ratios inside ONE run, interleaved.
 
     .venv/bin/python benchmarks/lab_bench.py all --json > /tmp/lab.jsonl     # ~10 min on 2 cores
-    .venv/bin/python benchmarks/lab_bench.py hf|policies|seeds|small|compile [--reps 5] [--json]
+    .venv/bin/python benchmarks/lab_bench.py hf|policies|seeds|small|compile|accumulator [--reps 5] [--json]
 
 Sections (each prints one JSON line with --json):
   hf        the lab's fp32 train step vs HuggingFace SwitchTransformersForConditionalGeneration at the matched
@@ -13,6 +13,8 @@ Sections (each prints one JSON line with --json):
             matched configuration and at the `tiny` preset, interleaved; ratios to fp32 of the same rep.
   seeds     1 vs 8 vmapped seeds (Trainer._chunk), tiny preset and the matched configuration.
   small     the `small` preset's fp32 train step: model FLOP utilisation against the matmul peak.
+  accumulator  the matmul accumulator model (`acc=e8m13/128` on every matmul operand) vs fp32 and fp8-hybrid,
+            `tiny` preset at the quick-start token lengths, interleaved.
   compile   compile time of a tiny train run (Trainer._chunk) in a fresh process: no persistent cache, cold
             cache, warm cache (jax_compilation_cache_dir, min compile time 0).
 
@@ -598,7 +600,24 @@ def section_telemetry(args) -> dict:
     return out
 
 
-SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry, "gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
+ACC_POLICIES = ["fp32", "fp32,operands=fp32:acc=e8m13/128", "fp32,operands=fp32:acc=e8m13",
+                "fp8-hybrid", "fp8-hybrid,operands=fp8_e4m3fn:delayed:saturate:acc=e8m13/128"]
+
+
+def section_accumulator(args) -> dict:
+    """The matmul accumulator model's cost (ops.matmul_accumulated: every model matmul, forward, dgrad and
+    wgrad, summed in blocks of 32 with an e8m13 running sum, promoted to float32 every 128 or never) on the
+    `tiny` preset at the quick-start token lengths (16 x (64 + 14)), interleaved with fp32 and fp8-hybrid;
+    ratios to fp32 of the same rep."""
+    progs = [Program(p, run_for({"preset": "tiny"}, p, batch=BATCH), k=args.k, src=64, tgt=14) for p in ACC_POLICIES]
+    interleave(progs, args.reps)
+    return {"benchmark": "accumulator_cost", "config": "tiny (16 x (64 + 14) tokens)",
+            "programs": ratios_to_first(progs), "env": env()}
+
+
+SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry,
+            "accumulator": section_accumulator, "gain": section_gain, "blocks": section_blocks, "hf": section_hf,
+            "policies": section_policies, "seeds": section_seeds, "small": section_small,
             "compile": section_compile}
 
 

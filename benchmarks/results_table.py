@@ -107,6 +107,14 @@ def main(path: str) -> int:
         for name, r in d["programs"].items():
             print(f"| {name} | {fmt_vs_fp32(r)} |")
         print()
+    if "accumulator_cost" in last:
+        d = last["accumulator_cost"]
+        print(f"### Matmul accumulator model, {d['config']} (ratio to fp32 in the same rep)\n")
+        print("| policy | ms/step median (min–max) | ratio to fp32 median (min–max) | compile s |")
+        print("| --- | --- | --- | --- |")
+        for name, r in d["programs"].items():
+            print(f"| {name} | {fmt_vs_fp32(r)} |")
+        print()
     if "vmapped_seeds" in last:
         d = last["vmapped_seeds"]
         print("### Vmapped seeds (fp32)\n")

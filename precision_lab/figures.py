@@ -251,6 +251,48 @@ def footnote_figure(rows: list[dict], out_dir: str | Path, stem: str = "footnote
 # -- sweep figures (read ConfigResults from precision_lab.report; never train) -------------------------------
 
 
+def accumulator_error_figure(rows: list[dict], out_dir: str | Path, stem: str = "accumulator_error") -> list[Path]:
+    """`roundoff.accumulator_error` rows: one figure per (distribution, rounding); columns = input format,
+    rows = max and median relative error over the dot products vs K (log-log); colour = accumulator
+    significant bits, solid = never promoted, dashed = promoted to float32 every N elements. The star is
+    DeepSeek-V3's reported point (about 2% maximum at K = 4096 with about 14 bits, H800 FP8)."""
+    from precision_lab.roundoff import PAPER_ACCUMULATOR
+
+    paths: list[Path] = []
+    inputs = list(dict.fromkeys(r["input_format"] for r in rows))
+    bits = sorted({r["significant_bits"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    colors = {b: cmap(i / max(1, len(bits) - 1)) for i, b in enumerate(bits)}
+    for (dist, rounding), rs in _by(rows, "distribution", "rounding").items():
+        fig, axes = plt.subplots(2, len(inputs), figsize=(5.5 * len(inputs), 8), sharex=True, squeeze=False)
+        for j, fmt in enumerate(inputs):
+            for (b, promote), cs in _by([r for r in rs if r["input_format"] == fmt], "significant_bits",
+                                        "promote_every").items():
+                cs = sorted(cs, key=lambda r: r["k"])
+                style = "--" if promote else "-"
+                label = f"{b} bits" + (f", promote every {promote}" if promote else "")
+                for i, key in enumerate(("max_rel_err", "median_rel_err")):
+                    ys = [max(r[key], 1e-12) for r in cs]  # an exact result (0) drawn at the floor
+                    axes[i, j].plot([r["k"] for r in cs], ys, style, marker="o", ms=3, color=colors[b], label=label)
+            for i, what in enumerate(("max", "median")):
+                ax = axes[i, j]
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.set_title(f"{fmt} inputs: {what} over {cs[0]['dots']} dot products", fontsize=9)
+                ax.set_ylabel("|result - exact| / sum |a b|" if dist == "normal" else "relative error vs float64")
+                if what == "max":
+                    ax.plot([PAPER_ACCUMULATOR["k"]], [PAPER_ACCUMULATOR["max_rel_err"]], "*", color="red", ms=12,
+                            label="DeepSeek-V3: ~2% at K=4096, ~14 bits (H800 FP8)")
+            axes[-1, j].set_xlabel("K (dot product length)")
+        axes[0, 0].legend(fontsize=6, ncol=2)
+        fig.suptitle(f"Narrow matmul accumulator (blocks of {rs[0]['block']} products, {rounding}), "
+                     f"{dist} inputs", fontsize=10)
+        fig.tight_layout()
+        paths += save(fig, out_dir, f"{stem}_{dist}_{rounding}")
+    return paths
+
+
 def _curves(configs, metric: str, reduce_layers, out_dir, stem, ylabel: str, title: str, logy: bool = False):
     import numpy as np
 

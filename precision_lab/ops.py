@@ -18,6 +18,9 @@ Conventions, the same in both modes:
     rounds the incoming gradient to the policy's "grads" spec, computes the input gradient from the rounded
     operands (rounded to "matmul_out", like the forward output) and the weight gradient in float32 (the
     trainer rounds it for the all-reduce and the update).
+  * A matmul operand spec may carry an accumulator (`acc=e8m13/128`): then that product, and the two
+    products of its backward pass (dgrad, wgrad), sum K in the order `matmul_accumulated` documents, with
+    the running sum rounded to the accumulator format, instead of in float32.
   * Delayed scaling state enters `dot` as an input whose cotangent is the updated state (the "gradient
     trick" flax uses for fp8 metadata): `jax.grad` w.r.t. the state returns the new state.
 """
@@ -25,6 +28,7 @@ Conventions, the same in both modes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import weakref
 from typing import NamedTuple
@@ -34,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from precision_lab.formats import get_format
-from precision_lab.policy import PrecisionPolicy, Spec
+from precision_lab.policy import Accumulator, PrecisionPolicy, Spec, parse_accumulator
+from precision_lab.rounding import quantize
 from precision_lab.scaling import DelayedState, format_view, init_delayed_state, scaled_quantize
 
 _F32 = jnp.float32
@@ -134,6 +139,154 @@ def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
 def cast(x, policy: PrecisionPolicy, component: str, *, key=None):
     """<float32>[...] -> the same values rounded to `component`'s spec (float32 storage)."""
     return _round(jnp.asarray(x, _F32), policy[component], policy.mode, key=key)[0]
+
+
+# -- the accumulator model --------------------------------------------------------------------------------
+#
+# Summation order modelled (the "stated order"), for every output element of a product contracting K:
+#   1. K is cut into consecutive blocks of `block` elements (default 32), zero-padded at the end.
+#   2. Within a block the products a_k * b_k are summed by a float32 matmul (XLA's order inside the block,
+#      one float32 rounding per add at most). Products of bf16/fp8 operands are exact in float32, and the
+#      block sum carries 24 significant bits, far more than the narrow accumulator keeps: this stands for
+#      the tensor core's fused multi-term adder, which adds one MMA step's products at once.
+#   3. The narrow running sum s (start 0) takes each block sum in K order: s = round_acc(s + block_sum),
+#      the add in float32, then rounded to the accumulator format (`quantize`, default toward zero: tensor
+#      cores truncate the bits they shift out when they align and normalise -- Fasi et al. 2021 measured
+#      truncation on V100/T4/A100; the e8m13 accumulator of Hopper's FP8 MMA is reported truncating too).
+#   4. promote_every = N_C: after every N_C elements of K (a whole number of blocks) s is added into a
+#      float32 accumulator f (f = f + s, float32 round-to-nearest, in K order) and reset to 0 -- DeepSeek-V3
+#      section 3.3's promotion of the tensor core's partial sums to CUDA-core float32 registers. The result
+#      is f + s (s after the last, possibly partial, group). promote_every None: the result is s.
+# Why blocks and not one rounding per element: a tensor core does not add products to its accumulator one
+# at a time; each MMA instruction adds a k-long dot product (k = 32 for FP8 wgmma, 16 for bf16) to the
+# accumulator in one fused, aligned addition, so the accumulator is rounded once per instruction, i.e.
+# once per `block` products. With block=1 the model is the textbook recursive summation.
+# The difference from a fused adder (which rounds acc + exact block sum once) is the float32 rounding of
+# the block sum and of the add before the accumulator rounding: at most 2^-24 relative, against the
+# accumulator's 2^-(m+1) or 2^-m.
+# Speed: the heavy work (M*N*K multiply-adds) is one float32 matmul producing every block sum at once
+# ([K/block, M, N]); only the K/block accumulator steps run as a `lax.scan` (M*N work each), and with
+# promotion the N_C/block steps of every promotion group run side by side (a scan of N_C/block steps over
+# [K/N_C, M, N]) before the K/N_C float32 adds.
+
+
+def _as_accumulator(accumulator, promote_every, block, rounding) -> Accumulator:
+    if isinstance(accumulator, Accumulator):
+        return accumulator
+    if "/" in str(accumulator):
+        return parse_accumulator(accumulator)
+    kw = {} if block is None else {"block": block}
+    if rounding is not None:
+        kw["rounding"] = rounding
+    return Accumulator(format=str(accumulator), promote_every=promote_every, **kw)
+
+
+def accumulate_blocks(partial, acc: Accumulator, *, prefixes: bool = False):
+    """Sum <float32>[NB, ...] block sums along axis 0 in the accumulator's order (steps 3-4 above).
+
+    Returns the [...] result; prefixes=True returns <float32>[NB, ...] instead: the result the product
+    would have had with K cut after each block (f + s at every block boundary), which is what a dot
+    product of that shorter length gives (the roundoff analysis reads every K from one long product)."""
+    partial = jnp.asarray(partial, _F32)
+    fmt = get_format(acc.format)
+    q = (lambda v: v) if fmt.mantissa_bits >= 23 and fmt.exponent_bits >= 8 else (
+        lambda v: quantize(v, fmt, rounding=acc.rounding))
+    per_group = None if acc.promote_every is None else acc.promote_every // acc.block
+    nb = partial.shape[0]
+    if per_group is None or per_group >= nb:
+        def step(s, p):
+            s = q(s + p)
+            return s, (s if prefixes else None)
+
+        s, hist = jax.lax.scan(step, jnp.zeros(partial.shape[1:], _F32), partial)
+        return hist if prefixes else s
+    groups = -(-nb // per_group)
+    pad = groups * per_group - nb
+    if pad:
+        partial = jnp.concatenate([partial, jnp.zeros((pad, *partial.shape[1:]), _F32)])
+    # [groups, per_group, ...] -> scan over the per_group axis, every group side by side.
+    grouped = jnp.swapaxes(partial.reshape(groups, per_group, *partial.shape[1:]), 0, 1)
+
+    def narrow(s, p):
+        s = q(s + p)
+        return s, (s if prefixes else None)
+
+    s, hist = jax.lax.scan(narrow, jnp.zeros(grouped.shape[1:], _F32), grouped)
+
+    def promote(f, g):
+        f = f + g
+        return f, f
+
+    # f before each group is the float32 sum of the groups before it (in K order).
+    f_last, f_after = jax.lax.scan(promote, jnp.zeros(s.shape[1:], _F32), s)
+    if not prefixes:
+        return f_last
+    f_before = jnp.concatenate([jnp.zeros((1, *f_after.shape[1:]), _F32), f_after[:-1]])
+    out = jnp.swapaxes(hist, 0, 1) + f_before[:, None]  # [groups, per_group, ...]: f + s at each block end
+    return out.reshape(groups * per_group, *out.shape[2:])[:nb]
+
+
+def _block_sums(eq: str, a, b, block: int):
+    """Float32 sums of `block` consecutive products along the contracted axes of einsum(eq, a, b):
+    <float32>[NB, *out]. The contracted axes (all indices in both operands but not the output) are merged
+    into one K axis (in the order they appear in the lhs), zero-padded to a multiple of `block` (K <= block:
+    one block of K, no padding; zero products change no float32 sum, so the result is the same)."""
+    ins, out = eq.replace(" ", "").split("->")
+    xa, xb = ins.split(",")
+    con = [c for c in xa if c in xb and c not in out]
+    if any(c not in xb and c not in out for c in xa) or any(c not in xa and c not in out for c in xb):
+        raise ValueError(f"accumulated einsum {eq!r}: an index summed over one operand alone is not supported")
+    keep_a, keep_b = [c for c in xa if c not in con], [c for c in xb if c not in con]
+    a = jnp.transpose(a, [xa.index(c) for c in keep_a + con])
+    b = jnp.transpose(b, [xb.index(c) for c in keep_b + con])
+    k = int(np.prod([a.shape[len(keep_a) + i] for i in range(len(con))], dtype=np.int64))
+    a = a.reshape(*a.shape[:len(keep_a)], k)
+    b = b.reshape(*b.shape[:len(keep_b)], k)
+    block = min(block, k)
+    padded = -(-k // block) * block
+    if padded != k:
+        a = jnp.pad(a, [(0, 0)] * len(keep_a) + [(0, padded - k)])
+        b = jnp.pad(b, [(0, 0)] * len(keep_b) + [(0, padded - k)])
+    nb = padded // block
+    a = a.reshape(*a.shape[:-1], nb, block)
+    b = b.reshape(*b.shape[:-1], nb, block)
+    free = [chr(c) for c in range(ord("A"), ord("Z") + 1) if chr(c) not in eq][:2]
+    jj, kk = free
+    sub = f"{''.join(keep_a)}{jj}{kk},{''.join(keep_b)}{jj}{kk}->{jj}{out}"
+    return jnp.einsum(sub, a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=_F32)
+
+
+def accumulated_einsum(eq: str, a, b, acc: Accumulator):
+    """einsum(eq, a, b) for float32 operands with the contracted axes summed in the accumulator's order
+    (see "the accumulator model" above; several contracted axes are merged into one K, lhs order)."""
+    partial = _block_sums(eq, jnp.asarray(a, _F32), jnp.asarray(b, _F32), acc.block)
+    return accumulate_blocks(partial, acc)
+
+
+def matmul_accumulated(a, b, accumulator: str | Accumulator = "e8m13", promote_every: int | None = 128, *,
+                       block: int | None = None, rounding: str | None = None):
+    """<float32>[M, K] @ <float32>[K, N] -> <float32>[M, N] with a narrow matmul accumulator.
+
+    The K sum runs in this order (the reasons are in the block comment "the accumulator model" of
+    precision_lab/ops.py): K in blocks of `block` (default 32) products, each block summed in float32; a
+    running sum s takes the block sums in K order and is rounded to `accumulator` (default `e8m13`, 14
+    significant bits, rounding toward zero) after each; with `promote_every` (default 128, DeepSeek-V3's
+    N_C; None: never) s is added into a float32 accumulator every `promote_every` elements of K and reset.
+
+    accumulator: a format name (`e8m13`, `fp16`, `fp32` = plain float32 summation in the same order), or the
+    policy's form `e8m13/128/k32/toward_zero` (then promote_every, block and rounding come from it), or an
+    `Accumulator`. Bad values raise UserError naming the field and the valid choices.
+    """
+    acc = _as_accumulator(accumulator, promote_every, block, rounding)
+    a, b = jnp.asarray(a, _F32), jnp.asarray(b, _F32)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul_accumulated needs [M, K] @ [K, N], got {a.shape} @ {b.shape}")
+    return _matmul_accumulated_jit(a, b, acc)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _matmul_accumulated_jit(a, b, acc: Accumulator):
+    return accumulated_einsum("mk,kn->mn", a, b, acc)
 
 
 # -- precision telemetry: what the roundings of the matmul operands and gradients lose ------------------------
@@ -255,9 +408,12 @@ class _DotConfig(NamedTuple):
     mode: str
     kind: str = "einsum"  # "einsum" | "grouped" (b[index] per block) | "rows" (a[index], no b)
     site: int = 0  # the site's group's "_fwd" row of the telemetry probe (TELEMETRY_SITES); "_bwd" is + 1
+    acc: Accumulator | None = None  # narrow accumulator of this product and its backward products
 
 
 def _einsum(cfg: _DotConfig, a, b):
+    if cfg.acc is not None:
+        return accumulated_einsum(cfg.eq, a, b, cfg.acc)
     if cfg.mode == "native":
         da, db = _native_dtype(cfg.lhs), _native_dtype(cfg.rhs)
         if da is not None and da == db:
@@ -310,7 +466,9 @@ def _dot_bwd(cfg, res, g):
     if counts is not None:  # the probe's cotangent: this site's forward and gradient rounding counts
         grad_counts = rounding_counts(g, qg, cfg.grad, state=st.grad)
         dprobe = new_probe().at[cfg.site].set(counts).at[cfg.site + 1].set(grad_counts)
-    if cfg.rhs is None:
+    if cfg.acc is not None and cfg.rhs is not None:
+        da, db = _accumulated_grads(cfg, qa, qb, qg, index)
+    elif cfg.rhs is None:
         _, vjp = jax.vjp(lambda a_: _contract(cfg, a_, None, index), qa)
         (da,), db = vjp(qg), None
     else:
@@ -322,6 +480,20 @@ def _dot_bwd(cfg, res, g):
     return da, db, new_state, _zero_cotangent(index), dprobe
 
 
+def _accumulated_grads(cfg: _DotConfig, qa, qb, qg, index):
+    """dgrad and wgrad of an accumulated product, each itself a product summed in the accumulator's order
+    (over the forward's output-only axes for dgrad, over the shared batch/token axes for wgrad)."""
+    ins, out = cfg.eq.replace(" ", "").split("->")
+    xa, xb = ins.split(",")
+    if cfg.kind == "grouped":  # per block: b = w[index]; the blocks of one expert then add in float32
+        wb, take_vjp = jax.vjp(lambda w: jnp.take(w, index, axis=0, mode="clip"), qb)
+        da = accumulated_einsum(f"{out},{xb}->{xa}", qg, wb, cfg.acc)
+        (db,) = take_vjp(accumulated_einsum(f"{xa},{out}->{xb}", qa, qg, cfg.acc))
+        return da, db
+    return (accumulated_einsum(f"{out},{xb}->{xa}", qg, qb, cfg.acc),
+            accumulated_einsum(f"{xa},{out}->{xb}", qa, qg, cfg.acc))
+
+
 def _zero_cotangent(index):
     """The cotangent of an integer input (float0 zeros), or None when there is none."""
     return None if index is None else np.zeros(np.shape(index), dtype=jax.dtypes.float0)
@@ -330,11 +502,19 @@ def _zero_cotangent(index):
 _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
+def _without_accumulator(spec: Spec) -> Spec:
+    return spec if spec.accumulator is None else dataclasses.replace(spec, accumulator=None)
+
+
 def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str, rhs: str | None, out: str,
              state: DotState | None):
     a = jnp.asarray(a, _F32)
     b = None if b is None else jnp.asarray(b, _F32)
     lhs_spec, rhs_spec = policy[lhs], None if rhs is None else policy[rhs]
+    # The accumulator is the product's (the lhs operand's, else the rhs's); the operands round without it.
+    acc = lhs_spec.accumulator or (None if rhs_spec is None else rhs_spec.accumulator)
+    lhs_spec = _without_accumulator(lhs_spec)
+    rhs_spec = None if rhs_spec is None else _without_accumulator(rhs_spec)
     if policy.mode == "emulate":
         # An operand already rounded to its spec (e.g. the previous matmul's output) is not rounded again
         # (see "skipping roundings"). Decided here, outside the custom_vjp, where the operands are the
@@ -344,7 +524,7 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
             rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
     site = TELEMETRY_SITES.index(SITE_GROUPS.get(lhs, "dispatch") + "_fwd")
     cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind,
-                     site)
+                     site, acc)
     probe = _PROBES[-1] if _PROBES else None
     y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), probe)
     if policy.mode == "emulate":
@@ -354,8 +534,9 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
 
 def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
         state: DotState | None = None):
-    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation and
-    the output rounded per `out`. The backward pass rounds gradients per the policy's "grads" spec."""
+    """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation (or
+    the lhs/rhs spec's accumulator, `acc=`: see `matmul_accumulated`) and the output rounded per `out`. The
+    backward pass rounds gradients per the policy's "grads" spec."""
     return _run_dot("einsum", eq, a, b, None, policy, lhs, rhs, out, state)
 
 
@@ -518,6 +699,6 @@ def _ring_sum(x, spec: Spec, mode: str, key, with_counts: bool):
 __all__ = [
     "COUNT_KINDS", "SITE_GROUPS", "TELEMETRY_SITES", "new_probe", "count_roundings", "rounding_counts", "fractions",
     "ring_allreduce",
-    "cast", "exact", "dot",
+    "cast", "exact", "dot", "matmul_accumulated", "accumulated_einsum", "accumulate_blocks",
     "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm",
 ]

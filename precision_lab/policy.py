@@ -13,7 +13,8 @@ Compact string form, parsed left to right, later entries override earlier ones:
   * `default=SPEC` sets every component; a group name (`GROUPS`: router, attention, experts, ...) sets its
     members; a component name sets one component;
   * SPEC is `FORMAT[:token...]`, each token a scaling (`SCALINGS`), rounding (`ROUNDINGS`) or overflow
-    (`OVERFLOWS`) name, in any order.
+    (`OVERFLOWS`) name, in any order, or `acc=ACCUMULATOR` (matmul operand components only, see
+    `Accumulator`): e.g. `experts=fp8_e4m3fn:delayed:saturate:acc=e8m13/128`.
 
 `str(policy)` prints the canonical form (the most common spec as `default`, then every component that
 differs, in `COMPONENTS` order) and `parse_policy(str(p)) == p` always. TOML: a table of the same keys
@@ -67,8 +68,92 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "gradients": ("grads", "grad_allreduce"),
 }
 
+# The components whose spec may carry an accumulator: the operands of the model's real matmuls (a dot uses
+# its lhs operand's accumulator, else its rhs operand's). The one-hot dispatch/combine products
+# (activations, comm, combine_weights) are data movement, not GEMMs, and never accumulate narrowly.
+ACCUMULATOR_COMPONENTS: tuple[str, ...] = ("attn_operands", "ffn_operands", "expert_operands", "head_operands",
+                                           "router_input", "router_weights")
+
 SCALINGS: tuple[str, ...] = ("none", "current", "delayed", "mx", "tile1x128", "tile128x128")
 MODES: tuple[str, ...] = ("emulate", "native")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Accumulator:
+    """A matmul's accumulator: the running sum over the contraction dimension K is rounded to `format`
+    after every `block` products are added, and (promote_every set) moved into a float32 accumulator every
+    `promote_every` elements of K (DeepSeek-V3 section 3.3: N_C = 128). The summation order this models is
+    documented in `precision_lab.ops.matmul_accumulated`.
+
+    Written `FORMAT[/PROMOTE_EVERY][/kBLOCK][/ROUNDING]` (e.g. `e8m13/128`, `e8m13/128/k16/nearest_even`);
+    `str()` prints that canonical form and parses back to the same accumulator.
+    """
+
+    format: str = "e8m13"
+    promote_every: int | None = None
+    block: int = 32
+    rounding: str = "toward_zero"
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "format", get_format(self.format).name)
+        except UserError as err:
+            raise UserError(f"accumulator format: {err}") from None
+        if self.rounding not in ROUNDINGS or self.rounding == "stochastic":
+            raise unknown_choice("accumulator rounding", self.rounding, [r for r in ROUNDINGS if r != "stochastic"])
+        if not _positive_int(self.block):
+            raise UserError(f"accumulator block must be a positive integer (products summed per accumulator "
+                            f"rounding), got {self.block!r}")
+        if self.promote_every is not None:
+            if not _positive_int(self.promote_every):
+                raise UserError(f"accumulator promote_every must be a positive integer (elements of K between "
+                                f"promotions to float32) or omitted (never promote), got {self.promote_every!r}")
+            if self.promote_every % self.block:
+                raise UserError(f"accumulator promote_every ({self.promote_every}) must be a multiple of the block "
+                                f"({self.block}): a promotion happens between blocks")
+
+    def __str__(self) -> str:
+        parts = [self.format]
+        if self.promote_every is not None:
+            parts.append(str(self.promote_every))
+        if self.block != ACC_BLOCK:
+            parts.append(f"k{self.block}")
+        if self.rounding != ACC_ROUNDING:
+            parts.append(self.rounding)
+        return "/".join(parts)
+
+
+ACC_BLOCK = 32  # products summed (in float32) per accumulator rounding: one Hopper FP8 MMA step along K
+ACC_ROUNDING = "toward_zero"  # tensor cores truncate when they align and normalise (see ops.matmul_accumulated)
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def parse_accumulator(text: str, field: str = "accumulator") -> Accumulator:
+    """Parse `FORMAT[/PROMOTE_EVERY][/kBLOCK][/ROUNDING]` (promote_every `none`: never promote)."""
+    head, *tokens = [t.strip() for t in str(text).strip().split("/")]
+    kw: dict = {}
+    valid = "FORMAT[/PROMOTE_EVERY][/kBLOCK][/ROUNDING], e.g. e8m13/128"
+    for tok in tokens:
+        low = _ROUNDING_ALIASES.get(tok.lower(), tok.lower())
+        if low.lstrip("-").isdigit() or low == "none":
+            key, value = "promote_every", None if low == "none" else int(low)
+        elif low[:1] == "k" and low[1:].lstrip("-").isdigit():
+            key, value = "block", int(low[1:])
+        elif low in ROUNDINGS:
+            key, value = "rounding", low
+        else:
+            raise UserError(f"{field}: unknown accumulator option {tok!r} in {text!r}; expected {valid} "
+                            f"(rounding one of {', '.join(r for r in ROUNDINGS if r != 'stochastic')})")
+        if key in kw:
+            raise UserError(f"{field}: two {key} options in accumulator {text!r}; expected {valid}")
+        kw[key] = value
+    try:
+        return Accumulator(format=head, **kw)
+    except UserError as err:
+        raise UserError(f"{field}: {err}") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,9 +167,12 @@ class Spec:
     scaling: str = "none"
     rounding: str = "nearest_even"
     overflow: str | None = None
+    accumulator: Accumulator | None = None  # matmul operands only: how the product's K sum accumulates
 
     def __post_init__(self):
         object.__setattr__(self, "format", get_format(self.format).name)
+        if isinstance(self.accumulator, str):
+            object.__setattr__(self, "accumulator", parse_accumulator(self.accumulator))
         if self.scaling not in SCALINGS:
             raise unknown_choice("scaling", self.scaling, SCALINGS)
         if self.rounding not in ROUNDINGS:
@@ -109,6 +197,8 @@ class Spec:
             parts.append(self.rounding)
         if self.overflow is not None:
             parts.append(self.overflow)
+        if self.accumulator is not None:
+            parts.append(f"acc={self.accumulator}")
         return ":".join(parts)
 
 
@@ -126,6 +216,11 @@ def parse_spec(text: str, field: str = "spec") -> Spec:
         raise UserError(f"{field}: {err}") from None
     kw: dict = {}
     for tok in tokens:
+        if tok.lower().startswith("acc="):
+            if "accumulator" in kw:
+                raise UserError(f"{field}: two accumulator options in {text!r}")
+            kw["accumulator"] = parse_accumulator(tok[4:], field=f"{field} accumulator")
+            continue
         tok = _ROUNDING_ALIASES.get(tok.lower(), tok.lower())
         if tok in SCALINGS:
             key = "scaling"
@@ -134,7 +229,7 @@ def parse_spec(text: str, field: str = "spec") -> Spec:
         elif tok in OVERFLOWS:
             key = "overflow"
         else:
-            err = unknown_choice(f"{field} option", tok, [*SCALINGS, *ROUNDINGS, *OVERFLOWS])
+            err = unknown_choice(f"{field} option", tok, [*SCALINGS, *ROUNDINGS, *OVERFLOWS, "acc=ACCUMULATOR"])
             raise UserError(str(err)) from None
         if key in kw:
             raise UserError(f"{field}: two {key} options in {text!r}")
@@ -158,6 +253,11 @@ class PrecisionPolicy:
             raise unknown_choice("component", extra[0], COMPONENTS)
         if self.mode not in MODES:
             raise unknown_choice("mode", self.mode, MODES)
+        for c, spec in self.specs.items():
+            if spec.accumulator is not None and c not in ACCUMULATOR_COMPONENTS:
+                raise UserError(f"policy {c}: an accumulator (acc=...) belongs to a matmul operand component; "
+                                f"valid components: {', '.join(ACCUMULATOR_COMPONENTS)} (or the groups operands, "
+                                f"experts, ffn)")
         ordered = {c: self.specs[c] for c in COMPONENTS}
         object.__setattr__(self, "specs", MappingProxyType(ordered))
 
@@ -315,7 +415,8 @@ PRESETS["mxfp4-experts"] = _uniform("bf16", **_STMOE, experts="fp4_e2m1fn:mx:sat
 PRESETS["tpu-default"] = _uniform("fp32", operands="bf16", router_input="bf16", router_weights="bf16", grads="bf16")
 
 __all__ = [
-    "COMPONENTS", "GROUPS", "SCALINGS", "MODES", "Spec", "PrecisionPolicy", "PRESETS", "PRESET_SOURCES",
+    "COMPONENTS", "GROUPS", "SCALINGS", "MODES", "Spec", "Accumulator", "ACCUMULATOR_COMPONENTS",
+    "parse_accumulator", "PrecisionPolicy", "PRESETS", "PRESET_SOURCES",
     "parse_spec", "parse_policy", "format_policy", "get_policy", "get_preset", "policy_to_toml_table",
     "policy_from_toml_table",
 ]

@@ -15,12 +15,16 @@ section 3).
     footnote_example ST-MoE's footnote: ten logits of 128 and one of 128.5 (exact 0.142, bf16 0.091)
     allreduce_error  relative error of a gradient summed over R data-parallel replicas by the emulated ring
                      all-reduce (`ops.ring_allreduce`) in the format, against float64, as R grows
+    accumulator_error max and median relative error of a K-long dot product vs K when the matmul accumulator
+                     keeps 10..24 significant bits, with and without float32 promotion every 128 elements
+                     (`ops.matmul_accumulated`'s order), inputs in fp8 e4m3 or bf16 (DeepSeek-V3 section 3.3)
 
 Experiments are TOML files (`experiments/roundoff_*.toml`):
 
     # command: precision-lab roundoff experiments/roundoff_exp.toml --out runs/roundoff_exp
     kind = "roundoff"
     analysis = "exp_error"           # binade_table | exp_error | softmax_error | flip_rate | footnote_example
+                                     # | accumulator_error
     description = "..."              # optional; also `name`
     formats = ["fp32", "bf16"]       # then the analysis's keyword arguments (ANALYSES[...].fields)
     x_max = 80.0
@@ -50,7 +54,7 @@ import numpy as np
 from precision_lab import ops
 from precision_lab.errors import UserError, read_toml, unknown_choice
 from precision_lab.formats import Format, get_format, roundoff_per_binade
-from precision_lab.policy import MODES, get_policy
+from precision_lab.policy import MODES, Accumulator, get_policy
 from precision_lab.rounding import quantize
 
 SEED = 0
@@ -439,6 +443,131 @@ def allreduce_error(formats: Sequence[str] = ALLREDUCE_FORMATS, replicas: Sequen
     return rows
 
 
+# -- 7. the matmul accumulator ---------------------------------------------------------------------------------
+
+# DeepSeek-V3 (2024) section 3.3, as published (PAPER.md section 13): FP8 GEMM on H800 tensor cores keeps
+# about 14 bits in its accumulator; for K = 4096 (random inputs) the maximum relative error was nearly 2%;
+# promoting partial sums to float32 every N_C = 128 elements of K fixes it.
+PAPER_ACCUMULATOR = {"k": 4096, "significant_bits": 14, "max_rel_err": 0.02, "promote_every": 128}
+ACC_INPUT_FORMATS = ("fp8_e4m3fn", "bf16")
+ACC_BITS = (10, 12, 14, 16, 23, 24)  # significant bits: e8m9 ... e8m22, and 24 = float32 (e8m23)
+ACC_KS = tuple(2**n for n in range(6, 15))  # 64 .. 16384
+
+
+def _acc_operands(fmt: Format, distribution: str, m: int, k: int, n: int, seed: int):
+    """float32 operands whose values the format holds: U(0, 1) ("uniform": every product positive, no
+    cancellation) or N(0, 1) ("normal"), rounded to the format (nearest even)."""
+    rng = np.random.default_rng([seed, k, fmt.bits])
+    draw = (lambda shape: rng.uniform(0, 1, shape)) if distribution == "uniform" else rng.standard_normal
+    a = np.asarray(quantize(draw((m, k)).astype(np.float32), fmt))
+    b = np.asarray(quantize(draw((k, n)).astype(np.float32), fmt))
+    return a, b
+
+
+@functools.lru_cache(maxsize=None)
+def _prefix_fn(acc) -> Callable:
+    """jit(block sums <float32>[NB, ...] -> the accumulated result after every block), one per accumulator."""
+    return jax.jit(lambda partial: ops.accumulate_blocks(partial, acc, prefixes=True))
+
+
+def accumulator_error(input_formats: Sequence[str] = ACC_INPUT_FORMATS,
+                      significant_bits: Sequence[int] = ACC_BITS, promote_every: Sequence[int] = (0, 128),
+                      ks: Sequence[int] = ACC_KS, *, roundings: Sequence[str] = ("toward_zero",),
+                      distributions: Sequence[str] = ("uniform", "normal"), block: int = 32, dots: int = 1024,
+                      seed: int = SEED) -> list[dict]:
+    """Relative error of K-long dot products whose K sum runs through a narrow accumulator, against float64.
+
+    For each input format and distribution: `dots` dot products (a [sqrt(dots), K_max] @ [K_max, sqrt(dots)]
+    product, operands already values of the format) summed as `ops.matmul_accumulated` sums them: blocks of
+    `block` products in float32, the running sum rounded to e8m(bits-1) after every block (rounding per
+    `roundings`), and (promote_every > 0; 0 = never) added into a float32 accumulator every promote_every
+    elements. A K-long product is the first K elements of the K_max-long one: its result is the accumulator's
+    value after K elements (`accumulate_blocks(prefixes=True)`), so every K comes from one pass (common random
+    numbers: the curves are smooth in K). Reference: the same products summed in float64.
+    rel_err = |result - exact| / sum_k |a_k b_k|: the plain relative error |result - exact| / |exact| for
+    "uniform" (positive) inputs, and for "normal" inputs the error scaled by the sum of the magnitudes (the
+    plain relative error of a dot product that cancels to near zero is unbounded). One row per (input format,
+    distribution, rounding, bits, promote_every, K): max_rel_err and median_rel_err over the dot products.
+    """
+    for k in ks:
+        if k % block:
+            raise UserError(f"accumulator_error: every K must be a multiple of the block ({block}), got {k}")
+    for bits in significant_bits:
+        if not 2 <= bits <= 24:
+            raise UserError(f"accumulator_error: significant_bits must be 2..24 (e8m1 .. float32), got {bits}")
+    for d in distributions:
+        if d not in ("uniform", "normal"):
+            raise unknown_choice("accumulator_error distribution", d, ("uniform", "normal"))
+    side = max(1, int(round(math.sqrt(dots))))
+    k_max = max(ks)
+    nb = k_max // block
+    at = np.asarray(ks) // block - 1  # block index after which K elements have been summed
+    block_sums = jax.jit(lambda a, b: jnp.einsum("mjk,jkn->jmn", a.reshape(side, nb, block),
+                                                 b.reshape(nb, block, side),
+                                                 precision=jax.lax.Precision.HIGHEST))
+    rows = []
+    for name in input_formats:
+        fmt = get_format(name)
+        for distribution in distributions:
+            a, b = _acc_operands(fmt, distribution, side, k_max, side, seed)
+            partial = block_sums(a, b)
+            a64 = np.swapaxes(a.astype(np.float64).reshape(side, nb, block), 0, 1)  # [nb, m, block]
+            b64 = b.astype(np.float64).reshape(nb, block, side)
+            exact = np.cumsum(a64 @ b64, axis=0)[at]  # [len(ks), m, n]
+            scale = np.cumsum(np.abs(a64) @ np.abs(b64), axis=0)[at]
+            for rounding in roundings:
+                for bits in significant_bits:
+                    for promote in promote_every:
+                        acc = Accumulator(format=f"e8m{int(bits) - 1}", promote_every=int(promote) or None,
+                                              block=block, rounding=rounding)
+                        got = np.asarray(_prefix_fn(acc)(partial))[at].astype(np.float64)  # [len(ks), m, n]
+                        err = np.abs(got - exact) / scale
+                        for i, k in enumerate(ks):
+                            e = err[i].ravel()
+                            rows.append(dict(
+                                input_format=fmt.name, distribution=distribution, rounding=rounding,
+                                significant_bits=int(bits), accumulator=acc.format, promote_every=int(promote),
+                                block=block, k=int(k), dots=int(e.size), max_rel_err=float(e.max()),
+                                median_rel_err=float(np.median(e)),
+                            ))
+    return rows
+
+
+def accumulator_markdown(rows: list[dict], paths: Sequence[Path] = ()) -> list[str]:
+    """The accumulator analysis as Markdown: DeepSeek-V3's statement, then max / median relative error at
+    the K nearest 4096 for every input format, accumulator width and promotion, per distribution and rounding."""
+    k_ref = min({r["k"] for r in rows}, key=lambda k: abs(math.log2(k / PAPER_ACCUMULATOR["k"])))
+    md = ["## The matmul accumulator", "",
+          f"DeepSeek-V3 (section 3.3): FP8 GEMM accumulation on H800 tensor cores keeps about "
+          f"{PAPER_ACCUMULATOR['significant_bits']} bits; for K = {PAPER_ACCUMULATOR['k']} this gave a maximum "
+          f"relative error near {PAPER_ACCUMULATOR['max_rel_err']:.0%}; promoting partial sums to float32 every "
+          f"{PAPER_ACCUMULATOR['promote_every']} elements of K fixes it. The lab's model "
+          "(`ops.matmul_accumulated`): blocks of "
+          f"{rows[0]['block']} products summed in float32, the running sum rounded to e8m(bits-1) after each "
+          "block, optional float32 promotion; reference float64. Error = |result - exact| / sum |a b| (for "
+          "uniform, positive inputs that is the plain relative error).", ""]
+    for (dist, rounding), rs in _group(rows, "distribution", "rounding").items():
+        md += [f"K = {k_ref}, {dist} inputs, accumulator rounding {rounding}: max / median over "
+               f"{rs[0]['dots']} dot products.", ""]
+        promotes = sorted({r["promote_every"] for r in rs})
+        inputs = list(dict.fromkeys(r["input_format"] for r in rs))
+        head = ["bits"] + [f"{f}, {'never promoted' if p == 0 else f'promote every {p}'}" for f in inputs
+                           for p in promotes]
+        table = []
+        for bits in sorted({r["significant_bits"] for r in rs}):
+            cells = [str(bits)]
+            for f in inputs:
+                for p in promotes:
+                    hit = [r for r in rs if r["input_format"] == f and r["promote_every"] == p
+                           and r["significant_bits"] == bits and r["k"] == k_ref]
+                    cells.append(f"{_g(hit[0]['max_rel_err'])} / {_g(hit[0]['median_rel_err'])}" if hit else "")
+            table.append(cells)
+        md += _md_table(head, table) + [""]
+    md += [f"![accumulator error]({p.name})" for p in paths
+           if p.name.startswith("accumulator_error") and p.suffix == ".png"] + [""]
+    return md
+
+
 # -- experiments (TOML) ----------------------------------------------------------------------------------------
 
 
@@ -450,6 +579,7 @@ class Analysis:
     fields: dict[str, str]
     figure: str  # name of the function in precision_lab.figures
     description: str
+    in_report: bool = True  # run by `roundoff_report` (hence `precision-lab roundoff` and `run`) by default
 
 
 ANALYSES: dict[str, Analysis] = {
@@ -471,6 +601,15 @@ ANALYSES: dict[str, Analysis] = {
     "allreduce_error": Analysis(allreduce_error, {"formats": "formats", "replicas": "posints", "size": "posint",
                                                   "spread_decades": "posnum", "noise": "num", "seed": "int"},
                                 "allreduce_error_figure", "gradient ring all-reduce error vs replicas"),
+    "accumulator_error": Analysis(accumulator_error, {"input_formats": "formats", "significant_bits": "posints",
+                                                      "promote_every": "nonnegints", "ks": "posints",
+                                                      "roundings": "roundings", "distributions": "distributions",
+                                                      "block": "posint", "dots": "posint", "seed": "int"},
+                                  "accumulator_error_figure",
+                                  "dot-product error vs K with a narrow matmul accumulator (DeepSeek-V3 3.3)",
+                                  # not in the default report: its 12 compiled accumulator programs cost
+                                  # more than the whole report (README, "Roundoff analyses")
+                                  in_report=False),
 }
 _META_KEYS = ("kind", "analysis", "name", "description")
 
@@ -479,6 +618,9 @@ _KINDS = {
     "nums": "a list of numbers", "posnums": "a non-empty list of positive numbers",
     "posints": "a non-empty list of positive integers", "bools": "a non-empty list of true/false",
     "formats": "a non-empty list of format names", "modes": f"a non-empty list of {', '.join(MODES)}",
+    "nonnegints": "a non-empty list of integers >= 0",
+    "roundings": "a non-empty list of nearest_even, nearest_away, toward_zero, up, down",
+    "distributions": "a non-empty list of uniform, normal",
 }
 
 
@@ -502,7 +644,9 @@ def _check(source: str, field: str, kind: str, value: Any) -> Any:
         raise bad
     each = {"nums": _is_num, "posnums": lambda v: _is_num(v) and v > 0, "posints": lambda v: _is_int(v) and v > 0,
             "bools": lambda v: isinstance(v, bool), "formats": lambda v: isinstance(v, str),
-            "modes": lambda v: isinstance(v, str)}[kind]
+            "modes": lambda v: isinstance(v, str), "nonnegints": lambda v: _is_int(v) and v >= 0,
+            "roundings": lambda v: v in ("nearest_even", "nearest_away", "toward_zero", "up", "down"),
+            "distributions": lambda v: v in ("uniform", "normal")}[kind]
     if not all(each(v) for v in value):
         raise bad
     if kind == "formats":
@@ -568,6 +712,10 @@ def run_analysis(name: str, kwargs: dict, out_dir: str | os.PathLike,
         text_path = out / "footnote.txt"
         text_path.write_text(footnote_text(rows) + "\n")
         paths.append(text_path)
+    if name == "accumulator_error":  # the numbers beside the figure, with DeepSeek-V3's
+        text_path = out / f"{stem}.md"
+        text_path.write_text("\n".join(accumulator_markdown(rows, paths)))
+        paths.append(text_path)
     return rows, paths
 
 
@@ -609,7 +757,8 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | None = None) -> list[Path]:
-    """Run all six analyses with their defaults, write every figure, the data (JSON) and roundoff.md into
+    """Run every analysis marked in_report (the six analyses above; accumulator_error only when overrides
+    names it) with its defaults, write every figure, the data (JSON) and roundoff.md into
     out_dir. Returns the written paths (roundoff.md last). overrides: analysis name -> keyword arguments that
     replace defaults (smaller runs for tests; the report says the defaults were changed)."""
     import time
@@ -620,7 +769,7 @@ def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | Non
         if name not in ANALYSES:
             raise unknown_choice("analysis", name, ANALYSES)
     results, paths, seconds = {}, [], {}
-    for name in ANALYSES:
+    for name in [n for n, a in ANALYSES.items() if a.in_report or n in overrides]:
         t0 = time.perf_counter()
         results[name], written = run_analysis(name, dict(overrides.get(name, {})), out)
         seconds[name] = time.perf_counter() - t0
@@ -716,6 +865,8 @@ def roundoff_report(out_dir: str | os.PathLike, overrides: dict[str, dict] | Non
                               for r in reps]
                      for fmt, by in ((f, {r["replicas"]: r for r in rs}) for (f,), rs in _group(ar, "format").items())])
     md += ["", "![all-reduce error](allreduce_error.png)", ""]
+    if "accumulator_error" in results:
+        md += accumulator_markdown(results["accumulator_error"], paths)
     md_path = out / "roundoff.md"
     md_path.write_text("\n".join(md))
     return [*paths, md_path]
@@ -725,5 +876,5 @@ __all__ = [
     "binade_table", "exp_error", "exp_bound", "softmax_error", "flip_rate", "footnote_example", "footnote_text",
     "allreduce_error",
     "ANALYSES", "load_roundoff_experiment", "run_analysis", "run_roundoff_experiment", "roundoff_report",
-    "PAPER_BINADE", "PAPER_FOOTNOTE",
+    "PAPER_BINADE", "PAPER_FOOTNOTE", "accumulator_error", "PAPER_ACCUMULATOR",
 ]

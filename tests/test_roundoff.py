@@ -186,6 +186,8 @@ SMALL = {
                           mean_shifts=(0.0,), tokens=64),
     "flip_rate": dict(formats=("bf16",), scales=(1.0,), tokens=256),
     "footnote_example": dict(formats=("bf16",), modes=("emulate",)),
+    "accumulator_error": dict(input_formats=("bf16",), significant_bits=(14,), ks=(64, 256), roundings=("toward_zero",),
+                              distributions=("uniform",), dots=16),
     "allreduce_error": dict(replicas=(2, 8), size=256),
 }
 
