@@ -261,6 +261,8 @@ def _figures(args) -> int:
 def _add_report(p):
     p.add_argument("dir", help="a sweep's results store")
     p.add_argument("--figures", default=None, help="folder for the figures (default: DIR/figures)")
+    p.add_argument("--paired-test", default="t", choices=("t", "wilcoxon"),
+                   help="test of the paired-by-seed comparisons: paired t (default) or Wilcoxon signed-rank")
 
 
 @command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment",
@@ -271,7 +273,7 @@ def _report(args) -> int:
     check_results(args.dir)
     writable_folder(args.dir, "DIR")
     writable_folder(args.figures or Path(args.dir) / "figures", "--figures")
-    print(f"wrote {write_report(args.dir, args.figures)}")
+    print(f"wrote {write_report(args.dir, args.figures, paired_test=args.paired_test)}")
     return 0
 
 
@@ -405,7 +407,9 @@ def _train(args) -> int:
 def _print_seeds(s: dict) -> None:
     print(f"backend {s['backend']}; policy {s['policy']}")
     for i, seed in enumerate(s["seeds"]):
-        status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})" if s["diverged"][i] else "stable"
+        status = {"diverged": f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})",
+                  "failed_to_learn": f"failed to learn (eval loss not below the unigram loss {s['unigram_loss']:.4f})",
+                  "stable": "stable"}[s["outcome"][i]]
         loss = s["final_eval_loss"][i]
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
 

@@ -4,11 +4,29 @@ A run has diverged at the first step where any enabled rule fires:
 
   "nonfinite"  the loss (or the grad norm) is NaN or +-inf.
   "early_max"  (Megatron-style) the loss is >= `early_max_factor` x the largest loss of the first
-               `early_max_window` steps; it can only fire once that window is complete.
+               `early_max_window` steps. Before that window is complete (with `early_reference`, the
+               default) the reference is the largest loss of the steps so far, so the rule watches from
+               step 1.
   "spikes"     (LLM Foundry's KillLossSpike) more than `spike_count` consecutive steps whose loss is
-               >= `spike_factor` x the mean loss of the `spike_window` steps before it.
+               >= `spike_factor` x the mean loss of the `spike_window` steps before it. Before
+               `spike_min_history` steps exist (with `early_reference`) a step counts as a spike when its
+               loss is >= `spike_factor` x the smallest loss of the steps so far.
   "sigma"      (OLMo-core's stability monitor) the loss or the grad norm is > mean + `sigma_k` x std of
                the `sigma_window` steps before it (population std).
+
+Why those early references (the first 100 steps used to be unwatched; a 300-step run's first third):
+  * 10x rule: the largest loss so far is at least the initial loss, about ln(vocab) for a model whose
+    output starts near uniform (higher with a large init). Ten times it is out of reach of any healthy
+    curve and within reach of a blow-up at step 20. It is the same max the rule takes at step 100, grown
+    step by step, so nothing changes once the window is complete.
+  * spikes: while the loss falls fast from ln(vocab) the window mean is dominated by the first, high
+    losses, so 2x the mean hides a spike back to ln(vocab) and beyond (a row of the shipped stability
+    table jumped from about 4 to 8-11 nats at steps 20-40 unrecorded). The running minimum is the loss the
+    run has already reached; a healthy early curve sits at or near it and is never at twice it for
+    `spike_count` + 1 consecutive steps. ln(vocab) itself would be too high a reference (2 ln 512 = 12.5
+    nats misses those spikes) and would tie a curve rule to a vocabulary it does not know.
+  * sigma keeps its 128 steps of history: during the fast initial drop the window's std is the drop, not
+    noise, so mean + 6 sigma means nothing there (and the rule only records spikes by default).
 
 Conventions shared by every rule, so the batch and streaming detectors can agree bit for bit:
   * Step i is compared against the steps strictly before it; step numbers are `step0 + index`.
@@ -23,9 +41,10 @@ Conventions shared by every rule, so the batch and streaming detectors can agree
 seeds at once, keeping only bounded history, and its state survives a checkpoint (dict of numpy arrays
 or JSON). Both share one kernel, `_scan_chunk`, and give identical answers for any chunking.
 
-`clopper_pearson` gives the exact interval for a "fraction of seeds stable" estimate; `lr_sensitivity` is
-the learning-rate sensitivity of Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer
-training instabilities").
+`classify_outcome` turns a seed's divergence result and final eval loss into one of `OUTCOMES`. The
+statistics that summarise many runs (intervals, tests, power, LR sensitivity) live in
+`precision_lab.stats`; the windowed means and stds here stay in the streaming kernel because they must be
+summed in one fixed order for streaming == batch.
 """
 
 from __future__ import annotations
@@ -33,8 +52,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
-
 import numpy as np
 
 from precision_lab.errors import UserError, unknown_choice
@@ -54,6 +71,9 @@ class DivergenceConfig:
         (spike_count + 1)-th consecutive step with loss >= factor x mean(previous `window` losses).
       sigma_k, sigma_window, sigma_min_history: "sigma" fires at value > mean + k * std of the previous
         `window` values; `sigma_on_grad_norm` also applies it to the grad norm.
+      early_reference: "early_max" and "spikes" watch the steps before their window is complete, against
+        the largest and the smallest loss so far (see the module docstring); False restores the rules
+        that wait for `early_max_window` / `spike_min_history` steps.
     """
 
     rules: tuple[str, ...] = RULES
@@ -67,6 +87,7 @@ class DivergenceConfig:
     sigma_window: int = 128
     sigma_min_history: int = 128
     sigma_on_grad_norm: bool = True
+    early_reference: bool = True
 
     def __post_init__(self):
         if isinstance(self.rules, str):
@@ -98,6 +119,24 @@ def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = 
         raise UserError(f"{name} must be an integer >= {minimum}{bound}, got {value!r}")
 
 
+# What became of one seed: it trained and learned; a rule fired ("diverged", with its rule and step); or it
+# ran to the end without doing better than the best context-free predictor of the targets.
+OUTCOMES: tuple[str, ...] = ("stable", "diverged", "failed_to_learn")
+
+
+def classify_outcome(*, diverged: bool, final_eval_loss: float | None, unigram_loss: float | None) -> str:
+    """One of OUTCOMES. "failed_to_learn": not diverged, but the final held-out loss is at or above the
+    unigram-model loss (`unigram_loss`, the "failed to learn" reference) or is not a finite number. With no
+    reference (None) a finite loss counts as stable: there is nothing to call it a failure against."""
+    if diverged:
+        return "diverged"
+    if final_eval_loss is None or not math.isfinite(final_eval_loss):
+        return "failed_to_learn"
+    if unigram_loss is not None and final_eval_loss >= unigram_loss:
+        return "failed_to_learn"
+    return "stable"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DivergenceResult:
     """Whether a run diverged, at which step, and by which rule (`step` and `rule` are None if not)."""
@@ -112,6 +151,7 @@ class DivergenceResult:
 #   loss_hist[H_loss, S], loss_ok[H_loss, S]  the last H_loss losses (0 where missing or non-finite) and
 #   grad_hist[H_grad, S], grad_ok[H_grad, S]  whether each is a finite value; oldest first.
 #   early_max[S], early_seen[S]               max finite loss of the early window so far, and whether any.
+#   loss_min[S], min_seen[S]                  min finite loss so far, and whether any (early spike reference).
 #   spike_run[S]                              length of the current run of spike steps.
 # ----------------------------------------------------------------------------------------------------
 
@@ -130,6 +170,8 @@ def _empty_state(cfg: DivergenceConfig, num_seeds: int) -> dict[str, np.ndarray]
         "grad_ok": np.zeros((h_grad, num_seeds), bool),
         "early_max": np.zeros((num_seeds,), np.float64),  # 0 until early_seen (keeps JSON finite)
         "early_seen": np.zeros((num_seeds,), bool),
+        "loss_min": np.zeros((num_seeds,), np.float64),  # 0 until min_seen (keeps JSON finite)
+        "min_seen": np.zeros((num_seeds,), bool),
         "spike_run": np.zeros((num_seeds,), np.int64),
     }
 
@@ -182,15 +224,23 @@ def _scan_chunk(cfg: DivergenceConfig, state: dict[str, np.ndarray], losses, gra
     if "nonfinite" in enabled:
         fired["nonfinite"] = ~loss_ok | (~grad_ok if grad_norms is not None else False)
 
-    # early_max: the max of the first window is complete before any row that may fire is compared.
+    # early_max: the reference of row i is the max of the finite losses of the steps before
+    # min(i, window); for rows past the window that is the whole window's max, as Megatron has it.
     in_early = (index < cfg.early_max_window)[:, None] & loss_ok
-    chunk_max = np.max(np.where(in_early, loss_vals, -np.inf), axis=0, initial=-np.inf)
+    prior_max, early_max = _exclusive_scan(np.maximum, np.where(in_early, loss_vals, -np.inf),
+                                           np.where(state["early_seen"], state["early_max"], -np.inf))
     early_seen = state["early_seen"] | in_early.any(axis=0)
-    early_max = np.where(state["early_seen"], np.maximum(state["early_max"], chunk_max), chunk_max)
     early_max = np.where(early_seen, early_max, 0.0)
     if "early_max" in enabled:
-        after = (index >= cfg.early_max_window)[:, None]
-        fired["early_max"] = after & loss_ok & early_seen & (loss_vals >= cfg.early_max_factor * early_max)
+        watched = (index >= cfg.early_max_window) | cfg.early_reference
+        fired["early_max"] = (watched[:, None] & loss_ok & (prior_max > -np.inf)
+                              & (loss_vals >= cfg.early_max_factor * prior_max))
+
+    # The running minimum (the early spike reference): min of the finite losses of the steps before row i.
+    prior_min, loss_min = _exclusive_scan(np.minimum, np.where(loss_ok, loss_vals, np.inf),
+                                          np.where(state["min_seen"], state["loss_min"], np.inf))
+    min_seen = state["min_seen"] | loss_ok.any(axis=0)
+    loss_min = np.where(min_seen, loss_min, 0.0)
 
     all_loss = np.concatenate([state["loss_hist"], loss_vals])
     all_loss_ok = np.concatenate([state["loss_ok"], loss_ok])
@@ -201,6 +251,9 @@ def _scan_chunk(cfg: DivergenceConfig, state: dict[str, np.ndarray], losses, gra
     count, mean, _ = _window_stats(all_loss, all_loss_ok, cfg.spike_window, k, with_std=False)
     with np.errstate(invalid="ignore"):
         spike = loss_ok & (count >= cfg.spike_min_history) & (loss_vals >= cfg.spike_factor * mean)
+    if cfg.early_reference:
+        early_rows = (index < cfg.spike_min_history)[:, None] & loss_ok & (prior_min < np.inf)
+        spike |= early_rows & (loss_vals >= cfg.spike_factor * prior_min)
     rows = np.arange(k)[:, None]
     # Run length at row i = i - (last non-spike row at or before i); before the chunk the "last
     # non-spike row" sits spike_run rows before row 0.
@@ -231,9 +284,21 @@ def _scan_chunk(cfg: DivergenceConfig, state: dict[str, np.ndarray], losses, gra
         "grad_ok": all_grad_ok[all_grad_ok.shape[0] - h_grad :],
         "early_max": early_max,
         "early_seen": early_seen,
+        "loss_min": loss_min,
+        "min_seen": min_seen,
         "spike_run": np.asarray(spike_run, np.int64),
     }
     return new_state, fired
+
+
+def _exclusive_scan(op, values, initial):
+    """(rows, last): rows[i] = op-reduction of `initial` and values[:i] (the rows strictly before i), per
+    column; last = the reduction over all of them (the state after the chunk).
+
+    values: float64[k, S]; initial: float64[S]. max and min are exact, so any chunking gives the same rows.
+    """
+    inclusive = op.accumulate(np.concatenate([initial[None, :], values]), axis=0)
+    return inclusive[:-1], inclusive[-1]
 
 
 def _first_firing(fired: dict[str, np.ndarray], k: int, num_seeds: int):
@@ -400,38 +465,3 @@ class DivergenceMonitor:
         monitor = cls(DivergenceConfig(**config), data["num_seeds"])
         monitor.load_state_dict({k: np.asarray(v) for k, v in data["state"].items()})
         return monitor
-
-
-def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) two-sided 1-alpha interval for a binomial proportion k/n."""
-    from scipy.stats import beta
-
-    if not (isinstance(n, (int, np.integer)) and n >= 1):
-        raise UserError(f"n must be an integer >= 1, got {n!r}")
-    if not (isinstance(k, (int, np.integer)) and 0 <= k <= n):
-        raise UserError(f"k must be an integer in [0, n={n}], got {k!r}")
-    if not 0 < alpha < 1:
-        raise UserError(f"alpha must be in (0, 1), got {alpha!r}")
-    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
-    return lo, hi
-
-
-def lr_sensitivity(lrs: Sequence[float], losses: Sequence[float], loss_at_init: float) -> float:
-    """Wortsman et al. 2023 LR sensitivity: mean over the grid of min(loss(lr), loss_at_init) - best_loss.
-
-    lrs: float[g] the learning-rate grid (log-spaced in the paper; the expectation is the plain mean over
-    the grid points); losses: float[g] final loss per lr; non-finite losses count as loss_at_init, and
-    best_loss is the minimum of the capped losses over the grid.
-    """
-    lrs_a = np.asarray(lrs, dtype=np.float64)
-    losses_a = np.asarray(losses, dtype=np.float64)
-    if lrs_a.ndim != 1 or lrs_a.shape != losses_a.shape or lrs_a.size == 0:
-        raise UserError(
-            f"lrs and losses must be 1-D, non-empty and the same length, "
-            f"got {lrs_a.shape} and {losses_a.shape}"
-        )
-    if not math.isfinite(loss_at_init):
-        raise UserError(f"loss_at_init must be finite, got {loss_at_init!r}")
-    capped = np.minimum(np.where(np.isfinite(losses_a), losses_a, loss_at_init), loss_at_init)
-    return float(np.mean(capped - capped.min()))

@@ -350,32 +350,28 @@ def curve_figure(name: str):
 
 
 def lr_sweep_figure(configs, out_dir, stem):
-    """Final held-out loss vs peak learning rate, one line per configuration without its lr; x = diverged."""
+    """Final held-out loss vs peak learning rate, one line per configuration without its lr: the mean over
+    stable seeds with its 95% t-interval (error bars, as the report's lr table); dotted: a seed diverged."""
     import numpy as np
 
-    from precision_lab.report import label_of
+    from precision_lab.report import lr_lines
+    from precision_lab.stats import mean_interval
 
-    lines: dict[str, list] = {}
-    for c in configs:
-        rest = {k: v for k, v in c.overrides.items() if k != "optim.lr"}
-        lines.setdefault(label_of(rest, c.hidden), []).append(c)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, cs in lines.items():
-        cs = sorted(cs, key=lambda c: c.value("optim.lr"))
+    for name, cs in lr_lines(configs).items():
         lrs = [c.value("optim.lr") for c in cs]
-        means = []
-        for c in cs:
-            vals = np.array([r["result"]["final_eval_loss"] if r["result"]["final_eval_loss"] is not None
-                             else np.nan for r in c.records], float)
-            means.append(np.nanmean(vals) if np.isfinite(vals).any() else np.nan)
-        line, = ax.plot(lrs, means, marker="o", label=name)
-        div = [(lr, c.stable < c.n) for lr, c in zip(lrs, cs)]
-        for lr, d in div:
-            if d:
+        m = [mean_interval(c.eval_losses()) for c in cs]
+        means = np.array([x.mean for x in m])
+        # one stable seed has no interval: its bar is left out (NaN), the point stays
+        err = np.array([[x.mean - x.ci_lo for x in m], [x.ci_hi - x.mean for x in m]])
+        line = ax.errorbar(lrs, means, yerr=np.where(np.isfinite(err), err, 0.0), marker="o", capsize=3,
+                           label=name).lines[0]
+        for lr, c in zip(lrs, cs):
+            if c.stable < c.n:
                 ax.axvline(lr, color=line.get_color(), ls=":", alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
-    ax.set_ylabel("final held-out loss (nats/token, mean over seeds)")
+    ax.set_ylabel("final held-out loss (nats/token; mean over stable seeds, bars: 95% CI)")
     ax.set_title("Loss vs learning rate (dotted: a seed diverged at that lr)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -385,7 +381,7 @@ def lr_sweep_figure(configs, out_dir, stem):
 def fraction_stable_figure(configs, out_dir, stem):
     import numpy as np
 
-    from precision_lab.divergence import clopper_pearson
+    from precision_lab.stats import clopper_pearson
 
     fig, ax = plt.subplots(figsize=(max(6, len(configs) * 0.8), 4.5))
     fracs = [c.stable / c.n for c in configs]
@@ -419,11 +415,42 @@ def sentinel_entropy_figure(configs, out_dir, stem):
     return save(fig, out_dir, stem)
 
 
+def differences_figure(configs, out_dir, stem):
+    """Each configuration's final eval loss minus the baseline's, paired by seed over stable seeds: the mean
+    with its 95% CI (the report's comparison column), one bar per configuration; 0 = the baseline."""
+    from precision_lab.report import baseline_of, comparison
+
+    base = baseline_of(configs)
+    others = [c for c in configs if c is not base]
+    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.45 * len(others) + 1.5)))
+    for y, c in enumerate(others):
+        d, _ = comparison(c, base)
+        if d.n == 0:
+            continue
+        color = "tab:red" if d.significant else "tab:blue"
+        if d.n >= 2:
+            ax.errorbar([d.mean], [y], xerr=[[d.mean - d.ci_lo], [d.ci_hi - d.mean]], fmt="o", color=color, capsize=3)
+        else:
+            ax.plot([d.mean], [y], "o", color=color, mfc="none")
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(others)), [c.label for c in others], fontsize=7)
+    ax.invert_yaxis()
+    from precision_lab.stats import PAIRED_TESTS
+
+    test = PAIRED_TESTS[configs[0].paired_test if configs else "t"]
+    ax.set_xlabel(f"final eval loss - {base.label if base else 'baseline'}'s (nats/token; mean over seeds stable in "
+                  f"both, 95% CI; red: p < 0.05, {test})")
+    ax.set_title("Paired difference to the baseline row")
+    ax.grid(True, axis="x", alpha=0.3)
+    return save(fig, out_dir, stem)
+
+
 SWEEP_FIGURES = {
     **{name: curve_figure(name) for name in CURVES},
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
+    "differences": differences_figure,
 }
 
 

@@ -4,6 +4,13 @@ paper's numbers beside the lab's, figures embedded and the environment recorded.
 Reads only the store (`precision_lab.store`): nothing here trains. A configuration is the set of axis
 values of a run (its `overrides`) minus the seed; batchable hyperparameters (lr, loss coefficients) are
 axis values like any other, so they get their own rows.
+
+Statistics (all from `precision_lab.stats`): every seed has one of three outcomes (stable, diverged, failed to
+learn); quality is compared over stable seeds only, paired by seed against the baseline row (the
+configuration whose `train.label` is "baseline", else the first), with a 95% CI, a p-value (paired t, or
+Wilcoxon signed-rank with `paired_test="wilcoxon"`) and the seeds 80% power would need; fractions not
+diverged are compared with Fisher's exact test. A report whose sweep has random-, hash-routed or dense rows
+opens with the precondition table (is the learned router better than those controls?).
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from precision_lab.divergence import clopper_pearson, lr_sensitivity
+from precision_lab import stats
+from precision_lab.divergence import OUTCOMES, classify_outcome
 from precision_lab.errors import UserError, unknown_choice
+from precision_lab.stats import clopper_pearson, lr_sensitivity
 from precision_lab.store import ResultsStore
 
 
@@ -33,6 +42,7 @@ class ConfigResult:
     records: list[dict]
     metrics: list[dict[str, np.ndarray]]
     hidden: frozenset = frozenset()  # fields named by train.label (zipped with it)
+    paired_test: str = "t"  # the test of the paired comparisons: a key of stats.PAIRED_TESTS
 
     @property
     def n(self) -> int:
@@ -40,16 +50,34 @@ class ConfigResult:
 
     @property
     def stable(self) -> int:
+        """Seeds that did not diverge (ST-MoE's "fraction stable" counts these; see `outcomes` for the
+        seeds among them that also learned)."""
         return sum(not r["result"]["diverged"] for r in self.records)
 
+    @property
+    def outcomes(self) -> list[str]:
+        """Per seed, one of divergence.OUTCOMES (recomputed for records written before outcomes were)."""
+        return [outcome_of(r) for r in self.records]
+
+    def outcome_counts(self) -> dict[str, int]:
+        got = self.outcomes
+        return {o: got.count(o) for o in OUTCOMES}
+
     def eval_losses(self, stable_only: bool = True) -> np.ndarray:
-        vals = [r["result"]["final_eval_loss"] for r in self.records
-                if not (stable_only and r["result"]["diverged"])]
+        """Final eval losses; with stable_only (the default) of the stable, learning seeds only."""
+        vals = [r["result"]["final_eval_loss"] for r, o in zip(self.records, self.outcomes)
+                if not (stable_only and o != "stable")]
         return np.array([v for v in vals if v is not None and math.isfinite(v)], float)
+
+    def eval_by_seed(self) -> dict[int, float]:
+        """{seed: final eval loss} of the stable, learning seeds: what quality comparisons pair."""
+        return {r["seed"]: r["result"]["final_eval_loss"] for r, o in zip(self.records, self.outcomes)
+                if o == "stable"}
 
     def metric(self, name: str) -> np.ndarray:
         """<float>[seeds, steps, ...] of a per-step metric (NaN after a seed froze)."""
-        return np.stack([m[name] for m in self.metrics if name in m]) if self.metrics else np.zeros((0,))
+        arrays = [m[name] for m in self.metrics if name in m]
+        return np.stack(arrays) if arrays else np.zeros((0,))
 
     def value(self, path: str, default=None):
         """A field of the fully resolved configuration (what the run used), by dotted path."""
@@ -59,6 +87,15 @@ class ConfigResult:
                 return default
             node = node[part]
         return node
+
+
+def outcome_of(record: dict) -> str:
+    """A store record's outcome: its own, or (older records) classified from what it holds."""
+    res = record["result"]
+    if res.get("outcome") in OUTCOMES:
+        return res["outcome"]
+    return classify_outcome(diverged=res["diverged"], final_eval_loss=res.get("final_eval_loss"),
+                            unigram_loss=record.get("env", {}).get("unigram_loss"))
 
 
 def label_of(overrides: dict, hidden: frozenset = frozenset()) -> str:
@@ -116,6 +153,66 @@ def load_sweep_results(out_dir: str | Path) -> tuple[dict, list[ConfigResult]]:
 # -- tables --------------------------------------------------------------------------------------------
 
 
+def baseline_of(configs: list[ConfigResult]) -> ConfigResult | None:
+    """The row every other row is compared with: `train.label = "baseline"`, else the first configuration."""
+    return next((c for c in configs if c.value("train.label") == "baseline"), configs[0] if configs else None)
+
+
+def _p(p: float) -> str:
+    if not math.isfinite(p):
+        return "-"
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def _seeds(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"> {stats.MAX_SEEDS}" if n > stats.MAX_SEEDS else str(n)
+
+
+def _diff_cell(d: stats.PairedDifference) -> str:
+    if d.n == 0:
+        return "no shared stable seeds"
+    if d.n == 1:
+        return f"{d.mean:+.3f} (1 pair)"
+    return f"{d.mean:+.3f} [{d.ci_lo:+.3f}, {d.ci_hi:+.3f}] (n={d.n})"
+
+
+def _outcome_cell(c: ConfigResult) -> str:
+    k = c.outcome_counts()
+    return " / ".join(str(k[o]) for o in OUTCOMES)
+
+
+def comparison(c: ConfigResult, base: ConfigResult) -> tuple[stats.PairedDifference, stats.FisherResult]:
+    """Quality (final eval loss of stable, learning seeds, paired by seed) and fraction not diverged (Fisher)
+    of `c` against `base`."""
+    diff = stats.paired_difference(c.eval_by_seed(), base.eval_by_seed(), test=c.paired_test)
+    fisher = stats.fisher_exact_test(c.stable, c.n, base.stable, base.n)
+    return diff, fisher
+
+
+def _test_name(configs) -> str:
+    return stats.PAIRED_TESTS[configs[0].paired_test] if configs else stats.PAIRED_TESTS["t"]
+
+
+def comparison_head(configs) -> tuple[str, str]:
+    """The header cells (and their separator) of the columns every comparison table ends with."""
+    head = (" stable / diverged / failed to learn | eval loss - baseline's, mean [95% CI] (stable seeds paired "
+            f"by seed) | p ({_test_name(configs)}) | seeds for 80% power | not diverged vs baseline: Fisher p "
+            "(seeds for 80% power) |")
+    return head, "---|" * 5
+
+
+def comparison_cells(c: ConfigResult, configs: list[ConfigResult]) -> str:
+    """The cells of the comparison columns for `c` (see `comparison_head`)."""
+    base = baseline_of(configs)
+    if base is None or c is base:
+        return f" {_outcome_cell(c)} | baseline | - | - | baseline |"
+    diff, fisher = comparison(c, base)
+    return (f" {_outcome_cell(c)} | {_diff_cell(diff)} | {_p(diff.p_value)} | {_seeds(diff.seeds_for_power)} | "
+            f"{_p(fisher.p_value)} ({_seeds(fisher.seeds_for_power)}) |")
+
+
 def _fmt(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -123,6 +220,7 @@ def _fmt(x, digits=3) -> str:
 
 
 def _mean_std(vals: np.ndarray) -> str:
+    """"mean +- SD" (sample SD over seeds; headers say so)."""
     if vals.size == 0:
         return "-"
     if vals.size == 1:
@@ -142,14 +240,16 @@ def _neg_log_ppl(c: ConfigResult) -> str:
 
 
 def table_summary(configs: list[ConfigResult]) -> str:
-    rows = ["| configuration | stable (95% CI) | eval loss (stable seeds) | gap to best loss | diverged at (rule) |",
-            "|---|---|---|---|---|"]
+    head, sep = comparison_head(configs)
+    rows = ["| configuration | not diverged (95% CI) | eval loss, mean +- SD (stable seeds) | gap to best loss, mean +- SD "
+            "| diverged at (rule) |" + head, "|---|---|---|---|---|" + sep]
     for c in configs:
-        gaps = np.array([r["result"]["quality_gap"] for r in c.records
-                         if r["result"]["quality_gap"] is not None and not r["result"]["diverged"]], float)
+        gaps = np.array([r["result"]["quality_gap"] for r, o in zip(c.records, c.outcomes)
+                         if r["result"]["quality_gap"] is not None and o == "stable"], float)
         div = ", ".join(f"{r['result']['divergence_step']} ({r['result']['divergence_rule']})"
                         for r in c.records if r["result"]["diverged"]) or "-"
-        rows.append(f"| {c.label} | {_stable_cell(c)} | {_mean_std(c.eval_losses())} | {_mean_std(gaps)} | {div} |")
+        rows.append(f"| {c.label} | {_stable_cell(c)} | {_mean_std(c.eval_losses())} | {_mean_std(gaps)} | {div} |"
+                    + comparison_cells(c, configs))
     return "\n".join(rows)
 
 
@@ -185,14 +285,16 @@ PAPER_SCALE_NOTE = ("The paper's absolute numbers come from models 3-5 orders of
 
 def _paper_table(configs, rows, first_col: str) -> str:
     """One line per paper row and lab configuration whose `train.label` names that row."""
-    out = [PAPER_SCALE_NOTE, "", f"| {first_col} | paper: stable | paper: quality | lab configuration | lab: stable (95% CI) | "
-           "lab: neg. log perplexity |", "|---|---|---|---|---|---|"]
+    head, sep = comparison_head(configs)
+    out = [PAPER_SCALE_NOTE, "", f"| {first_col} | paper: stable | paper: quality | lab configuration | lab: not diverged "
+           "(95% CI) | lab: neg. log perplexity, mean +- SD |" + head, "|---|---|---|---|---|---|" + sep]
     for name, paper_stable, paper_q, key in rows:
         matches = [c for c in configs if c.value("train.label") == key]
         if not matches:
-            out.append(f"| {name} | {paper_stable} | {paper_q} | not run | - | - |")
+            out.append(f"| {name} | {paper_stable} | {paper_q} | not run | - | - |" + " - |" * 5)
         for c in matches:
-            out.append(f"| {name} | {paper_stable} | {paper_q} | {c.label} | {_stable_cell(c)} | {_neg_log_ppl(c)} |")
+            out.append(f"| {name} | {paper_stable} | {paper_q} | {c.label} | {_stable_cell(c)} | {_neg_log_ppl(c)} |"
+                       + comparison_cells(c, configs))
     return "\n".join(out)
 
 
@@ -216,17 +318,19 @@ CAPACITY_ROWS = [(0.75, 0.75, -1.424), (1.0, 1.0, -1.392), (1.25, 1.25, -1.375),
 
 
 def table_capacity_factor(configs) -> str:
-    out = ["| train CF / eval CF | paper quality | lab neg. log perplexity | lab dropped fraction (train, final) | lab step ms |",
-           "|---|---|---|---|---|"]
+    head, sep = comparison_head(configs)
+    out = ["| train CF / eval CF | paper quality | lab neg. log perplexity, mean +- SD | lab dropped fraction (train, final) "
+           "| lab step ms |" + head, "|---|---|---|---|---|" + sep]
     for tr, ev, q in CAPACITY_ROWS:
         c = _find(configs, lambda c: c.value("model.train_capacity_factor") == tr and c.value("model.eval_capacity_factor") == ev)
         if c is None:
-            out.append(f"| {tr}/{ev} | {q} | not run | - | - |")
+            out.append(f"| {tr}/{ev} | {q} | not run | - | - |" + " - |" * 5)
             continue
         dropped = c.metric("router_dropped_fraction")
         final_drop = float(np.nanmean(dropped[:, -10:])) if dropped.size else float("nan")
         step_ms = np.nanmedian([r["timing"].get("step_s", float("nan")) for r in c.records]) * 1e3
-        out.append(f"| {tr}/{ev} | {q} | {_neg_log_ppl(c)} | {_fmt(final_drop)} | {step_ms:.1f} |")
+        out.append(f"| {tr}/{ev} | {q} | {_neg_log_ppl(c)} | {_fmt(final_drop)} | {step_ms:.1f} |"
+                   + comparison_cells(c, configs))
     return ("ST-MoE Table 8 (top-2): quality rises with capacity; dropped tokens fall.\n\n" + "\n".join(out))
 
 
@@ -237,14 +341,17 @@ def table_z_loss(configs) -> str:
 
 def table_router(configs) -> str:
     """Router telemetry at the end of training, per configuration (mean over seeds, last 10 steps)."""
-    out = ["| configuration | stable | neg. log perplexity | max router logit (final) | mean logsumexp^2 (final) | "
-           "gate roundoff bound in bf16 (= max logit * 2^-9) | flip rate vs fp32 router |", "|---|---|---|---|---|---|---|"]
+    head, sep = comparison_head(configs)
+    out = ["| configuration | not diverged (95% CI) | neg. log perplexity, mean +- SD | max router logit (final) | "
+           "mean logsumexp^2 (final) | gate roundoff bound in bf16 (= max logit * 2^-9) | flip rate vs fp32 router |"
+           + head, "|---|---|---|---|---|---|---|" + sep]
     for c in configs:
         logit = _final(c, "router_max_abs_logit", np.nanmax)
         lse = _final(c, "router_mean_lse_sq", np.nanmean)
         flip = _final(c, "router_flip_rate", np.nanmean)
         out.append(f"| {c.label} | {_stable_cell(c)} | {_neg_log_ppl(c)} | {_fmt(logit, 2)} | {_fmt(lse, 2)} | "
-                   f"{_fmt(logit * 2**-9 if logit is not None else None, 4)} | {_fmt(flip, 4)} |")
+                   f"{_fmt(logit * 2**-9 if logit is not None else None, 4)} | {_fmt(flip, 4)} |"
+                   + comparison_cells(c, configs))
     return "\n".join(out)
 
 
@@ -256,16 +363,21 @@ def _final(c: ConfigResult, name: str, reduce: Callable) -> float | None:
     return float(reduce(last)) if np.isfinite(last).any() else None
 
 
-def table_lr_sensitivity(configs) -> str:
-    """Per policy (every axis but the lr): loss vs lr, divergence onset, Wortsman's LR sensitivity."""
+def lr_lines(configs) -> dict[str, list[ConfigResult]]:
+    """Configurations grouped by everything but the learning rate (one line of an LR sweep), by lr."""
     by_line: dict[str, list[ConfigResult]] = {}
     for c in configs:
         rest = {k: v for k, v in c.overrides.items() if k != "optim.lr"}
         by_line.setdefault(label_of(rest, c.hidden), []).append(c)
+    return {line: sorted(cs, key=lambda c: c.value("optim.lr")) for line, cs in by_line.items()}
+
+
+def table_lr_sensitivity(configs) -> str:
+    """Per policy (every axis but the lr): loss vs lr, divergence onset, Wortsman's LR sensitivity."""
+    by_line = lr_lines(configs)
     out = ["| configuration | lr grid | final eval loss per lr (mean over seeds; x = all diverged) | "
            "divergence onset (lowest lr with a diverged seed) | LR sensitivity |", "|---|---|---|---|---|"]
     for line, cs in by_line.items():
-        cs = sorted(cs, key=lambda c: c.value("optim.lr"))
         lrs = [c.value("optim.lr") for c in cs]
         losses = []
         for c in cs:
@@ -280,6 +392,30 @@ def table_lr_sensitivity(configs) -> str:
                    f"{_fmt(sens)} |")
     return ("Wortsman et al. 2023: LR sensitivity = mean over the lr grid of min(loss(lr), loss at init) - best "
             "loss; smaller is more robust.\n\n" + "\n".join(out))
+
+
+def table_lr_intervals(configs) -> str:
+    """Per line and lr: outcomes, the mean eval loss with its 95% CI, and the paired comparison with the
+    baseline's line at the same lr."""
+    by_line = lr_lines(configs)
+    base = baseline_of(configs)
+    base_line = next((cs for cs in by_line.values() if base in cs), [])
+    head, sep = comparison_head(configs)
+    out = ["| configuration | lr | eval loss, mean [95% CI] (stable seeds) |" + head.replace("baseline", "baseline line"),
+           "|---|---|---|" + sep]
+    for line, cs in by_line.items():
+        for c in cs:
+            m = stats.mean_interval(c.eval_losses())
+            cell = "-" if m.n == 0 else f"{m.mean:.3f}" if m.n == 1 else f"{m.mean:.3f} [{m.ci_lo:.3f}, {m.ci_hi:.3f}]"
+            peers = [b for b in base_line if b.value("optim.lr") == c.value("optim.lr")]
+            cells = comparison_cells(c, peers) if peers else f" {_outcome_cell(c)} |" + " - |" * 4
+            out.append(f"| {line} | {c.value('optim.lr'):g} | {cell} |" + cells)
+    return ("Per learning rate, with intervals (the comparison is with the baseline's line at the same lr):\n\n"
+            + "\n".join(out))
+
+
+def table_lr_sensitivity_with_intervals(configs) -> str:
+    return table_lr_sensitivity(configs) + "\n\n" + table_lr_intervals(configs)
 
 
 def _loss_at_init(cs: list[ConfigResult]) -> float | None:
@@ -311,14 +447,139 @@ def table_specialization(configs) -> str:
 
 
 def table_backends(configs) -> str:
-    out = ["| configuration | backend (device) | stable | eval loss | divergence onset steps |", "|---|---|---|---|---|"]
+    head, sep = comparison_head(configs)
+    out = ["| configuration | backend (device) | not diverged (95% CI) | eval loss, mean +- SD | divergence onset steps |"
+           + head, "|---|---|---|---|---|" + sep]
     for c in configs:
         backends = sorted({f"{r['env']['backend']} ({r['env']['device']})" for r in c.records})
         steps = [r["result"]["divergence_step"] for r in c.records if r["result"]["diverged"]]
         out.append(f"| {c.label} | {', '.join(backends)} | {_stable_cell(c)} | {_mean_std(c.eval_losses())} | "
-                   f"{steps or '-'} |")
+                   f"{steps or '-'} |" + comparison_cells(c, configs))
     return ("CPU float32 vs the `tpu-default` policy (TPU's one-pass bf16 matmuls emulated on the CPU). A run of "
             "the same file on a TPU or GPU adds its own rows (the backend column says which).\n\n" + "\n".join(out))
+
+
+# -- preconditions and budget: sections every report gets where they apply ----------------------------------
+
+CONTROL_ROUTINGS = ("random", "hash")
+
+
+def router_kind(c: ConfigResult) -> str:
+    """What routes this configuration's tokens: "dense" (model.num_experts = 0, the FLOP-matched dense
+    model), "random" or "hash" (model.routing, the unlearned controls), else "learned"."""
+    if c.value("model.num_experts") == 0:
+        return "dense"
+    routing = c.value("model.routing")
+    return routing if routing in CONTROL_ROUTINGS else "learned"
+
+
+def _learned_partner(control: ConfigResult, learned: list[ConfigResult]) -> ConfigResult | None:
+    """The learned-router row a control row is compared with: the one that agrees with it on every axis
+    outside the model section (policy, lr, ...), else the first learned row."""
+    def outside_model(c):
+        return {k: v for k, v in c.overrides.items()
+                if not k.startswith("model.") and k != "train.label" and k not in c.hidden}
+    return next((c for c in learned if outside_model(c) == outside_model(control)), learned[0] if learned else None)
+
+
+def router_preconditions(configs) -> list[tuple[ConfigResult, ConfigResult, stats.PairedDifference]]:
+    """(control row, learned row, learned - control paired difference of eval loss) per control row."""
+    learned = [c for c in configs if router_kind(c) == "learned"]
+    out = []
+    for control in configs:
+        if router_kind(control) == "learned":
+            continue
+        partner = _learned_partner(control, learned)
+        if partner is not None:
+            out.append((control, partner, stats.paired_difference(partner.eval_by_seed(), control.eval_by_seed(),
+                                                                  test=control.paired_test)))
+    return out
+
+
+def informative_rows(configs) -> dict[str, bool]:
+    """{learned row label: whether its learned router beats random routing significantly} (learned rows
+    without a random control are absent): router-precision results are informative only where True."""
+    verdict: dict[str, bool] = {}
+    for control, learned, d in router_preconditions(configs):
+        if router_kind(control) == "random":
+            beats = d.significant and d.ci_hi < 0
+            verdict[learned.label] = verdict.get(learned.label, False) or beats
+    return verdict
+
+
+def table_precondition(configs) -> str:
+    rows = router_preconditions(configs)
+    if not rows:
+        return ("No random-routed, hash-routed or dense (model.num_experts = 0) rows in this sweep: the "
+                "precondition is not checked here, so no router-precision result of this report is shown to be "
+                "informative.")
+    out = ["| control | compared with (learned router) | control: stable / diverged / failed | learned: stable / "
+           "diverged / failed | learned - control eval loss, mean [95% CI] (paired by seed) | "
+           f"p ({_test_name(configs)}) | seeds for 80% power | learned significantly better? |",
+           "|---|---|---|---|---|---|---|---|"]
+    for control, learned, d in rows:
+        better = "yes" if d.significant and d.ci_hi < 0 else "no"
+        out.append(f"| {control.label} ({router_kind(control)}) | {learned.label} | {_outcome_cell(control)} | "
+                   f"{_outcome_cell(learned)} | {_diff_cell(d)} | {_p(d.p_value)} | {_seeds(d.seeds_for_power)} | "
+                   f"{better} |")
+    verdict = informative_rows(configs)
+    lines = [f"- {label}: " + ("informative (the learned router beats random routing significantly)" if ok else
+                               "NOT informative (the learned router does not beat random routing significantly)")
+             for label, ok in verdict.items()]
+    if not verdict:
+        lines = ["- no random-routed row: no router-precision result of this report is shown to be informative"]
+    return ("Does routing matter here? Each control (random or hash routing, or the FLOP-matched dense model) "
+            "against the learned router, over seeds stable in both. A router-precision result is called "
+            "informative only where the learned router is significantly better than random routing (CI below "
+            "0 and p < 0.05).\n\n" + "\n".join(out) + "\n\n" + "\n".join(lines))
+
+
+def _eval_curves(c: ConfigResult) -> tuple[np.ndarray, np.ndarray, str]:
+    """(steps, losses [seeds, steps], what) of the stable seeds: the eval history, or the per-step training
+    cross entropy when the eval history has fewer than 3 points in the last 20% of the steps."""
+    keep = [r for r, o in zip(c.records, c.outcomes) if o == "stable"]
+    steps = sorted({e["step"] for r in keep for e in r["result"].get("eval_history", [])})
+    last = c.value("train.steps", max(steps, default=0))
+    if sum(s >= 0.8 * last for s in steps) >= 3:
+        table = np.full((len(keep), len(steps)), np.nan)
+        for i, r in enumerate(keep):
+            for e in r["result"]["eval_history"]:
+                table[i, steps.index(e["step"])] = np.nan if e["loss"] is None else e["loss"]
+        return np.array(steps), table, "eval loss"
+    ce = np.stack([m["ce"] for m, o in zip(c.metrics, c.outcomes) if o == "stable" and "ce" in m]) \
+        if any(o == "stable" for o in c.outcomes) and c.metrics else np.zeros((0, 0))
+    return np.arange(1, ce.shape[1] + 1), ce, "training cross entropy (too few evals)"
+
+
+def table_budget(configs) -> str:
+    """Has each configuration plateaued within its budget, and is evaluation noise below seed noise?"""
+    base = baseline_of(configs)
+    out = ["| configuration | steps | plateau: slope over the last 20% of steps, nats per 100 steps, mean [95% CI] "
+           "across seeds (of) | loss change over that window | eval noise: SE of a seed's eval loss (batches) | "
+           "seed noise: SD of eval loss across seeds | eval noise below seed noise? |", "|---|---|---|---|---|---|---|"]
+    for c in configs:
+        batch_losses = [r["result"]["final_eval_batch_losses"] for r, o in zip(c.records, c.outcomes)
+                        if o == "stable" and r["result"].get("final_eval_batch_losses")]
+        noise = stats.eval_vs_seed_noise(batch_losses, c.eval_losses())
+        steps, curves, what = _eval_curves(c)
+        slope = stats.plateau_slope(steps, curves) if curves.size else None
+        if slope is None or slope.seeds == 0:
+            slope_cell, change = "-", "-"
+        else:
+            slope_cell = (f"{100 * slope.slope:+.4f} [{100 * slope.ci_lo:+.4f}, {100 * slope.ci_hi:+.4f}] "
+                          f"({what}, {slope.seeds} seeds): {slope.verdict(noise.seed_sd)}")
+            change = f"{slope.change_over_window:+.4f} over steps {slope.window[0]}-{slope.window[1]}"
+        below = "-" if not (math.isfinite(noise.eval_se) and math.isfinite(noise.seed_sd)) else \
+            ("yes" if noise.eval_below_seed else "no")
+        name = f"{c.label} (baseline)" if c is base else c.label
+        out.append(f"| {name} | {c.value('train.steps', '-')} | {slope_cell} | {change} | "
+                   f"{_fmt(noise.eval_se, 4)} ({noise.eval_batches}) | {_fmt(noise.seed_sd, 4)} ({noise.seeds}) | "
+                   f"{below} |")
+    return ("Training budget: the slope of the loss over the last 20% of the steps: plateaued (95% CI not below "
+            "0), falling slowly (below 0, but the fall over the window is less than the seed SD) or still falling. "
+            "Noise: the standard error of one seed's eval loss from the finite held-out set (SD over "
+            "eval batches / sqrt(batches)) beside the SD of the final eval loss across stable seeds.\n\n"
+            + "\n".join(out))
 
 
 TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
@@ -328,9 +589,11 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "capacity_factor": table_capacity_factor,
     "z_loss": table_z_loss,
     "router": table_router,
-    "lr_sensitivity": table_lr_sensitivity,
+    "lr_sensitivity": table_lr_sensitivity_with_intervals,
     "specialization": table_specialization,
     "backends": table_backends,
+    "precondition": table_precondition,
+    "budget": table_budget,
 }
 
 
@@ -363,12 +626,22 @@ def write_figures(out_dir: str | Path, fig_dir: str | Path | None = None, names:
     return paths
 
 
-def write_report(out_dir: str | Path, fig_dir: str | Path | None = None) -> Path:
-    """Write out_dir/report.md (figures into fig_dir, default out_dir/figures) and return its path."""
+def write_report(out_dir: str | Path, fig_dir: str | Path | None = None, *, paired_test: str = "t") -> Path:
+    """Write out_dir/report.md (figures into fig_dir, default out_dir/figures) and return its path.
+
+    paired_test: "t" (paired t) or "wilcoxon" (Wilcoxon signed-rank) for every paired comparison."""
+    if paired_test not in stats.PAIRED_TESTS:
+        raise unknown_choice("paired test", paired_test, stats.PAIRED_TESTS)
     manifest, configs = load_sweep_results(out_dir)
+    for c in configs:
+        c.paired_test = paired_test
     name = manifest.get("name", Path(out_dir).name)
     report_cfg = manifest.get("report", {})
-    tables = ["summary", *[t for t in report_cfg.get("tables", []) if t != "summary"]]
+    named = [t for t in report_cfg.get("tables", []) if t not in ("summary", "precondition", "budget")]
+    # Every report: the precondition first where the sweep compares routers (or names it), then the summary,
+    # the tables the sweep names, and the training budget and noise.
+    first = ["precondition"] if "precondition" in report_cfg.get("tables", []) or router_preconditions(configs) else []
+    tables = [*first, "summary", *named, "budget"]
     for t in tables:
         if t not in TABLES:
             raise unknown_choice("table", t, TABLES)
@@ -386,6 +659,22 @@ def write_report(out_dir: str | Path, fig_dir: str | Path | None = None) -> Path
     if best is not None:
         lines += [f"Best possible loss of the synthetic language on this objective: {best:.4f} nats/token "
                   f"(entropy rate {runs[0]['env'].get('entropy_rate', float('nan')):.4f}).", ""]
+    unigram = sorted({round(r["env"]["unigram_loss"], 4) for r in runs if r["env"].get("unigram_loss") is not None})
+    base = baseline_of(configs)
+    lines += [
+        "Outcomes per seed: *stable* (trained to the end and learned), *diverged* (a divergence rule fired; the "
+        "summary gives the step and rule), *failed to learn* (final eval loss at or above the unigram-model loss"
+        + (f", {', '.join(f'{u:.4f}' for u in unigram)} nats/token here" if unigram else
+           "; not known for these runs, so none is counted") + "). Quality is compared over stable seeds only.",
+        "",
+        f"Comparisons: every row against the baseline row **{base.label}**, paired by seed (seed s of every "
+        f"configuration sees the same data), mean difference with its 95% t-interval and a two-sided p-value "
+        f"({stats.PAIRED_TESTS[paired_test]}; scipy.stats); fractions not diverged with Fisher's exact test "
+        "(two-sided). \"Seeds for 80% power\": seeds per arm that would detect the observed difference 80% of "
+        "the time at alpha 0.05 (noncentral t for the paired test, exact enumeration for Fisher); \"-\" where "
+        "the observed difference is 0. \"+-\" is one sample SD across seeds; intervals in brackets are 95% CIs; "
+        "fractions stable carry Clopper-Pearson 95% intervals.",
+        ""]
     for t in tables:
         lines += [f"## {t.replace('_', ' ').capitalize()}", "", TABLES[t](configs), ""]
     lines += ["## Figures", ""]

@@ -34,7 +34,9 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
         per_seed = {
             "final_eval_loss": s["final_eval_loss"][i],
             "final_train_loss": s["final_train_loss"][i],
+            "final_eval_batch_losses": s["final_eval_batch_losses"][i],
             "quality_gap": None if s["quality_gap"] is None else s["quality_gap"][i],
+            "outcome": s["outcome"][i],
             "diverged": s["diverged"][i],
             "divergence_step": s["divergence_step"][i],
             "divergence_rule": s["divergence_rule"][i],
@@ -43,7 +45,7 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
         }
         if "finetune" in s:  # a fine-tuning run: its task's test-split loss
             per_seed["final_test_loss"] = s["finetune"]["final_test_loss"][i]
-        shared = {k: s[k] for k in ("best_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
+        shared = {k: s[k] for k in ("best_loss", "unigram_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
                                     "policy_resolved")}
         shared["moe_layer_names"] = list(run.model.moe_layer_names())
         metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()}  # every per-step metric

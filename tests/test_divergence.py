@@ -1,4 +1,5 @@
-"""Divergence rules on synthetic curves, streaming == batch, checkpoint round-trip, interval statistics."""
+"""Divergence rules on synthetic curves (from step 0 on), streaming == batch, checkpoint round-trip, the
+three outcomes of a seed."""
 
 import json
 import math
@@ -13,9 +14,8 @@ from precision_lab.divergence import (
     DivergenceConfig,
     DivergenceMonitor,
     DivergenceResult,
-    clopper_pearson,
+    classify_outcome,
     detect,
-    lr_sensitivity,
 )
 from precision_lab.errors import UserError
 
@@ -68,12 +68,14 @@ def test_early_max_fires_at_right_step_and_is_configurable(rng):
     fired = DivergenceResult(diverged=True, step=700, rule="early_max")
     assert detect(losses, cfg=only("early_max")) == fired
     assert not detect(losses, cfg=only("early_max", early_max_factor=11.0)).diverged
-    # A huge value inside the early window raises the reference max instead of firing.
+    # A huge value inside the early window fires against the max of the steps before it (early reference);
+    # without the early reference it only raises the window's max, as Megatron's rule has it.
     losses2, _ = smooth_curve(rng)
     losses2[50] = 1000.0
     losses2[700] = 100.0
-    assert not detect(losses2, cfg=only("early_max")).diverged
-    cfg = only("early_max", early_max_window=20)  # the window now ends before step 50, which fires
+    assert detect(losses2, cfg=only("early_max")) == DivergenceResult(diverged=True, step=50, rule="early_max")
+    assert not detect(losses2, cfg=only("early_max", early_reference=False)).diverged
+    cfg = only("early_max", early_max_window=20, early_reference=False)  # the window ends before step 50
     assert detect(losses2, cfg=cfg) == DivergenceResult(diverged=True, step=50, rule="early_max")
 
 
@@ -100,10 +102,13 @@ def test_spikes_window_mean_uses_previous_steps_only():
     losses[10:13] = 2.0
     cfg = only("spikes", spike_window=5, spike_min_history=5, spike_count=0)
     assert detect(losses, cfg=cfg).step == 10
-    # Before min_history finite values exist, nothing fires.
+    # Before min_history finite values exist, the running minimum is the reference: 5 >= 2 x min(1, 1, 1).
     losses = np.ones(20)
     losses[3] = 5.0
-    assert not detect(losses, cfg=cfg).diverged
+    assert detect(losses, cfg=cfg) == DivergenceResult(diverged=True, step=3, rule="spikes")
+    # Without the early reference, nothing fires before min_history finite values exist.
+    assert not detect(losses, cfg=only("spikes", spike_window=5, spike_min_history=5, spike_count=0,
+                                       early_reference=False)).diverged
 
 
 def test_sigma_on_loss_and_grad_norm(rng):
@@ -165,18 +170,21 @@ def reference_detect(losses, grads, cfg):
             squares += (v - mean) ** 2
         return len(win), mean, math.sqrt(squares / len(win))
 
-    early = [v for v in losses[: cfg.early_max_window] if math.isfinite(v)]
     run = 0
     for i, x in enumerate(losses):
         g = grads[i] if grads is not None else 0.0
         fired = set()
         if not (math.isfinite(x) and math.isfinite(g)):
             fired.add("nonfinite")
-        if i >= cfg.early_max_window and early and math.isfinite(x):
-            if x >= cfg.early_max_factor * max(early):
-                fired.add("early_max")
+        early = [v for v in losses[: min(i, cfg.early_max_window)] if math.isfinite(v)]
+        watched = i >= cfg.early_max_window or cfg.early_reference
+        if watched and early and math.isfinite(x) and x >= cfg.early_max_factor * max(early):
+            fired.add("early_max")
         n, mean, _ = stats(losses, i, cfg.spike_window)
         spike = math.isfinite(x) and n >= cfg.spike_min_history and x >= cfg.spike_factor * mean
+        before = [v for v in losses[:i] if math.isfinite(v)]
+        if cfg.early_reference and i < cfg.spike_min_history and before and math.isfinite(x):
+            spike = spike or x >= cfg.spike_factor * min(before)
         run = run + 1 if spike else 0
         if run > cfg.spike_count:
             fired.add("spikes")
@@ -195,8 +203,9 @@ def reference_detect(losses, grads, cfg):
 # Values from a small set so that ties, exact thresholds and repeats happen often.
 values = st.sampled_from([0.0, 0.5, 1.0, 1.0, 1.0, 2.0, 3.0, 10.0, 1e3, np.nan, np.inf])
 small_cfgs = st.builds(
-    lambda rules, ew, sw, sc, smh, gw, gmh: DivergenceConfig(
+    lambda rules, ew, sw, sc, smh, gw, gmh, early: DivergenceConfig(
         rules=tuple(rules),
+        early_reference=early,
         early_max_window=ew,
         spike_window=sw,
         spike_count=sc,
@@ -212,6 +221,7 @@ small_cfgs = st.builds(
     st.integers(1, 6),
     st.integers(2, 7),
     st.integers(2, 7),
+    st.booleans(),
 )
 
 
@@ -311,39 +321,66 @@ def test_monitor_input_errors():
         )
 
 
-# -- statistics ----------------------------------------------------------------------------------------
+# -- watching from step 0 ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "k, n, expected",
-    [
-        (4, 6, (0.2228, 0.9567)),
-        (0, 10, (0.0, 0.3085)),
-        (10, 10, (0.6915, 1.0)),
-        (5, 10, (0.1871, 0.8129)),
-    ],
-)
-def test_clopper_pearson_known_values(k, n, expected):
-    lo, hi = clopper_pearson(k, n)
-    assert lo == pytest.approx(expected[0], abs=1e-4)
-    assert hi == pytest.approx(expected[1], abs=1e-4)
+def early_curve(rng, n=300, floor=3.0, tau=5.0):
+    """A healthy start: ln(512) = 6.24 falling fast (time constant `tau` steps) to `floor`, with noise."""
+    t = np.arange(n)
+    losses = floor + (math.log(512) - floor) * np.exp(-t / tau) + 0.03 * rng.standard_normal(n)
+    grads = 1.0 + 2.0 * np.exp(-t / tau) + 0.1 * rng.standard_normal(n)
+    return losses, grads
 
 
-def test_clopper_pearson_alpha_and_errors():
-    lo90, hi90 = clopper_pearson(4, 6, alpha=0.1)
-    lo95, hi95 = clopper_pearson(4, 6)
-    assert lo95 < lo90 < 4 / 6 < hi90 < hi95
-    with pytest.raises(UserError):
-        clopper_pearson(7, 6)
-    with pytest.raises(UserError):
-        clopper_pearson(0, 0)
+def test_healthy_early_curves_do_not_fire(rng):
+    """Fast initial drops (time constants of 1 to 30 steps, down to a floor near the best loss), warm-up
+    plateaus and early bumps of +40% watched by every rule from step 0 on: nothing fires."""
+    for tau in (1.0, 3.0, 10.0, 30.0):
+        for floor in (0.93, 3.0):
+            losses, grads = early_curve(rng, floor=floor, tau=tau)
+            assert detect(losses, grads) == DivergenceResult(diverged=False), (tau, floor)
+    losses, grads = early_curve(rng, floor=2.0)
+    plateau = np.concatenate([np.full(15, math.log(512)) + 0.01 * rng.standard_normal(15), losses[:-15]])
+    assert not detect(plateau, grads).diverged
+    bumpy = losses.copy()
+    bumpy[20:24] *= 1.4  # a short early bump, under 2x the best loss so far
+    assert not detect(bumpy, grads).diverged
 
 
-def test_lr_sensitivity_hand_example():
-    lrs = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-    losses = [3.0, 2.5, 2.0, 5.0, np.nan]  # 5.0 is capped at init 4.0; NaN counts as 4.0
-    # best = 2.0; terms: 1.0, 0.5, 0.0, 2.0, 2.0 -> mean 1.1
-    assert lr_sensitivity(lrs, losses, loss_at_init=4.0) == pytest.approx(1.1)
-    assert lr_sensitivity(lrs, [2.0] * 5, loss_at_init=4.0) == 0.0
-    with pytest.raises(UserError):
-        lr_sensitivity(lrs, losses[:3], loss_at_init=4.0)
+def test_spike_at_step_20_fires_each_rule(rng):
+    losses, grads = early_curve(rng)
+    spiked = losses.copy()
+    spiked[20:40] = 9.0  # from ~3 nats back above ln(vocab) for 20 steps (the RMSNorm-scale row's pattern)
+    # spikes: the 5th consecutive step at >= 2x the running minimum; the window mean (~3.7) would not do it
+    assert detect(spiked, grads) == DivergenceResult(diverged=True, step=24, rule="spikes")
+    assert not detect(spiked, grads, DivergenceConfig(early_reference=False)).diverged
+    blowup = losses.copy()
+    blowup[20] = 80.0  # >= 10 x max(steps 0..19) = 10 x ln(512)
+    assert detect(blowup, grads) == DivergenceResult(diverged=True, step=20, rule="early_max")
+    assert not detect(blowup, grads, DivergenceConfig(early_reference=False)).diverged
+    # Streaming in chunks of 10 (the trainer's) gives the same answers, several seeds at once.
+    monitor = DivergenceMonitor(DivergenceConfig(), num_seeds=3)
+    curves_ = np.stack([losses, spiked, blowup], axis=1)
+    for start in range(0, 300, 10):
+        results = monitor.update(start, curves_[start : start + 10], np.stack([grads] * 3, axis=1)[start : start + 10])
+    assert results == [DivergenceResult(diverged=False), detect(spiked, grads), detect(blowup, grads)]
+
+
+def test_step_zero_has_no_reference():
+    # No step before step 0: only a non-finite value can fire there; step 1 is compared with step 0.
+    assert not detect(np.array([1e6, 1e6])).diverged
+    assert detect(np.array([1.0, 10.0])) == DivergenceResult(diverged=True, step=1, rule="early_max")
+
+
+# -- outcomes ----------------------------------------------------------------------------------------
+
+
+def test_classify_outcome():
+    assert classify_outcome(diverged=True, final_eval_loss=1.0, unigram_loss=3.0) == "diverged"
+    assert classify_outcome(diverged=False, final_eval_loss=2.9, unigram_loss=3.0) == "stable"
+    assert classify_outcome(diverged=False, final_eval_loss=3.0, unigram_loss=3.0) == "failed_to_learn"  # at
+    assert classify_outcome(diverged=False, final_eval_loss=3.4, unigram_loss=3.0) == "failed_to_learn"
+    assert classify_outcome(diverged=False, final_eval_loss=None, unigram_loss=3.0) == "failed_to_learn"
+    assert classify_outcome(diverged=False, final_eval_loss=float("nan"), unigram_loss=None) == "failed_to_learn"
+    # No reference known (e.g. an old record): a finite loss cannot be called a failure.
+    assert classify_outcome(diverged=False, final_eval_loss=9.0, unigram_loss=None) == "stable"
