@@ -164,14 +164,21 @@ def _roundoff(args) -> int:
 def _add_model_info(p):
     p.add_argument("preset", help="model preset: tiny, small, switch-base, gshard, st-moe-l, st-moe-32b, dense-l")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="override a model field, e.g. --set model.num_experts=0 --set model.flop_matched_dense=true")
 
 
 @command("model-info", "total and active parameters and FLOPs per sequence of a model preset",
          "precision-lab model-info st-moe-l")(_add_model_info)
 def _model_info(args) -> int:
+    from precision_lab.config import run_config
     from precision_lab.model.info import model_info_text
 
-    print(model_info_text(args.preset, as_json=args.json))
+    fields = _overrides(args.set)
+    if set(fields) - {"model"}:
+        raise UserError(f"model-info --set takes model fields only (model.FIELD=VALUE), got {sorted(fields)[0]!r}")
+    cfg = run_config({"model": {"preset": args.preset, **fields["model"]}}).model if fields else args.preset
+    print(model_info_text(cfg, as_json=args.json))
     return 0
 
 

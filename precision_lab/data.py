@@ -48,7 +48,9 @@ EOS_ID = 1
 DECODER_START_ID = PAD_ID
 NUM_SPECIAL = 2
 
-KINDS: tuple[str, ...] = ("synthetic", "text")
+# "mixture" (the default): several Markov languages, one per sequence, latent; "synthetic": ONE Markov
+# language (the default before issue 13: a bigram lookup solves it); "text": a local file.
+KINDS: tuple[str, ...] = ("mixture", "synthetic", "text")
 LEVELS: tuple[str, ...] = ("byte", "char")
 
 # The transition matrix is dense (K^2 float64) and best_loss needs its powers, so keep K moderate.
@@ -307,33 +309,47 @@ class MarkovLanguage:
         """Exact entropy rate in nats/token: sum_a pi(a) H(transition[a, :])."""
         return float(self.stationary @ _entropies(self.transition))
 
+    @property
+    def token_marginal(self) -> np.ndarray:
+        """<float64>[K] the marginal of any single token: the stationary distribution."""
+        return self.stationary
+
     def sample(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         """<int32>[batch, length] token ids (offset by NUM_SPECIAL); each row is a stationary run."""
-        k = self.num_tokens
-        cdf, flat = self._cdfs()
+        start, flat = self._cdfs()
         u = rng.random((batch, length))
-        state = np.minimum(np.searchsorted(cdf, u[:, 0], side="right"), k - 1)
-        out = np.empty((batch, length), np.int32)
-        out[:, 0] = state
-        for t in range(1, length):
-            # row r of the transition cdf lives in [r, r + 1] of `flat`, so one searchsorted serves all rows
-            idx = np.searchsorted(flat, state + u[:, t], side="right") - state * k
-            state = np.clip(idx, 0, k - 1)
-            out[:, t] = state
-        return out + NUM_SPECIAL
+        state = np.minimum(np.searchsorted(start, u[:, 0], side="right"), self.num_tokens - 1)
+        return _walk(flat, self.num_tokens, state, np.zeros(batch, np.int64), u) + NUM_SPECIAL
 
     def _cdfs(self) -> tuple[np.ndarray, np.ndarray]:
         cache = self.__dict__.get("_cdf_cache")
         if cache is None:
-            k = self.num_tokens
             start = np.cumsum(self.stationary)
             start[-1] = 1.0
-            rows = np.cumsum(self.transition, axis=1)
-            rows[:, -1] = 1.0
-            flat = (rows + np.arange(k)[:, None]).reshape(-1)
-            cache = (start, flat)
+            cache = (start, _flat_cdf([self.transition]))
             object.__setattr__(self, "_cdf_cache", cache)
         return cache
+
+
+def _flat_cdf(transitions: list[np.ndarray]) -> np.ndarray:
+    """The row cdfs of stacked [K, K] transition tables, row r shifted into [r, r + 1] (one sorted array)."""
+    rows = np.cumsum(np.concatenate(transitions, axis=0), axis=1)
+    rows[:, -1] = 1.0
+    return (rows + np.arange(rows.shape[0])[:, None]).reshape(-1)
+
+
+def _walk(flat: np.ndarray, k: int, state: np.ndarray, table: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """<int32>[batch, length] chain states (0-based) from first states `state` <int>[batch], each row moving
+    with transition table `table` <int>[batch] of the stacked `flat` cdf, one uniform per step (u[:, 1:])."""
+    batch, length = u.shape
+    out = np.empty((batch, length), np.int32)
+    out[:, 0] = state
+    for t in range(1, length):
+        # row r of the stacked cdf lives in [r, r + 1] of `flat`, so one searchsorted serves all rows
+        row = table * k + state
+        state = np.clip(np.searchsorted(flat, row + u[:, t], side="right") - row * k, 0, k - 1)
+        out[:, t] = state
+    return out
 
 
 def _stationary(transition: np.ndarray) -> np.ndarray:
@@ -346,13 +362,17 @@ def _stationary(transition: np.ndarray) -> np.ndarray:
     return pi / pi.sum()
 
 
-def make_markov_language(*, num_tokens: int, concentration: float, seed: int) -> MarkovLanguage:
+def make_markov_language(
+    *, num_tokens: int, concentration: float, seed: int, index: int | None = None
+) -> MarkovLanguage:
     """A chain whose rows are independent Dirichlet(concentration * ones(num_tokens)) draws.
+
+    `index` picks one of a family of independent chains for the same seed (the languages of a mixture).
 
     A small concentration makes rows sparse-ish: with K tokens a row's expected entropy is about
     digamma(K * c + 1) - digamma(c + 1) nats (c = 0.02, K = 410: about 2.7 nats).
     """
-    rng = np.random.default_rng([_LANGUAGE, seed])
+    rng = np.random.default_rng([_LANGUAGE, seed] if index is None else [_LANGUAGE, seed, index])
     # log-space Gamma draws (Gamma(c) = Gamma(c + 1) * U^(1/c)): plain Gamma(c) underflows to 0 for c << 1
     log_g = np.log(rng.gamma(concentration + 1.0, size=(num_tokens, num_tokens)))
     log_g += np.log(rng.random((num_tokens, num_tokens)) + np.finfo(np.float64).tiny) / concentration
@@ -360,6 +380,90 @@ def make_markov_language(*, num_tokens: int, concentration: float, seed: int) ->
     p = np.exp(log_g)
     p /= p.sum(axis=1, keepdims=True)
     return MarkovLanguage(transition=p, stationary=_stationary(p))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The default synthetic data: a mixture of Markov languages (the language of a sequence is latent)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class MarkovMixture:
+    """L Markov languages over the same K ordinary tokens; each sequence is a stationary run of ONE language,
+    language l drawn with probability weights[l] and never shown to the model.
+
+    Why this is the default (issue 13): in a single first-order chain a bigram lookup is the whole answer,
+    so which expert a token goes to cannot matter. Here the next-token table depends on a latent language
+    that must be inferred from context, and L tables of K x K hold L times the knowledge, so a model whose
+    active parameters cannot hold all of them gains from experts that specialise (by language, or by token).
+
+    Attributes:
+      languages: the L chains (independent Dirichlet rows; see make_markov_language).
+      weights: <float64>[L] mixture weights.
+    """
+
+    languages: tuple[MarkovLanguage, ...]
+    weights: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return self.languages[0].num_tokens
+
+    @property
+    def entropy_rate(self) -> float:
+        """sum_l w_l h_l nats/token: the entropy rate of the mixture process (the language is identified from
+        a long enough sequence, so its information per token vanishes), exact."""
+        return float(sum(w * lang.entropy_rate for w, lang in zip(self.weights, self.languages)))
+
+    @property
+    def token_marginal(self) -> np.ndarray:
+        """<float64>[K] the marginal of any single token: sum_l w_l pi_l."""
+        return sum(w * lang.stationary for w, lang in zip(self.weights, self.languages))
+
+    def sample(self, rng: np.random.Generator, batch: int, length: int, *, with_language: bool = False):
+        """<int32>[batch, length] token ids (offset by NUM_SPECIAL), each row one language's stationary run;
+        with_language=True also returns the <int64>[batch] language of each row."""
+        k = self.num_tokens
+        starts, flat = self._cdfs()
+        which = np.minimum(np.searchsorted(np.cumsum(self.weights), rng.random(batch), side="right"),
+                           len(self.languages) - 1)
+        u = rng.random((batch, length))
+        state = np.minimum(np.searchsorted(starts, which + u[:, 0], side="right") - which * k, k - 1)
+        tokens = _walk(flat, k, state, which, u) + NUM_SPECIAL
+        return (tokens, which) if with_language else tokens
+
+    def _cdfs(self) -> tuple[np.ndarray, np.ndarray]:
+        cache = self.__dict__.get("_cdf_cache")
+        if cache is None:
+            cache = (_flat_cdf([lang.stationary[None, :] for lang in self.languages]),
+                     _flat_cdf([lang.transition for lang in self.languages]))
+            object.__setattr__(self, "_cdf_cache", cache)
+        return cache
+
+
+def make_markov_mixture(
+    *, num_tokens: int, num_languages: int, concentration: float, seed: int
+) -> MarkovMixture:
+    """`num_languages` independent `make_markov_language` chains (index 0, 1, ...), equal weights."""
+    languages = tuple(make_markov_language(num_tokens=num_tokens, concentration=concentration, seed=seed, index=i)
+                      for i in range(num_languages))
+    return MarkovMixture(languages=languages, weights=np.full(num_languages, 1.0 / num_languages))
+
+
+def unigram_loss(token_marginal: np.ndarray, layout: SpanLayout) -> float:
+    """The "failed to learn" reference, exact, in nats per target token: the loss of the best model that has
+    learned the span-corruption FORMAT but no token statistics beyond unigram frequencies.
+
+    Such a model copies every sentinel and the EOS into place and knows the prior of the noise span lengths
+    (a uniform composition of N = num_noise_tokens into k = num_noise_spans parts), but predicts each hidden
+    token from its marginal `token_marginal` alone (stationary chains: every position has it) and uses no
+    context to place the span ends. Its loss is (log C(N-1, k-1) + N * H(token_marginal)) / targets_length.
+    Runs whose eval loss sits at or above it have learned nothing a bigram would give; a context-free model
+    that has not even learned the format is worse still.
+    """
+    n, k = layout.num_noise_tokens, layout.num_noise_spans
+    span_prior = math.log(math.comb(n - 1, k - 1)) if k > 1 else 0.0
+    return float((span_prior + n * _entropies(np.asarray(token_marginal, np.float64))) / layout.targets_length)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,26 +521,10 @@ def span_corruption_best_loss(
     The model is assumed to know the data process (chain, N, k); nothing else is approximated.
     """
     n, k, t_len = layout.num_noise_tokens, layout.num_noise_spans, layout.targets_length
-    h = language.entropy_rate
-    max_g = n - k + 1  # longest possible span
-    p = language.transition
-    pi = language.stationary
-
-    # powers P^2 .. P^(max_g + 1): the bridge weights and the entropies H_m
-    powers = [p @ p]
-    for _ in range(max_g - 1):
-        powers.append(powers[-1] @ p)
-    h_m = np.array([pi @ _entropies(pm) for pm in powers])  # h_m[g - 1] = H_{g+1}
-
+    powers, noise_term, prior_entropy = _bridge_terms(language, layout)
     if k == 1:
-        # one span, the whole tail of the example: its length is known and it has no right-hand end
-        noise_term, prior_entropy = n * h, 0.0
         per_example = np.zeros(examples)
     else:
-        g = np.arange(1, max_g + 1)
-        q = np.array([math.comb(n - gi - 1, k - 2) for gi in g], np.float64) / math.comb(n - 1, k - 1)
-        noise_term = (n + k - 1) * h - (k - 1) * float(q @ h_m)
-        prior_entropy = math.log(math.comb(n - 1, k - 1))
         rng = np.random.default_rng([_BEST_LOSS, seed])
         tokens = language.sample(rng, examples, layout.tokens_length)
         mask = random_spans_noise_mask(rng, layout, examples)
@@ -453,10 +541,89 @@ def span_corruption_best_loss(
     )
 
 
-def _span_length_posterior_entropy(
+def mixture_best_loss(
+    mixture: MarkovMixture, layout: SpanLayout, *, examples: int = 8192, seed: int = 0
+) -> BestLoss:
+    """Expected per-target-token cross entropy of the Bayes-optimal span-corruption model on a mixture:
+    the model knows every language's chain and the data process, and infers the language (and the span
+    lengths) from the inputs by exact posterior inference.
+
+    Monte Carlo over `examples` sampled examples (a fixed stream for `seed`, so the number is deterministic)
+    of the exact per-example loss -log p(T | X), with T the targets and X the inputs:
+
+        p(T | X) = p(X, T) / p(X) = sum_l w_l p(seq | l) / sum_l w_l V_l(X) Z_l(X)
+
+    (the mask's prior probability cancels): p(seq | l) is the whole sequence's probability under chain l;
+    V_l(X) = pi_l(x_0) times the transitions between adjacent visible tokens; Z_l(X) = sum over noise span
+    lengths c of prod_j P_l^(g_j+1)[a_j, b_j] (the bridges over the hidden spans, `_span_length_posterior`).
+    The mean is unbiased; `stderr` is its standard error. Exact bounds: `lower` = sum_l w_l H(noise | X, c, l)
+    (language and span lengths revealed), `upper` = lower + prior entropy of c + H(w) (nothing inferred).
+    With one language this estimates the same number as `span_corruption_best_loss`, with more variance
+    (that one integrates the hidden tokens out exactly).
+    """
+    from scipy.special import logsumexp
+
+    t_len = layout.targets_length
+    rng = np.random.default_rng([_BEST_LOSS, seed, len(mixture.languages)])
+    tokens, _ = mixture.sample(rng, examples, layout.tokens_length, with_language=True)
+    mask = random_spans_noise_mask(rng, layout, examples)
+    x = tokens - NUM_SPECIAL
+    both_visible = ~mask[:, :-1] & ~mask[:, 1:]  # adjacent visible pairs (the same non-noise segment)
+    log_seq, log_visible, lower, prior = [], [], 0.0, 0.0
+    with np.errstate(divide="ignore"):
+        for w, lang in zip(mixture.weights, mixture.languages):
+            powers, noise_term, prior = _bridge_terms(lang, layout)
+            lower += w * noise_term
+            log_first = np.log(lang.stationary[x[:, 0]])
+            log_step = np.log(lang.transition[x[:, :-1], x[:, 1:]])  # -inf where this chain cannot move
+            log_seq.append(log_first + log_step.sum(axis=1))
+            log_z, _ = _span_length_posterior(x, mask, powers, layout)
+            log_visible.append(log_first + np.where(both_visible, log_step, 0.0).sum(axis=1) + log_z)
+    log_w = np.log(mixture.weights)[:, None]
+    per_example = logsumexp(log_w + np.array(log_visible), axis=0) - logsumexp(log_w + np.array(log_seq), axis=0)
+    h_w = float(_entropies(mixture.weights))
+    return BestLoss(
+        value=float(per_example.mean()) / t_len,
+        stderr=float(per_example.std(ddof=1) / math.sqrt(examples)) / t_len,
+        lower=lower / t_len,
+        upper=(lower + prior + h_w) / t_len,
+        examples=examples,
+    )
+
+
+def _bridge_terms(language: MarkovLanguage, layout: SpanLayout) -> tuple[list[np.ndarray], float, float]:
+    """(powers P^2 .. P^(max_g + 1), H(noise tokens | X, c), prior entropy of the span lengths): the exact
+    parts of `span_corruption_best_loss` (see there), in nats per example."""
+    n, k = layout.num_noise_tokens, layout.num_noise_spans
+    h = language.entropy_rate
+    max_g = n - k + 1  # longest possible span
+    p = language.transition
+    pi = language.stationary
+
+    # powers P^2 .. P^(max_g + 1): the bridge weights and the entropies H_m
+    powers = [p @ p]
+    for _ in range(max_g - 1):
+        powers.append(powers[-1] @ p)
+    if k == 1:
+        # one span, the whole tail of the example: its length is known and it has no right-hand end
+        return powers, n * h, 0.0
+    h_m = np.array([pi @ _entropies(pm) for pm in powers])  # h_m[g - 1] = H_{g+1}
+    g = np.arange(1, max_g + 1)
+    q = np.array([math.comb(n - gi - 1, k - 2) for gi in g], np.float64) / math.comb(n - 1, k - 1)
+    noise_term = (n + k - 1) * h - (k - 1) * float(q @ h_m)
+    return powers, noise_term, math.log(math.comb(n - 1, k - 1))
+
+
+def _span_length_posterior(
     states: np.ndarray, mask: np.ndarray, powers: list[np.ndarray], layout: SpanLayout
-) -> np.ndarray:
-    """<float64>[batch] H(span lengths | visible tokens) per example; `states` are 0-based chain states."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example, over the span lengths c given the visible tokens: (log Z, H(c | visible tokens)).
+
+    `states` are 0-based chain states, `powers` = [P^2, P^3, ...]. Z = sum_c prod_{j<k-1} P^(g_j+1)[a_j, b_j]
+    is the bridge likelihood summed over compositions (without the uniform prior 1 / C(N-1, k-1)); log Z is
+    -inf where no composition is possible under this chain (another language's chain, in a mixture), and the
+    entropy is then NaN. Both <float64>[batch].
+    """
     n, k = layout.num_noise_tokens, layout.num_noise_spans
     batch = states.shape[0]
     max_g = n - k + 1
@@ -470,9 +637,13 @@ def _span_length_posterior_entropy(
     a = states[rows, starts[:, :-1] - 1]  # visible token before span j (j < k - 1)
     b = states[rows, ends[:, :-1] + 1]  # visible token after span j
     # w[j, g-1, b] = P^(g+1)[a_j, b_j]; scaling each (span, example) by a constant leaves the posterior
-    # unchanged, so normalise to max 1 against underflow. Example-last layout keeps the slices contiguous.
+    # unchanged, so normalise to max 1 against underflow (and add the log of the scale back to log Z).
+    # Example-last layout keeps the slices contiguous.
     w = np.stack([pm[a.T, b.T] for pm in powers], axis=1)
-    w /= w.max(axis=1, keepdims=True)
+    w_max = w.max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        log_z = np.sum(np.log(w_max[:, 0]), axis=0)
+    w /= np.where(w_max > 0, w_max, 1.0)
     wlw = np.where(w > 0, w * np.log(np.where(w > 0, w, 1.0)), 0.0)
 
     # alpha[t] = sum of Q over partial compositions with total t; beta[t] = sum of Q log Q over the same
@@ -488,12 +659,23 @@ def _span_length_posterior_entropy(
             new_alpha[gi:] += alpha[:-gi] * wj
             new_beta[gi:] += beta[:-gi] * wj + alpha[:-gi] * wlwj
         scale = new_alpha.sum(axis=0)
-        alpha, beta = new_alpha / scale, new_beta / scale
-        log_scale += np.log(scale)
+        safe = np.where(scale > 0, scale, 1.0)
+        alpha, beta = new_alpha / safe, new_beta / safe
+        with np.errstate(divide="ignore"):
+            log_scale += np.log(scale)
     # the last span takes the remaining n - t >= 1 tokens, with no right-hand visible token
     z = alpha[:n].sum(axis=0)
-    expected_log_q = beta[:n].sum(axis=0) / z
-    return log_scale + np.log(z) - expected_log_q
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_norm = log_scale + np.log(z)  # log of the sum over compositions of the normalised weights
+        entropy = log_norm - beta[:n].sum(axis=0) / z
+    return log_z + log_norm, entropy
+
+
+def _span_length_posterior_entropy(
+    states: np.ndarray, mask: np.ndarray, powers: list[np.ndarray], layout: SpanLayout
+) -> np.ndarray:
+    """<float64>[batch] H(span lengths | visible tokens) per example; `states` are 0-based chain states."""
+    return _span_length_posterior(states, mask, powers, layout)[1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -506,7 +688,8 @@ class DataConfig:
     """What data to train on.
 
     Attributes:
-      kind: "synthetic" (the Markov language) or "text" (a local file).
+      kind: "mixture" (num_languages Markov languages, one per sequence, the language latent: the default),
+        "synthetic" (one Markov language) or "text" (a local file).
       path: the text file (kind="text").
       level: "byte" (256 byte tokens) or "char" (the file's characters, UTF-8) for kind="text".
       vocab_size: total vocabulary of the synthetic language, specials and sentinels included.
@@ -514,12 +697,13 @@ class DataConfig:
       inputs_length: encoder length; the raw example and target lengths follow (random_spans_helper).
       noise_density, mean_noise_span_length: T5's span corruption knobs.
       concentration: Dirichlet concentration of the synthetic transition rows (smaller = lower entropy).
+      num_languages: languages of the "mixture" kind (equal weights).
       eval_fraction: share of the text file (its tail) held out for evaluation.
       best_loss_examples: Monte Carlo sample size for the synthetic best loss.
       seed: the data seed: the synthetic language, evaluation data and best-loss sample come from it.
     """
 
-    kind: Literal["synthetic", "text"] = "synthetic"
+    kind: Literal["mixture", "synthetic", "text"] = "mixture"
     path: str | None = None
     level: Literal["byte", "char"] = "byte"
     vocab_size: int = 512
@@ -528,8 +712,9 @@ class DataConfig:
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     concentration: float = 0.02
+    num_languages: int = 8
     eval_fraction: float = 0.1
-    best_loss_examples: int = 4096
+    best_loss_examples: int = 8192
     seed: int = 0
 
 
@@ -559,6 +744,27 @@ class Dataset:
     @property
     def best_loss(self) -> float | None:
         """Bayes-optimal span-corruption loss in nats per target token, when known (else None)."""
+        return None
+
+    @property
+    def best_loss_stderr(self) -> float | None:
+        """Monte Carlo standard error of `best_loss` (None when there is no best loss)."""
+        return None
+
+    @property
+    def unigram_loss(self) -> float | None:
+        """The "failed to learn" reference: loss of the best context-free model (see `unigram_loss`), when
+        the token marginal is known (else None)."""
+        marginal = self._token_marginal()
+        return None if marginal is None else unigram_loss(marginal, self.layout)
+
+    def reference_losses(self) -> dict[str, float | None]:
+        """{"best_loss", "best_loss_stderr", "unigram_loss"} in nats per target token: what a run's eval loss
+        is measured against (a seed at or above unigram_loss failed to learn; best_loss is the floor)."""
+        return {"best_loss": self.best_loss, "best_loss_stderr": self.best_loss_stderr,
+                "unigram_loss": self.unigram_loss}
+
+    def _token_marginal(self) -> np.ndarray | None:
         return None
 
     def batch(self, step: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -608,7 +814,7 @@ class Dataset:
 
 
 class SyntheticDataset(Dataset):
-    """The Markov language; training and evaluation draw from independent random streams.
+    """One Markov language (kind "synthetic"); training and evaluation draw from independent random streams.
 
     `best_loss` is computed on first use (about 0.3 s for the defaults, several seconds for
     inputs_length=512 or vocab_size in the thousands: it needs ~N powers of the K x K transition matrix).
@@ -616,11 +822,16 @@ class SyntheticDataset(Dataset):
 
     def __init__(self, config: DataConfig, layout: SpanLayout):
         self.config, self.layout, self.vocab_size = config, layout, config.vocab_size
-        num_tokens = config.vocab_size - NUM_SPECIAL - config.num_sentinels
-        self.language = make_markov_language(
-            num_tokens=num_tokens, concentration=config.concentration, seed=config.seed
-        )
+        self.language = self._make_language(config.vocab_size - NUM_SPECIAL - config.num_sentinels)
         self._best: BestLoss | None = None
+
+    def _make_language(self, num_tokens: int):
+        return make_markov_language(num_tokens=num_tokens, concentration=self.config.concentration,
+                                    seed=self.config.seed)
+
+    def _compute_best(self) -> BestLoss:
+        return span_corruption_best_loss(self.language, self.layout, examples=self.config.best_loss_examples,
+                                         seed=self.config.seed)
 
     @property
     def entropy_rate(self) -> float:
@@ -628,25 +839,46 @@ class SyntheticDataset(Dataset):
 
     @property
     def best_loss_detail(self) -> BestLoss:
-        """The best loss with its Monte Carlo error and exact bounds (computed once, on first use)."""
+        """The best loss with its Monte Carlo error and exact bounds (computed once, on first use; the sample
+        is a fixed stream of the data seed, so the number is deterministic)."""
         if self._best is None:
-            self._best = span_corruption_best_loss(
-                self.language,
-                self.layout,
-                examples=self.config.best_loss_examples,
-                seed=self.config.seed,
-            )
+            self._best = self._compute_best()
         return self._best
 
     @property
     def best_loss(self) -> float:
         return self.best_loss_detail.value
 
+    @property
+    def best_loss_stderr(self) -> float:
+        return self.best_loss_detail.stderr
+
+    def _token_marginal(self) -> np.ndarray:
+        return self.language.token_marginal
+
     def _train_tokens(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         return self.language.sample(rng, batch_size, self.layout.tokens_length)
 
     def _eval_tokens(self, rng: np.random.Generator, index: int, batch_size: int) -> np.ndarray:
         return self.language.sample(rng, batch_size, self.layout.tokens_length)
+
+
+class MixtureDataset(SyntheticDataset):
+    """The default data (kind "mixture"): `num_languages` Markov languages, one per sequence, latent
+    (`MarkovMixture`); `best_loss` is `mixture_best_loss` (Monte Carlo, with its standard error)."""
+
+    @property
+    def mixture(self) -> MarkovMixture:
+        """The mixture (also `language`): its `languages` and `weights` (fine-tuning tasks read them)."""
+        return self.language
+
+    def _make_language(self, num_tokens: int):
+        return make_markov_mixture(num_tokens=num_tokens, num_languages=self.config.num_languages,
+                                   concentration=self.config.concentration, seed=self.config.seed)
+
+    def _compute_best(self) -> BestLoss:
+        return mixture_best_loss(self.language, self.layout, examples=self.config.best_loss_examples,
+                                 seed=self.config.seed)
 
 
 class TextDataset(Dataset):
@@ -686,6 +918,12 @@ class TextDataset(Dataset):
                 f"{len(self.train_ids)}/{len(self.eval_ids)} train/eval, each part needs >= {need} "
                 f"for data.inputs_length={layout.inputs_length}"
             )
+
+    def _token_marginal(self) -> np.ndarray:
+        """Token frequencies of the whole file (the unigram model fitted to the data it is scored on)."""
+        counts = np.bincount(np.concatenate([self.train_ids, self.eval_ids]) - NUM_SPECIAL,
+                             minlength=self.vocab_size - NUM_SPECIAL - self.config.num_sentinels)
+        return counts / counts.sum()
 
     def decode(self, ids: np.ndarray) -> str:
         """Text of ordinary token ids (specials and sentinels are skipped)."""
@@ -750,7 +988,11 @@ def make_dataset(cfg: DataConfig) -> Dataset:
         raise UserError(f"data.concentration must be > 0, got {cfg.concentration!r}")
     if cfg.best_loss_examples < 2:
         raise UserError(f"data.best_loss_examples must be >= 2, got {cfg.best_loss_examples!r}")
-    return SyntheticDataset(cfg, layout)
+    if cfg.kind == "synthetic":
+        return SyntheticDataset(cfg, layout)
+    if not (isinstance(cfg.num_languages, (int, np.integer)) and 1 <= cfg.num_languages <= 64):
+        raise UserError(f"data.num_languages must be an integer in [1, 64], got {cfg.num_languages!r}")
+    return MixtureDataset(cfg, layout)
 
 
 __all__ = [
@@ -758,5 +1000,6 @@ __all__ = [
     "noise_span_counts", "random_spans_helper", "SpanLayout", "span_layout",
     "random_spans_noise_mask", "span_corrupt", "to_features",
     "MarkovLanguage", "make_markov_language", "BestLoss", "span_corruption_best_loss",
-    "DataConfig", "Dataset", "SyntheticDataset", "TextDataset", "make_dataset",
+    "MarkovMixture", "make_markov_mixture", "mixture_best_loss", "unigram_loss",
+    "DataConfig", "Dataset", "SyntheticDataset", "MixtureDataset", "TextDataset", "make_dataset",
 ]

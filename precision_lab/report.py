@@ -676,8 +676,10 @@ def write_report(out_dir: str | Path, fig_dir: str | Path | None = None, *, pair
              "papers print it).", ""]
     best = next((r["env"].get("best_loss") for r in runs if r["env"].get("best_loss") is not None), None)
     if best is not None:
-        lines += [f"Best possible loss of the synthetic language on this objective: {best:.4f} nats/token "
-                  f"(entropy rate {runs[0]['env'].get('entropy_rate', float('nan')):.4f}).", ""]
+        stderr = runs[0]["env"].get("best_loss_stderr")
+        lines += [f"Best possible loss of the synthetic data on this objective (Bayes predictor): {best:.4f}"
+                  + (f" +- {stderr:.4f} (Monte Carlo standard error)" if stderr else "")
+                  + f" nats/token (entropy rate {runs[0]['env'].get('entropy_rate', float('nan')):.4f}).", ""]
     unigram = sorted({round(r["env"]["unigram_loss"], 4) for r in runs if r["env"].get("unigram_loss") is not None})
     base = baseline_of(configs)
     lines += [

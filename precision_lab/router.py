@@ -33,7 +33,10 @@ import jax.numpy as jnp
 from precision_lab import ops
 from precision_lab.policy import PrecisionPolicy, get_policy
 
-ROUTINGS: tuple[str, ...] = ("top1", "top2", "top2-gshard", "topk")
+ROUTINGS: tuple[str, ...] = ("top1", "top2", "top2-gshard", "topk", "random", "hash")
+# Controls (issue 13): routings that ignore the router. "random": k distinct uniformly random experts per
+# token, fresh at every step; "hash": k distinct experts fixed by a hash of the token id (Hash Layers).
+FIXED_ROUTINGS: tuple[str, ...] = ("random", "hash")
 _F32_POLICY = get_policy("fp32")
 
 
@@ -173,7 +176,7 @@ def top_k(router_probs, k: int):
 
 
 def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capacity: int, token_mask=None,
-          batch_prioritized: bool = False, gshard_threshold: float = 0.2, key=None) -> Routing:
+          batch_prioritized: bool = False, gshard_threshold: float = 0.2, key=None, fixed=None) -> Routing:
     """Assign tokens to expert slots.
 
     Args:
@@ -187,9 +190,11 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
       batch_prioritized: V-MoE's Batch Prioritized Routing: within each k, tokens with a larger top-1
         router probability take slots first (instead of group order); the raw probability, also under
         top2-gshard (whose renormalised first gate p1 / (p1 + p2) orders tokens differently).
+      fixed: (gates, expert_index) <float32/int32>[G, S, K] chosen elsewhere (the "random" and "hash"
+        controls, see `fixed_routing`): used instead of the top-k of router_probs; capacity and slots as usual.
     """
     num_experts = router_probs.shape[-1]
-    gates, expert_index = top_k(router_probs, k)  # (G, S, K)
+    gates, expert_index = top_k(router_probs, k) if fixed is None else fixed  # (G, S, K)
     top1_prob = gates[..., 0]  # BPR's priority: the raw top-1 probability, before any renormalisation
     requested = jnp.ones(expert_index.shape, bool)
     if token_mask is not None:
@@ -232,6 +237,40 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
                    jnp.where(kept, gates, jnp.float32(0.0)))
 
 
+def _hash_u32(x):
+    """A 32-bit integer mixer (the murmur3 finaliser) on <uint32> arrays: a fixed, well-spread hash."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def fixed_routing(routing: str, *, k: int, num_experts: int, shape: tuple[int, int], token_ids=None, key=None):
+    """The experts of the controls, <int32>[G, S, K] distinct experts per token, with gates 1/k each:
+    (gates <float32>[G, S, K], expert_index <int32>[G, S, K]) for `route(fixed=...)`.
+
+    "random": the k experts of a uniformly random ordering of all experts, drawn from `key` (the same key
+      gives the same assignment: the trainer derives it from the seed and step, so it is fixed per token
+      position and step, and deterministic per seed). Needs key.
+    "hash": the k experts with the largest hash(token id, expert): a fixed pseudo-random k-subset per
+      vocabulary entry, the same in every layer and step (Hash Layers, Roller et al. 2021, with k hashes
+      made distinct). Needs token_ids <int32>[G, S] (= `shape`).
+    Both are balanced in expectation and unlearned; the router's scores play no part. The gates are a
+    constant 1/k (a token's output is the mean of its experts'), since there is no router probability to use.
+    """
+    if routing == "random":
+        scores = jax.random.uniform(key, (*shape, num_experts), jnp.float32)
+    elif routing == "hash":
+        experts = jnp.arange(num_experts, dtype=jnp.uint32).reshape((1,) * token_ids.ndim + (num_experts,))
+        ids = token_ids.astype(jnp.uint32)[..., None] * jnp.uint32(num_experts) + experts  # (G, S, E)
+        scores = (_hash_u32(ids ^ jnp.uint32(0x9E3779B9)) >> 1).astype(jnp.int32)  # 31 bits: top_k on int32
+    else:
+        raise ValueError(f"fixed_routing: routing must be one of {FIXED_ROUTINGS}, got {routing!r}")
+    _, expert_index = jax.lax.top_k(scores, k)
+    return jnp.full(expert_index.shape, 1.0 / k, jnp.float32), expert_index.astype(jnp.int32)
+
+
 def expert_choice_mask(expert_index, num_experts: int, which: str = "top1"):
     """<float32>[G, S, E] one-hot of the first choice ("top1") or of the whole top-k set ("topk")."""
     onehot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # (G, S, K, E)
@@ -258,6 +297,6 @@ def flip_rate(expert_index, shadow_index, token_mask=None):
 
 
 __all__ = [
-    "ROUTINGS", "Routing", "num_groups", "expert_capacity", "jitter", "router_logits", "router_probs", "z_loss",
+    "ROUTINGS", "FIXED_ROUTINGS", "fixed_routing", "Routing", "num_groups", "expert_capacity", "jitter", "router_logits", "router_probs", "z_loss",
     "load_balancing_loss", "top_k", "route", "expert_choice_mask", "shadow_expert_index", "flip_rate",
 ]

@@ -45,8 +45,8 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
         }
         if "finetune" in s:  # a fine-tuning run: its task's test-split loss
             per_seed["final_test_loss"] = s["finetune"]["final_test_loss"][i]
-        shared = {k: s[k] for k in ("best_loss", "unigram_loss", "entropy_rate", "backend", "device", "jax_version", "xla_flags",
-                                    "policy_resolved")}
+        shared = {k: s.get(k) for k in ("best_loss", "best_loss_stderr", "unigram_loss", "entropy_rate", "backend",
+                                        "device", "jax_version", "xla_flags", "policy_resolved")}
         shared["moe_layer_names"] = list(run.model.moe_layer_names())
         metrics = {name: np.asarray(v[:, i]) for name, v in result.metrics.items()}  # every per-step metric
         # timing is the one part of a record that differs between identical reruns: the store keeps it apart

@@ -482,14 +482,26 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     bar = _progress(cfg.steps, step, progress is True)
     if bar is not None:
         bar.set_description_str("compiling", refresh=True)  # the first chunk compiles: minutes on big models
-    compile_s, step_s = 0.0, 0.0
+    compile_s, step_s, data_s = 0.0, 0.0, 0.0
+
+    def chunk_batches(start: int):  # [k, members, ...]: a pure function of (seeds, start step)
+        nonlocal data_s
+        tic = time.perf_counter()
+        b = place(trainer.batches(seeds, start, min(cfg.chunk_steps, cfg.steps - start)), axis=1)
+        data_s += time.perf_counter() - tic
+        return b
+
+    batches = chunk_batches(step) if step < cfg.steps else None
     while step < cfg.steps:
         k = min(cfg.chunk_steps, cfg.steps - step)
-        batches = place(trainer.batches(seeds, step, k), axis=1)  # [k, members, ...]
         tic = time.perf_counter()
         state, metrics = trainer._chunk(state, seed_keys, hps, batches, jnp.int32(step))
+        # The chunk runs asynchronously: the host draws the next chunk's data meanwhile (the data is a pure
+        # function of seed and step, so this changes no number), instead of leaving the device idle while it
+        # draws them after the chunk (one Dataset.batch call per seed and step: benchmarks/RESULTS.md, round 3).
+        batches = chunk_batches(step + k) if step + k < cfg.steps else None
         metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - tic
+        elapsed = time.perf_counter() - tic  # the chunk, and the next chunk's data as far as it did not overlap
         if compile_s == 0.0:
             compile_s = elapsed
         else:
@@ -524,6 +536,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     summary = _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval_batches, evals, metrics,
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1),
+                                   data_s=data_s / max(cfg.steps, 1),
                                    member_devices=member_devices))
     if final_test is not None:
         summary["finetune"] = dict(task=run.finetune.task, trainable=run.finetune.trainable,
@@ -559,6 +572,7 @@ def _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval_batches, 
                                     for i in range(len(seeds))],
         "quality_gap": None if best is None else [None if v is None else v - best for v in final_eval],
         "best_loss": best,
+        "best_loss_stderr": getattr(trainer.dataset, "best_loss_stderr", None),
         "unigram_loss": unigram,
         "entropy_rate": trainer.dataset.entropy_rate,
         "outcome": [classify_outcome(diverged=r.diverged, final_eval_loss=v, unigram_loss=unigram)

@@ -1,4 +1,5 @@
-"""Span corruption (T5's rules), the synthetic Markov language and its best loss, text files, datasets."""
+"""Span corruption (T5's rules), the synthetic Markov language, the default mixture of Markov languages, their
+best and unigram losses, text files, datasets."""
 
 import dataclasses
 import itertools
@@ -18,6 +19,8 @@ from precision_lab.data import (
     DataConfig,
     make_dataset,
     make_markov_language,
+    make_markov_mixture,
+    mixture_best_loss,
     noise_span_counts,
     random_spans_helper,
     random_spans_noise_mask,
@@ -25,6 +28,7 @@ from precision_lab.data import (
     span_corruption_best_loss,
     span_layout,
     to_features,
+    unigram_loss,
 )
 from precision_lab.errors import UserError
 
@@ -161,7 +165,7 @@ def test_features_pad_and_shift():
 
 @pytest.fixture(scope="module")
 def synthetic():
-    return make_dataset(DataConfig())
+    return make_dataset(DataConfig(kind="synthetic"))
 
 
 def test_synthetic_vocabulary_and_batch(synthetic):
@@ -178,12 +182,12 @@ def test_synthetic_vocabulary_and_batch(synthetic):
 
 
 def test_deterministic_and_seed_dependent(synthetic):
-    again = make_dataset(DataConfig())
+    again = make_dataset(DataConfig(kind="synthetic"))
     a, b = synthetic.batch(7, 8, seed=3), again.batch(7, 8, seed=3)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert not np.array_equal(a["inputs"], synthetic.batch(7, 8, seed=4)["inputs"])
     assert not np.array_equal(a["inputs"], synthetic.batch(8, 8, seed=3)["inputs"])
-    other = make_dataset(DataConfig(seed=1))
+    other = make_dataset(DataConfig(kind="synthetic", seed=1))
     assert not np.array_equal(other.language.transition, synthetic.language.transition)
     assert other.entropy_rate != synthetic.entropy_rate
 
@@ -212,21 +216,11 @@ def test_entropy_rate_matches_a_long_sample(synthetic):
     assert 0.5 * np.abs(freq - pi).sum() < 0.03
 
 
-@pytest.mark.parametrize(
-    "num_tokens, inputs_length, density, mean",
-    [(3, 7, 2 / 3, 2.0), (2, 10, 0.5, 2.0)],
-)
-def test_best_loss_matches_brute_force(num_tokens, inputs_length, density, mean):
-    """H(targets | inputs) by enumerating every (sequence, mask) pair of a tiny chain."""
-    layout = span_layout(inputs_length=inputs_length, noise_density=density, mean_noise_span_length=mean)
+def _enumerate_span_corruption(num_tokens, layout, log_p_seq):
+    """Every (sequence, mask) pair of a tiny source: (inputs per pair, log p per pair, sequences, masks), with
+    `log_p_seq` <float64>[num_tokens ** length] the log probability of each sequence (itertools order)."""
     n, k, length = layout.num_noise_tokens, layout.num_noise_spans, layout.tokens_length
-    assert k == 3
-    lang = make_markov_language(num_tokens=num_tokens, concentration=0.5, seed=3)
-    p, pi = lang.transition, lang.stationary
-    vocab_size = NUM_SPECIAL + num_tokens + k
-
     seqs = np.array(list(itertools.product(range(num_tokens), repeat=length)))
-    log_pz = np.log(pi[seqs[:, 0]]) + np.log(p[seqs[:, :-1], seqs[:, 1:]]).sum(axis=1)
 
     def compositions(total):
         return [c for c in itertools.product(range(1, total + 1), repeat=k) if sum(c) == total]
@@ -236,24 +230,79 @@ def test_best_loss_matches_brute_force(num_tokens, inputs_length, density, mean)
         for keep in compositions(length - n):
             masks.append(np.repeat(np.tile([False, True], k), np.ravel(np.stack([keep, noise], 1))))
     log_pm = -math.log(len(masks))
-
+    vocab_size = NUM_SPECIAL + num_tokens + k
     all_inputs, all_log_p = [], []
     for m in masks:
         inputs, _ = span_corrupt(seqs + NUM_SPECIAL, np.broadcast_to(m, seqs.shape), vocab_size=vocab_size)
         all_inputs.append(inputs)
-        all_log_p.append(log_pz + log_pm)
-    inputs, log_p = np.concatenate(all_inputs), np.concatenate(all_log_p)
+        all_log_p.append(log_p_seq + log_pm)
+    return np.concatenate(all_inputs), np.concatenate(all_log_p), seqs, masks
+
+
+def _exact_conditional_entropy(inputs, log_p, layout):
+    """H(targets | inputs) / targets_length by enumeration ((sequence, mask) <-> (inputs, targets))."""
     prob = np.exp(log_p)
     assert np.isclose(prob.sum(), 1.0)
     _, which = np.unique(inputs, axis=0, return_inverse=True)
     p_x = np.bincount(which.ravel(), weights=prob)
-    h_joint = -(prob * log_p).sum()  # (sequence, mask) <-> (inputs, targets) is a bijection
-    h_x = -(p_x * np.log(p_x)).sum()
-    exact = (h_joint - h_x) / layout.targets_length
+    return (-(prob * log_p).sum() + (p_x * np.log(p_x)).sum()) / layout.targets_length
+
+
+def _log_p_sequences(lang, seqs):
+    return np.log(lang.stationary[seqs[:, 0]]) + np.log(lang.transition[seqs[:, :-1], seqs[:, 1:]]).sum(axis=1)
+
+
+@pytest.mark.parametrize(
+    "num_tokens, inputs_length, density, mean",
+    [(3, 7, 2 / 3, 2.0), (2, 10, 0.5, 2.0)],
+)
+def test_best_loss_matches_brute_force(num_tokens, inputs_length, density, mean):
+    """H(targets | inputs) by enumerating every (sequence, mask) pair of a tiny chain."""
+    layout = span_layout(inputs_length=inputs_length, noise_density=density, mean_noise_span_length=mean)
+    assert layout.num_noise_spans == 3
+    lang = make_markov_language(num_tokens=num_tokens, concentration=0.5, seed=3)
+    seqs = np.array(list(itertools.product(range(num_tokens), repeat=layout.tokens_length)))
+    inputs, log_p, _, _ = _enumerate_span_corruption(num_tokens, layout, _log_p_sequences(lang, seqs))
+    exact = _exact_conditional_entropy(inputs, log_p, layout)
 
     best = span_corruption_best_loss(lang, layout, examples=20_000, seed=0)
     assert best.lower <= exact <= best.upper
     assert abs(best.value - exact) < 5 * best.stderr + 1e-9, (best, exact)
+
+
+@pytest.mark.parametrize("num_languages", [1, 3])
+def test_mixture_best_loss_matches_brute_force(num_languages):
+    """The Bayes loss with posterior inference over a latent language, against exact enumeration of a tiny
+    mixture (p(sequence) = sum_l w_l p_l(sequence)); one language reduces to the single-chain loss."""
+    layout = span_layout(inputs_length=7, noise_density=2 / 3, mean_noise_span_length=2.0)
+    mixture = make_markov_mixture(num_tokens=3, num_languages=num_languages, concentration=0.3, seed=4)
+    seqs = np.array(list(itertools.product(range(3), repeat=layout.tokens_length)))
+    per_language = np.array([_log_p_sequences(lang, seqs) for lang in mixture.languages])
+    log_p_seq = np.log(np.exp(per_language).T @ mixture.weights)
+    inputs, log_p, _, _ = _enumerate_span_corruption(3, layout, log_p_seq)
+    exact = _exact_conditional_entropy(inputs, log_p, layout)
+
+    best = mixture_best_loss(mixture, layout, examples=20_000, seed=0)
+    assert best.lower <= exact <= best.upper
+    assert abs(best.value - exact) < 4 * best.stderr, (best, exact)
+    if num_languages == 1:
+        single = span_corruption_best_loss(mixture.languages[0], layout, examples=20_000, seed=0)
+        assert abs(single.value - best.value) < 4 * math.hypot(single.stderr, best.stderr)
+
+
+def test_unigram_loss_matches_brute_force():
+    """The "failed to learn" reference: the expected loss of a model that knows the format and the prior of
+    the span lengths but predicts every hidden token by its marginal frequency, by enumeration."""
+    layout = span_layout(inputs_length=7, noise_density=2 / 3, mean_noise_span_length=2.0)
+    lang = make_markov_language(num_tokens=3, concentration=0.5, seed=3)
+    seqs = np.array(list(itertools.product(range(3), repeat=layout.tokens_length)))
+    log_p_seq = _log_p_sequences(lang, seqs)
+    _, log_p, _, masks = _enumerate_span_corruption(3, layout, log_p_seq)
+    n, k = layout.num_noise_tokens, layout.num_noise_spans
+    log_prior_c = -math.log(math.comb(n - 1, k - 1))
+    model = np.concatenate([np.log(lang.stationary[seqs[:, m]]).sum(axis=1) + log_prior_c for m in masks])
+    expected = -(np.exp(log_p) * model).sum() / layout.targets_length
+    assert unigram_loss(lang.stationary, layout) == pytest.approx(expected, rel=1e-12)
 
 
 def test_best_loss_is_below_a_bigram_model(synthetic):
@@ -287,6 +336,59 @@ def test_batch_is_fast(synthetic):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the default data: a mixture of Markov languages
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return make_dataset(DataConfig(vocab_size=128, num_sentinels=16, inputs_length=64, best_loss_examples=2048))
+
+
+def test_mixture_is_the_default_and_each_row_is_one_language(mixture):
+    assert DataConfig().kind == "mixture" and mixture.config.num_languages == 8
+    mix = mixture.language
+    tokens, which = mix.sample(np.random.default_rng(0), 4000, 40, with_language=True)
+    x = tokens - NUM_SPECIAL
+    assert 0 <= x.min() and x.max() < mix.num_tokens
+    counts = np.bincount(which, minlength=8)
+    assert np.all(np.abs(counts / 4000 - 1 / 8) < 0.03)
+    # every move of a row is possible in its own language, and a row's own chain explains it best
+    loglik = np.array([np.log(lang.transition[x[:, :-1], x[:, 1:]]).sum(axis=1) for lang in mix.languages])
+    assert np.isfinite(loglik[which, np.arange(4000)]).all()
+    assert np.mean(np.argmax(loglik, axis=0) == which) > 0.99
+    # the first token of a row follows its language's stationary distribution (~5000 rows of language 0:
+    # the total variation distance of an exact sampler is ~0.05 here)
+    starts, which = mix.sample(np.random.default_rng(1), 40_000, 2, with_language=True)
+    first = np.bincount(starts[which == 0, 0] - NUM_SPECIAL, minlength=mix.num_tokens) / np.sum(which == 0)
+    assert 0.5 * np.abs(first - mix.languages[0].stationary).sum() < 0.1
+    assert 0.5 * np.abs(first - mix.languages[1].stationary).sum() > 0.3
+
+
+def test_mixture_batches_deterministic_and_languages_differ(mixture):
+    again = make_dataset(DataConfig(vocab_size=128, num_sentinels=16, inputs_length=64))
+    a, b = mixture.batch(3, 8, seed=2), again.batch(3, 8, seed=2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["inputs"], mixture.batch(3, 8, seed=3)["inputs"])
+    langs = mixture.language.languages
+    assert not np.array_equal(langs[0].transition, langs[1].transition)
+    assert mixture.entropy_rate == pytest.approx(np.mean([lang.entropy_rate for lang in langs]))
+
+
+def test_reference_losses(mixture, synthetic):
+    refs = mixture.reference_losses()
+    assert set(refs) == {"best_loss", "best_loss_stderr", "unigram_loss"}
+    best = mixture.best_loss_detail
+    assert refs["best_loss"] == best.value and refs["best_loss_stderr"] == best.stderr < 0.01
+    assert best.lower <= best.value <= best.upper < refs["unigram_loss"]
+    # computed once, deterministic for the data seed
+    again = make_dataset(DataConfig(vocab_size=128, num_sentinels=16, inputs_length=64, best_loss_examples=2048))
+    assert again.best_loss == best.value
+    assert synthetic.best_loss < synthetic.unigram_loss == unigram_loss(synthetic.language.stationary,
+                                                                           synthetic.layout)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # text files
 # ---------------------------------------------------------------------------------------------------------
 
@@ -296,6 +398,11 @@ def test_byte_text_split_is_held_out(tmp_path):
     path.write_bytes(b"a" * 9000 + b"b" * 1000)  # the last 10% is all "b"
     ds = make_dataset(DataConfig(kind="text", path=str(path), level="byte", inputs_length=64))
     assert ds.vocab_size == NUM_SPECIAL + 256 + 100 and ds.entropy_rate is None and ds.best_loss is None
+    # unigram reference from the file's byte frequencies (90% "a", 10% "b": entropy 0.325 nats)
+    n, k, t = ds.layout.num_noise_tokens, ds.layout.num_noise_spans, ds.layout.targets_length
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert ds.reference_losses() == {"best_loss": None, "best_loss_stderr": None,
+                                     "unigram_loss": pytest.approx((math.log(math.comb(n - 1, k - 1)) + n * h) / t)}
     a, b = NUM_SPECIAL + ord("a"), NUM_SPECIAL + ord("b")
     for s in range(5):
         batch = ds.batch(s, 8, seed=0)
@@ -328,6 +435,8 @@ def test_bad_inputs_raise_user_error(tmp_path):
         return str(e.value)
 
     assert "synthetic" in one_line(DataConfig(kind="synthetc"))
+    assert "mixture" in one_line(DataConfig(kind="mixtur")) and "valid choices" in one_line(DataConfig(kind="x"))
+    assert "data.num_languages" in one_line(DataConfig(num_languages=0))
     assert "data.kind" in one_line(DataConfig(kind="x"))
     assert "byte" in one_line(DataConfig(kind="text", path="x", level="word"))
     assert "data.path" in one_line(DataConfig(kind="text", path=str(tmp_path / "missing.txt")))

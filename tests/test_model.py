@@ -47,6 +47,7 @@ def jitted_apply(cfg, policy, train, return_logits=False):
     (dict(moe_every=5), "moe_every"),
     (dict(d_kv=None, d_model=66, num_heads=4), "d_model"),
     (dict(routing="top3"), "routing"),
+    (dict(routing="randm"), "routing.*random"),
     (dict(ffn_type="swiglu"), "ffn_type"),
     (dict(train_capacity_factor=0.0), "train_capacity_factor"),
     (dict(extra_dense_ffn="middle"), "extra_dense_ffn"),
@@ -337,3 +338,75 @@ def test_model_wide_init_scale_scales_every_weight_matrix():
     assert checked >= 20  # 2+2 blocks' attention (self, cross), FFNs, experts and the output projection
     with pytest.raises(UserError, match="weight_init"):
         dataclasses.replace(cfg, weight_init="xavier")
+
+
+# -- controls: random and hash routing, the FLOP-matched dense model (issue 13) --------------------------------
+
+
+def test_fixed_routings_pick_k_distinct_experts():
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (4, 64)), jnp.int32)
+    gates, idx = router.fixed_routing("random", k=2, num_experts=8, shape=(4, 64), key=jax.random.PRNGKey(3))
+    assert idx.shape == gates.shape == (4, 64, 2) and np.all(np.asarray(gates) == 0.5)
+    idx = np.asarray(idx)
+    assert np.all(idx[..., 0] != idx[..., 1]) and idx.min() >= 0 and idx.max() < 8
+    again = router.fixed_routing("random", k=2, num_experts=8, shape=(4, 64), key=jax.random.PRNGKey(3))[1]
+    other = router.fixed_routing("random", k=2, num_experts=8, shape=(4, 64), key=jax.random.PRNGKey(4))[1]
+    assert np.array_equal(idx, np.asarray(again)) and not np.array_equal(idx, np.asarray(other))
+    # uniform over experts: 512 assignments, 64 expected per expert
+    assert np.all(np.abs(np.bincount(idx.ravel(), minlength=8) - 64) < 30)
+    _, h = router.fixed_routing("hash", k=2, num_experts=8, shape=(4, 64), token_ids=ids)
+    h, ids = np.asarray(h), np.asarray(ids)
+    assert np.all(h[..., 0] != h[..., 1])
+    for t in np.unique(ids):  # the experts are a function of the token id alone
+        assert len({tuple(r) for r in h[ids == t]}) == 1
+    table = np.asarray(router.fixed_routing("hash", k=2, num_experts=8, shape=(1, 128),
+                                            token_ids=jnp.arange(128, dtype=jnp.int32)[None])[1])
+    assert np.all(np.bincount(table.ravel(), minlength=8) > 16)  # spread over every expert (32 expected)
+
+
+@pytest.mark.parametrize("routing", ["random", "hash"])
+def test_fixed_routing_ignores_the_router(routing):
+    """The controls: no router loss, no router gradient, telemetry NaN where there is no router distribution,
+    flip rate 0; evaluation is deterministic (random: from the key given, or a fixed one)."""
+    cfg = dataclasses.replace(TINY, routing=routing)
+    params, state = init(jax.random.PRNGKey(0), cfg, FP32)
+    batch, key = make_batch(), jax.random.PRNGKey(5)
+    out = jitted_apply(cfg, FP32, True)(params, state, batch, key)
+    assert np.isfinite(float(out.loss)) and float(out.loss) == float(out.ce_loss)
+    np.testing.assert_array_equal(np.asarray(out.router_z_loss), 0.0)
+    np.testing.assert_array_equal(np.asarray(out.load_balancing_loss), 0.0)
+    np.testing.assert_array_equal(np.asarray(out.router["flip_rate"]), 0.0)
+    assert np.isnan(np.asarray(out.router["max_abs_logit"])).all()
+    assert np.isfinite(np.asarray(out.router["dropped_fraction"])).all()
+    grads = jax.grad(lambda p: apply(p, state, batch, cfg=cfg, policy=FP32, train=True, key=key).loss)(params)
+    assert float(jnp.abs(grads["encoder"]["blocks"][1]["moe"]["router"]).max()) == 0.0
+    assert float(jnp.abs(grads["encoder"]["blocks"][1]["moe"]["wo"]).max()) > 0.0
+    # the router's weights do not matter to the output at all
+    scrambled = jax.tree.map(lambda x: x, params)
+    scrambled["encoder"]["blocks"][1]["moe"]["router"] = params["encoder"]["blocks"][1]["moe"]["router"] * 7.0
+    again = jitted_apply(cfg, FP32, True)(scrambled, state, batch, key)
+    assert float(again.loss) == float(out.loss)
+    ev = jitted_apply(cfg, FP32, False)
+    assert float(ev(params, state, batch, None).loss) == float(ev(params, state, batch, None).loss)
+    other_key = jitted_apply(cfg, FP32, True)(params, state, batch, jax.random.PRNGKey(6))
+    assert (float(other_key.loss) != float(out.loss)) == (routing == "random")
+    if routing == "random":
+        with pytest.raises(ValueError, match="PRNG key"):
+            apply(params, state, batch, cfg=cfg, policy=FP32, train=True, key=None)
+
+
+def test_flop_matched_dense_model():
+    """num_experts = 0 with flop_matched_dense: the would-be sparse blocks get a dense FFN of k * expert
+    width, so the forward FLOPs equal the MoE model's minus its router matmul."""
+    dense = dataclasses.replace(TINY, num_experts=0, flop_matched_dense=True)
+    moe_info, dense_info = model_info(TINY), model_info(dense)
+    assert dense_info["flops_per_sequence"] == moe_info["flops_per_sequence"] - moe_info["flops_by_part"]["router"]
+    router_params = 2 * TINY.d_model * TINY.num_experts  # one router per sparse layer
+    assert dense_info["active_params"] == moe_info["active_params"] - router_params
+    params, state = init(jax.random.PRNGKey(0), dense, FP32)
+    assert params["encoder"]["blocks"][1]["ffn"]["wi_0"].shape == (64, 2 * 128)
+    assert params["encoder"]["blocks"][0]["ffn"]["wi_0"].shape == (64, 128)
+    assert np.isfinite(float(jitted_apply(dense, FP32, False)(params, state, make_batch(), None).loss))
+    with pytest.raises(UserError, match="num_experts = 0") as err:
+        dataclasses.replace(TINY, flop_matched_dense=True)
+    assert "\n" not in str(err.value)

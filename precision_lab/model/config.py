@@ -75,13 +75,20 @@ class ModelConfig:
         own knob (router_init*); the embedding table (a lookup, not a matmul) stays N(0, 1).
 
     Mixture of experts:
-      num_experts: 0 = a dense model. moe_every: block i (0-based) of each stack is sparse when
+      num_experts: 0 = a dense model.
+      flop_matched_dense: with num_experts = 0, the FLOP-matched dense control of an MoE model (issue 13):
+        each block that would be sparse (moe_every's layout) gets a dense FFN of k * the expert hidden
+        width (k = experts per token from routing/top_k), so every token costs the forward FLOPs of its k
+        experts (the router's D x E matmul and capacity drops aside); `model-info` shows the match. moe_every: block i (0-based) of each stack is sparse when
         i % moe_every == moe_every - 1 (flaxformer's MIXED layout: every moe_every-th block, the last of
         each run), e.g. blocks 3, 7, 11, ... for moe_every 4.
       extra_dense_ffn: "none" | "before" | "after": an extra dense FFN sublayer around each sparse one.
       routing: "top1" (Switch) | "top2" (ST-MoE: raw probabilities as combine weights) | "top2-gshard"
         (renormalised gates, second expert kept with probability min(1, gate2 / gshard_threshold) in
-        training; at evaluation kept iff gate2 >= gshard_threshold) | "topk" (top_k experts, raw probs).
+        training; at evaluation kept iff gate2 >= gshard_threshold) | "topk" (top_k experts, raw probs) |
+        controls that ignore the router (router.fixed_routing; top_k experts, gates 1/k, same capacity):
+        "random" (uniformly random experts per token position and step, deterministic per seed) | "hash"
+        (experts fixed by a hash of the token id, Hash Layers).
       top_k: the k of "topk" (ignored otherwise).
       router_init: "normal" (std router_init_std, flaxformer's 2e-2) | "truncated_normal" (Switch: std
         sqrt(router_init_scale / d_model), truncated at 2 std; scale 0.1 is Switch's default, 1.0 its
@@ -129,6 +136,7 @@ class ModelConfig:
     weight_init: str = "t5"
     # Mixture of experts
     num_experts: int = 8
+    flop_matched_dense: bool = False
     moe_every: int = 4
     extra_dense_ffn: str = "none"
     routing: str = "top2"
@@ -188,6 +196,11 @@ class ModelConfig:
             _check_float(name, getattr(self, name), 0.0, math.inf, low_open=True)
         for name in ("load_balance_coef", "router_z_loss_coef", "output_z_loss_coef"):
             _check_float(name, getattr(self, name), 0.0, math.inf)
+        if not isinstance(self.flop_matched_dense, bool):
+            raise UserError(f"flop_matched_dense must be true or false, got {self.flop_matched_dense!r}")
+        if self.flop_matched_dense and self.num_experts:
+            raise UserError(f"flop_matched_dense = true is the dense control of an MoE model: it needs "
+                            f"num_experts = 0, got {self.num_experts}")
         if self.num_experts:
             if self.num_selected_experts > self.num_experts:
                 raise UserError(f"routing {self.routing!r} selects {self.num_selected_experts} experts but "
@@ -228,6 +241,13 @@ class ModelConfig:
     def is_sparse(self, layer: int) -> bool:
         """Whether block `layer` (0-based, either stack) has an MoE FFN (flaxformer MIXED layout)."""
         return self.num_experts > 0 and layer % self.moe_every == self.moe_every - 1
+
+    def ffn_hidden_at(self, layer: int) -> int:
+        """Hidden width of block `layer`'s dense FFN: ffn_hidden, or k * expert_hidden where a FLOP-matched
+        dense model stands in for a sparse block (flop_matched_dense)."""
+        if self.flop_matched_dense and self.num_experts == 0 and layer % self.moe_every == self.moe_every - 1:
+            return self.num_selected_experts * self.expert_hidden
+        return self.ffn_hidden
 
     def sparse_blocks(self, stack: str) -> tuple[int, ...]:
         return tuple(i for i in range(self.num_layers(stack)) if self.is_sparse(i))

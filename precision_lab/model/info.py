@@ -43,7 +43,7 @@ def forward_macs(cfg: ModelConfig, inputs_length: int | None = None, targets_len
     lt = cfg.targets_length if targets_length is None else targets_length
     d, hk, k = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_selected_experts
     ffn_mats = 3 if cfg.ffn_type == "geglu" else 2
-    dense_ffn = ffn_mats * d * cfg.ffn_hidden  # per token
+    dense_ffn = ffn_mats * d * cfg.ffn_hidden  # per token (flop_matched_dense: ffn_hidden_at per block)
     expert_ffn = ffn_mats * d * cfg.expert_hidden
     macs = {"attention": 0, "ffn": 0, "experts": 0, "router": 0, "output": lt * d * cfg.vocab_size}
 
@@ -53,7 +53,7 @@ def forward_macs(cfg: ModelConfig, inputs_length: int | None = None, targets_len
             macs["experts"] += length * k * expert_ffn
             macs["ffn"] += length * dense_ffn * (cfg.extra_dense_ffn != "none")
         else:
-            macs["ffn"] += length * dense_ffn
+            macs["ffn"] += length * ffn_mats * d * cfg.ffn_hidden_at(layer)
 
     for layer in range(cfg.num_encoder_layers):
         macs["attention"] += 4 * li * d * hk + 2 * li * li * hk

@@ -221,8 +221,9 @@ def init_ffn_weights(key, cfg: ModelConfig, hidden: int, lead: tuple[int, ...] =
     return {name: init_weight(k, (*lead, *shape), shape[0], cfg) for k, (name, shape) in zip(keys, shapes.items())}
 
 
-def init_ffn(key, cfg: ModelConfig, policy: PrecisionPolicy):
-    params = init_ffn_weights(key, cfg, cfg.ffn_hidden)
+def init_ffn(key, cfg: ModelConfig, policy: PrecisionPolicy, hidden: int | None = None):
+    """A dense FFN of `hidden` units (default cfg.ffn_hidden); apply reads the width from the weights."""
+    params = init_ffn_weights(key, cfg, cfg.ffn_hidden if hidden is None else hidden)
     return params, {site: dot_state(policy, "ffn_operands", "ffn_operands") for site in params}
 
 

@@ -18,6 +18,13 @@ fraction of real tokens that no expert processed, every assignment dropped, so t
 the residual only), expert load coefficient of
 variation (std/mean of requested assignments per expert, summed over groups), routing entropy (mean over
 tokens of the router distribution's entropy, nats), and the flip rate vs a float32 shadow router.
+
+Controls (cfg.routing "random" / "hash", `router.fixed_routing`): the experts are chosen without the router,
+gates 1/k, same k, capacity and drops. The router's weights stay in the parameter tree (same shapes as the
+learned model) but nothing reads them into the output: its z-loss and load-balancing loss are 0 (so it gets
+no gradient), its logit telemetry (max_abs_logit, mean_lse_sq, entropy) is NaN (there is no routing
+distribution), and flip_rate is 0 (no rounding can change a fixed assignment). Dropped/unrouted fractions,
+load CV and sentinel entropy describe the actual assignment.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
 
 
 def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: PrecisionPolicy, train: bool,
-            prioritized: bool, key=None, sentinel_mask=None):
+            prioritized: bool, key=None, sentinel_mask=None, token_ids=None, route_key=None):
     """Sparse FFN.
 
     Args:
@@ -62,6 +69,8 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
       prioritized: Batch Prioritized Routing (encoder only, when cfg.batch_prioritized_routing).
       key: needed when train and any randomness is on.
       sentinel_mask: <float32>[B, L] 1 for sentinel tokens (for the specialisation telemetry), or None.
+      token_ids: <int32>[B, L] the token ids at these positions (routing "hash").
+      route_key: the key of routing "random" (in training and evaluation alike).
     Returns:
       (<float32>[B, L, D] output (0 for tokens no expert took), aux dict: "z_loss", "load_balancing_loss"
       <float32>[], "telemetry" {name: <float32>[]}, "expert_index" <int32>[G, S, K]).
@@ -79,9 +88,13 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
     x_router = router.jitter(tokens, cfg.router_jitter_eps if train else 0.0, k_jitter)  # (G, S, D)
     logits = router.router_logits(x_router, params["router"], policy, state=state["router"])  # (G, S, E)
     probs = router.router_probs(logits, policy, shift=cfg.router_softmax_shift)  # (G, S, E)
+    fixed = None
+    if cfg.routing in router.FIXED_ROUTINGS:
+        ids = None if token_ids is None else token_ids.reshape(g, s)
+        fixed = router.fixed_routing(cfg.routing, k=k, num_experts=e, shape=(g, s), token_ids=ids, key=route_key)
     routing = router.route(probs, policy, routing=cfg.routing, k=k, capacity=capacity, token_mask=mask,
                            batch_prioritized=prioritized, gshard_threshold=cfg.gshard_threshold,
-                           key=k_route if train else None)
+                           key=k_route if train else None, fixed=fixed)
 
     def expert_ffn(expert_in, matmul):  # the experts' FFN on the dispatch's layout of rows
         pre = {name: matmul(name, expert_in) for name in params if name not in ("router", "wo")}
@@ -97,13 +110,16 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
     y = sharding.constrain(y, "groups")  # (G, S, D)
 
     balance_mask = router.expert_choice_mask(routing.expert_index, e, cfg.load_balance_mask)
-    aux = {
-        "z_loss": router.z_loss(logits, policy=policy, token_mask=mask),
-        "load_balancing_loss": router.load_balancing_loss(probs, balance_mask, token_mask=mask),
-        "telemetry": _telemetry(x_router, params["router"], logits, probs, routing, mask, cfg=cfg,
-                                sentinels=None if sentinel_mask is None else sentinel_mask.reshape(g, s)),
-        "expert_index": routing.expert_index,
-    }
+    telemetry = _telemetry(x_router, params["router"], logits, probs, routing, mask, cfg=cfg,
+                           sentinels=None if sentinel_mask is None else sentinel_mask.reshape(g, s))
+    if fixed is None:
+        z, balance = (router.z_loss(logits, policy=policy, token_mask=mask),
+                      router.load_balancing_loss(probs, balance_mask, token_mask=mask))
+    else:  # the router is not used: no loss on it, no routing distribution to describe
+        z = balance = jnp.float32(0.0)
+        telemetry |= {name: jnp.float32(jnp.nan) for name in ("max_abs_logit", "mean_lse_sq", "entropy")}
+        telemetry["flip_rate"] = jnp.float32(0.0)
+    aux = {"z_loss": z, "load_balancing_loss": balance, "telemetry": telemetry, "expert_index": routing.expert_index}
     return y.reshape(batch, length, d), aux
 
 

@@ -93,7 +93,7 @@ def _init_block(key, cfg: ModelConfig, policy: PrecisionPolicy, layer: int, *, d
         if cfg.extra_dense_ffn != "none":
             add("ffn", layers.init_ffn(next(keys), cfg, policy))
     else:
-        add("ffn", layers.init_ffn(next(keys), cfg, policy))
+        add("ffn", layers.init_ffn(next(keys), cfg, policy, cfg.ffn_hidden_at(layer)))
     return params, state
 
 
@@ -133,7 +133,7 @@ def _site_key(key, name: str):
 
 def _needs_key(cfg: ModelConfig) -> bool:
     randomness = (cfg.dropout_rate, cfg.expert_dropout_rate, cfg.router_jitter_eps)
-    return any(r > 0.0 for r in randomness) or (cfg.num_experts > 0 and cfg.routing == "top2-gshard")
+    return any(r > 0.0 for r in randomness) or (cfg.num_experts > 0 and cfg.routing in ("top2-gshard", "random"))
 
 
 class _Stack(NamedTuple):
@@ -145,6 +145,8 @@ class _Stack(NamedTuple):
     token_mask: jax.Array  # (B, L) float32, 1 = real token (routing)
     prioritized: bool
     sentinel_mask: jax.Array | None = None  # (B, L) float32, 1 = sentinel token (telemetry only)
+    token_ids: jax.Array | None = None  # (B, L) int32 (routing "hash")
+    route_key: jax.Array | None = None  # routing "random", in training and evaluation
 
 
 def _run_stack(params, state, x, stack: _Stack, enc_out, cross_mask, aux: list, *, cfg, policy, train, key):
@@ -180,7 +182,8 @@ def _run_stack(params, state, x, stack: _Stack, enc_out, cross_mask, aux: list, 
             h = layers.rms_norm(p["moe_norm"], x, cfg=cfg, policy=policy)
             y, layer_aux = moe.moe_ffn(p["moe"], s["moe"], h, stack.token_mask, cfg=cfg, policy=policy, train=train,
                                        prioritized=stack.prioritized, key=_site_key(key, f"{site}/moe"),
-                                       sentinel_mask=stack.sentinel_mask)
+                                       sentinel_mask=stack.sentinel_mask, token_ids=stack.token_ids,
+                                       route_key=_site_key(stack.route_key, f"{site}/moe/route"))
             aux.append(layer_aux)
             x = residual(x, y, "moe")
             if cfg.extra_dense_ffn == "after":
@@ -212,6 +215,9 @@ def _apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPol
            return_logits: bool) -> ModelOutput:
     if train and key is None and _needs_key(cfg):
         raise ValueError("apply(train=True) needs a PRNG key: this config uses dropout, jitter or random routing")
+    # routing "random" draws its experts in evaluation too: from `key` when given (the trainer passes one
+    # per seed), else from a fixed key, so an evaluation is deterministic
+    route_key = None if cfg.routing != "random" else (key if key is not None else jax.random.PRNGKey(0))
     key = key if train else None
     rate = cfg.dropout_rate if train else 0.0
     inputs, dec_inputs = batch["inputs"], batch["decoder_inputs"]
@@ -228,6 +234,8 @@ def _apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPol
         token_mask=jnp.where(enc_valid, jnp.float32(1.0), jnp.float32(0.0)),
         prioritized=cfg.batch_prioritized_routing,
         sentinel_mask=batch.get("inputs_sentinel"),
+        token_ids=inputs,
+        route_key=route_key,
     )
     x = _embed(params, inputs, cfg=cfg, policy=policy, rate=rate, key=_site_key(key, "encoder/embed"))
     enc_out, max_enc = _run_stack(params["encoder"], scale_state["encoder"], x, enc_stack, None, None, aux,
@@ -242,6 +250,8 @@ def _apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPol
         token_mask=loss_mask,
         prioritized=False,
         sentinel_mask=batch.get("decoder_inputs_sentinel"),
+        token_ids=dec_inputs,
+        route_key=route_key,
     )
     y = _embed(params, dec_inputs, cfg=cfg, policy=policy, rate=rate, key=_site_key(key, "decoder/embed"))
     dec_out, max_dec = _run_stack(params["decoder"], scale_state["decoder"], y, dec_stack, enc_out,
