@@ -123,7 +123,9 @@ class Trainer:
             master = pretrained
         master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
                                                   if _needs_key(self.policy, "master") else None)
-        return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 4)):  # a stochastic optimizer_state
+            opt_state = self.optimizer.init(master)
+        return TrainState(master, opt_state, scale_state, jnp.array(True))
 
     def _loss(self, params, scale_state, probe, batch, key, hp, weights=None):
         """(loss, ModelOutput). probe: the precision-telemetry probe (ops.count_roundings) or None.
@@ -188,17 +190,21 @@ class Trainer:
         if self.replicas == 1:
             (loss, out), (grads, new_scale_state, site_counts) = grad_fn(params, state.scale_state, probe, batch,
                                                                          k_model, hp)
-            reduced = _rounder(self.policy, "grad_allreduce")(grads)
-            allreduce_counts = _tree_counts(grads, reduced, self.policy["grad_allreduce"]) if telemetry else None
-            grads = reduced
         else:
             loss, out, grads, new_scale_state, site_counts = self._replica_grads(
                 grad_fn, params, state.scale_state, probe, batch, k_model, hp)
-            reduced = ops.ring_allreduce(
-                grads, self.policy, "grad_allreduce", with_counts=telemetry,
-                key=jax.random.fold_in(k_model, 1) if _needs_key(self.policy, "grad_allreduce") else None)
-            grads, allreduce_counts = reduced if telemetry else (reduced, None)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
+        # Stochastic grad_allreduce / optimizer_state roundings draw from a key of this seed and step.
+        with ops.rounding_keys(jax.random.fold_in(key, 3)):
+            if self.replicas == 1:
+                reduced = _rounder(self.policy, "grad_allreduce")(grads)
+                allreduce_counts = _tree_counts(grads, reduced, self.policy["grad_allreduce"]) if telemetry else None
+                grads = reduced
+            else:
+                reduced = ops.ring_allreduce(
+                    grads, self.policy, "grad_allreduce", with_counts=telemetry,
+                    key=jax.random.fold_in(k_model, 1) if _needs_key(self.policy, "grad_allreduce") else None)
+                grads, allreduce_counts = reduced if telemetry else (reduced, None)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
         stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
         master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
 
@@ -216,7 +222,8 @@ class Trainer:
         return new, metrics
 
     def _eval_one(self, state: TrainState, seed_key, batch):
-        params = _rounder(self.policy, "params")(state.master)
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):  # stochastic `params`
+            params = _rounder(self.policy, "params")(state.master)
         out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
                           key=jax.random.fold_in(seed_key, 3))
         return out.ce_loss
