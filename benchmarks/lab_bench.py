@@ -86,7 +86,10 @@ def make_batches(k: int, members: int, batch: int, src: int, tgt: int, vocab: in
 class Program:
     """One compiled Trainer chunk (k steps, `seeds` vmapped members) and its state, ready to time."""
 
-    def __init__(self, name: str, run, *, seeds: int = 1, k: int = 5, src: int = SRC_LEN, tgt: int = TGT_LEN):
+    def __init__(self, name: str, run, *, seeds: int = 1, k: int = 5, src: int = SRC_LEN, tgt: int = TGT_LEN,
+                 dataset_batches: bool = False):
+        """dataset_batches: the run's own Dataset draws the batches (the shapes `precision-lab train` sees:
+        targets_length from the data layout, sentinel masks) instead of uniform random tokens."""
         import jax
         import jax.numpy as jnp
 
@@ -96,16 +99,23 @@ class Program:
         trainer = Trainer(run)
         self.state, self.seed_keys = trainer.init(list(range(seeds)))
         self.hps = {n: jnp.asarray([v] * seeds, jnp.float32) for n, v in hparams_of(run).items()}
-        self.batches = make_batches(k, seeds, run.train.batch_size, src, tgt, trainer.model_cfg.vocab_size)
+        self.trainer, self.seed_list = trainer, list(range(seeds))
+        self.batches = (trainer.batches(self.seed_list, 0, k) if dataset_batches else
+                        make_batches(k, seeds, run.train.batch_size, src, tgt, trainer.model_cfg.vocab_size))
         # Members spread over the host devices exactly as precision_lab.train.train spreads them.
         self.member_devices, place = member_sharding(seeds)
+        self.place = place
         self.state, self.seed_keys, self.hps = place(self.state), place(self.seed_keys), place(self.hps)
         self.batches = place(jax.device_put(self.batches), axis=1)
         t0 = time.perf_counter()
-        self.compiled = trainer._chunk.lower(self.state, self.seed_keys, self.hps, self.batches,
-                                             jnp.int32(0)).compile()
+        lowered = trainer._chunk.lower(self.state, self.seed_keys, self.hps, self.batches, jnp.int32(0))
+        self.compiled = lowered.compile()
         self.compile_s = time.perf_counter() - t0
         self.flops = hlo_flops(self.compiled)
+        if not self.flops["dots"]:  # a GPU program: its dots became library calls; count the lowered ones
+            low = hlo_flops(lowered.as_text(dialect="hlo"))
+            self.flops.update(matmul_gflop_per_step=low["matmul_gflop_per_step"], dots=low["dots"],
+                              dots_counted_in="lowered HLO")
         self.times: list[float] = []
         self.warm_times: list[float] = []  # the untimed block before each timed one (see interleave)
         self.guards: list[dict] = []
@@ -150,14 +160,16 @@ def stats(ts: list[float]) -> dict:
 
 def hlo_flops(compiled) -> dict:
     """Matmul FLOPs of the compiled program's dot instructions (each counted once: the scan body is one
-    step) and XLA's cost-analysis FLOPs (every op, also once per loop body)."""
-    txt = compiled.as_text()
+    step) and XLA's cost-analysis FLOPs (every op, also once per loop body). `compiled` may also be HLO
+    text: a GPU's compiled program has cuBLAS custom calls instead of dots, so device_check.py counts the
+    dots of the lowered (unoptimised) program."""
+    txt = compiled if isinstance(compiled, str) else compiled.as_text()
     shapes = {}
-    for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", txt):
+    for m in re.finditer(r"%?([\w.\-]+) = \w+\[([\d,]*)\]", txt):
         shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
     dot_flops = 0
     n_dots = 0
-    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\)[^\n]*?lhs_contracting_dims=\{([\d,]*)\}",
+    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?[\w.\-]+\)[^\n]*?lhs_contracting_dims=\{([\d,]*)\}",
                          txt):
         out = [int(d) for d in m.group(1).split(",") if d]
         lhs = shapes.get(m.group(2))
@@ -173,13 +185,42 @@ def hlo_flops(compiled) -> dict:
         dot_flops += 2 * size * contracted
         n_dots += 1
     try:
-        ca = compiled.cost_analysis()
+        ca = compiled.cost_analysis()  # AttributeError for HLO text: no cost analysis
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         xla_flops = float(ca.get("flops", 0.0))
     except Exception:  # noqa: BLE001 - cost analysis is optional
         xla_flops = None
     return {"matmul_gflop_per_step": round(dot_flops / 1e9, 4), "dots": n_dots,
             "xla_cost_gflop_per_step": None if xla_flops is None else round(xla_flops / 1e9, 4)}
+
+
+class UserPath(Program):
+    """A Program timed as `precision-lab train` runs it (precision_lab.train.train's loop): each block draws
+    its chunk's data with the run's Dataset, places it, runs the chunk and fetches the metrics to the host.
+    prefetch=True draws the next chunk's data while the chunk runs (what train() does), False after it."""
+
+    def __init__(self, name: str, run, *, prefetch: bool, **kw):
+        self.prefetch, self.step0 = prefetch, 0
+        super().__init__(name, run, dataset_batches=True, **kw)
+
+    def _data(self):
+        self.step0 += self.k
+        return self.place(self.trainer.batches(self.seed_list, self.step0, self.k), axis=1)
+
+    def block(self) -> float:
+        import jax
+        import jax.numpy as jnp
+
+        t0 = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.seed_keys, self.hps, self.batches,
+                                            jnp.int32(self.step0))
+        if self.prefetch:
+            self.batches = self._data()
+        metrics = jax.device_get(metrics)
+        if not self.prefetch:
+            self.batches = self._data()
+        self.last_loss = float(metrics["loss"].reshape(-1)[-1])
+        return (time.perf_counter() - t0) * 1e3 / self.k
 
 
 class MatmulPeak:
@@ -216,15 +257,16 @@ class MatmulPeak:
 class HFWorker:
     """hf_switch.py --serve in the HF venv: a warmed-up HF train step, timed in blocks on request."""
 
-    def __init__(self, steps: int, huge_pages: bool | None = None):
-        """huge_pages: run HF with glibc's malloc.hugetlb tunable on/off (None: this process's setting)."""
+    def __init__(self, steps: int, huge_pages: bool | None = None, extra_args: tuple[str, ...] = ()):
+        """huge_pages: run HF with glibc's malloc.hugetlb tunable on/off (None: this process's setting);
+        extra_args: hf_switch.py options (e.g. --tgt-len 29)."""
         if not HF_PY.exists():
             raise SystemExit(f"{HF_PY} missing: run bash benchmarks/setup_hf.sh first")
         child_env = dict(os.environ)
         if huge_pages is not None:
             rest = [t for t in child_env.get("GLIBC_TUNABLES", "").split(":") if t and "malloc.hugetlb" not in t]
             child_env["GLIBC_TUNABLES"] = ":".join(rest + (["glibc.malloc.hugetlb=1"] if huge_pages else []))
-        self.p = subprocess.Popen([str(HF_PY), str(REPO / "benchmarks" / "hf_switch.py"), "--serve"],
+        self.p = subprocess.Popen([str(HF_PY), str(REPO / "benchmarks" / "hf_switch.py"), "--serve", *extra_args],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env)
         self.info = json.loads(self.p.stdout.readline())
         self.info["glibc_tunables"] = child_env.get("GLIBC_TUNABLES", "")
@@ -319,6 +361,67 @@ def section_hf(args) -> dict:
                                      / peak_s["gflops_median"], 3),
         "env": env(),
     }
+
+
+def section_userpath(args) -> dict:
+    """Issue 12 item 1: the fp32 step as `precision-lab train` runs it (the run's Dataset draws the data,
+    telemetry and the shadow router included, metrics fetched every chunk; 16 x (128 + 29) tokens, the data
+    layout's target length) vs HF's train step at the same token lengths, interleaved; also the same
+    loop without the data prefetch, and the bare compiled chunk on fixed batches (no data, no fetch)."""
+    run = run_for(MATCHED, "fp32")
+    user = UserPath("lab user path (prefetch)", run, prefetch=True, k=args.k)
+    src, tgt = (int(user.batches[n].shape[-1]) for n in ("inputs", "targets"))  # the data layout's lengths
+    nopre = UserPath("lab user path (no prefetch)", run, prefetch=False, k=args.k)
+    bare = Program("lab bare chunk", run, k=args.k, src=src, tgt=tgt)
+    hf = HFWorker(steps=args.k, extra_args=("--src-len", str(src), "--tgt-len", str(tgt)))
+    try:
+        interleave([user, nopre, bare, hf], args.reps)
+    finally:
+        hf.close()
+    out = {"benchmark": "lab_user_path_vs_hf", "tokens": [src, tgt], "batch": BATCH,
+           "hf": {**stats(hf.times), **hf.info}}
+    for p in (user, nopre, bare):
+        r = [h / t for h, t in zip(hf.times, p.times)]
+        out[p.name] = {**p.summary(), "hf_over_lab_median": round(statistics.median(r), 3),
+                       "hf_over_lab_min_max": [round(min(r), 3), round(max(r), 3)]}
+    t0 = time.perf_counter()
+    for i in range(3):
+        user.trainer.batches(user.seed_list, 1000 + i * args.k, args.k)
+    out["data_ms_per_step"] = round((time.perf_counter() - t0) * 1e3 / (3 * args.k), 3)
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
+
+
+def section_cli(args) -> dict:
+    """`precision-lab train` itself (a fresh process, as a user runs it) at the matched configuration, fp32,
+    1 seed and 8 seeds: timing of its summary.json (step_s: wall per step after the first chunk, the data
+    the loop could not overlap included). Not interleaved with HF: compare with `userpath`."""
+    out = {"benchmark": "cli_train", "runs": {}}
+    sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
+    sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
+    for seeds in (1, 8):
+        with tempfile.TemporaryDirectory() as d:
+            cmd = [sys.executable, "-m", "precision_lab.cli", "train", "--preset", "tiny", "--steps", str(args.cli_steps),
+                   "--batch-size", str(BATCH), "--seeds", str(seeds), "--no-progress", "--out", d,
+                   "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+            for kv in sets:
+                cmd += ["--set", kv]
+            t0 = time.perf_counter()
+            with CpuGuard() as g:
+                cp = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                                    env=dict(os.environ, PYTHONPATH=str(REPO)))
+            if cp.returncode:
+                raise SystemExit(cp.stderr[-3000:])
+            timing = json.loads((Path(d) / "summary.json").read_text())["timing"]
+        out["runs"][f"{seeds} seed{'s' if seeds > 1 else ''}"] = {
+            **timing, "step_ms": round(timing["step_s"] * 1e3, 2), "process_s": round(time.perf_counter() - t0, 1),
+            "cpu_guard": g.result(), "command": " ".join(cmd)}
+    r = out["runs"]
+    out["cost_8_over_1"] = round(r["8 seeds"]["step_s"] / r["1 seed"]["step_s"], 3)
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
 
 
 POLICIES = ["fp32", "bf16", "fp8-hybrid", "bf16,mode=native"]
@@ -463,6 +566,40 @@ def section_blocks(args) -> dict:
     return out
 
 
+def section_telemetry(args) -> dict:
+    """What the per-step telemetry costs at the matched configuration (fp32, the user's default) and for the
+    quick-start model: the full step, the step without the float32 shadow router (flip rate against a
+    constant), and without any router telemetry (every router statistic a constant). The variants are
+    traced with the model's telemetry functions replaced, so the rest of the program is the same."""
+    import jax.numpy as jnp
+
+    import precision_lab.model.moe as moe_mod
+    import precision_lab.router as router_mod
+
+    shadow, telem = router_mod.shadow_expert_index, moe_mod._telemetry
+
+    def no_shadow(x_router, w_router, *, k, shift=True):
+        return jnp.zeros((*x_router.shape[:-1], k), jnp.int32)
+
+    def no_telemetry(*a, **kw):
+        return {name: jnp.float32(0.0) for name in moe_mod.TELEMETRY}
+
+    out = {"benchmark": "telemetry_cost", "configs": {}}
+    for cfg_name, model, src, tgt in (("matched", MATCHED, SRC_LEN, TGT_LEN), ("quickstart", {"preset": "tiny"}, 64, 14)):
+        progs = []
+        try:
+            for label, (sh, te) in (("full", (shadow, telem)), ("no shadow router", (no_shadow, telem)),
+                                    ("no router telemetry", (shadow, no_telemetry))):
+                router_mod.shadow_expert_index, moe_mod._telemetry = sh, te
+                progs.append(Program(label, run_for(model, "fp32"), k=args.k, src=src, tgt=tgt))
+        finally:
+            router_mod.shadow_expert_index, moe_mod._telemetry = shadow, telem
+        interleave(progs, args.reps)
+        out["configs"][cfg_name] = ratios_to_first(progs)
+    out["env"] = env()
+    return out
+
+
 ACC_POLICIES = ["fp32", "fp32,operands=fp32:acc=e8m13/128", "fp32,operands=fp32:acc=e8m13",
                 "fp8-hybrid", "fp8-hybrid,operands=fp8_e4m3fn:delayed:saturate:acc=e8m13/128"]
 
@@ -478,7 +615,9 @@ def section_accumulator(args) -> dict:
             "programs": ratios_to_first(progs), "env": env()}
 
 
-SECTIONS = {"accumulator": section_accumulator, "gain": section_gain, "blocks": section_blocks, "hf": section_hf, "policies": section_policies, "seeds": section_seeds, "small": section_small,
+SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry,
+            "accumulator": section_accumulator, "gain": section_gain, "blocks": section_blocks, "hf": section_hf,
+            "policies": section_policies, "seeds": section_seeds, "small": section_small,
             "compile": section_compile}
 
 
@@ -488,6 +627,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median/spread over these)")
     p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
     p.add_argument("--compile-reps", type=int, default=2)
+    p.add_argument("--cli-steps", type=int, default=60, help="steps of each `precision-lab train` run (cli)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from precision_lab.cli import use_one_device_per_core

@@ -29,6 +29,10 @@ def main(path: str) -> int:
             last[d.get("benchmark")] = d
             if d.get("benchmark") == "lab_vs_hf_switch":  # one per malloc setting (run_lab.sh runs both)
                 hf_runs[d.get("env", {}).get("GLIBC_TUNABLES", "")] = d
+    cpus = sorted({d["env"]["cpu"] for d in last.values() if isinstance(d.get("env"), dict) and d["env"].get("cpu")})
+    print(f"CPU model of these rows (`env.cpu` of each JSON line): {', '.join(cpus)}\n")
+    if len(cpus) > 1:
+        print("**Rows from different CPU models are mixed here: compare ratios within one row only.**\n")
     for tunables, d in sorted(hf_runs.items(), reverse=True):
         lab, hf, peak = d["lab"], d["hf"], d["peak"]
         print(f"### Lab vs HF SwitchTransformers, fp32 train step, matched configuration "
@@ -54,6 +58,38 @@ def main(path: str) -> int:
         print(f"\nHF time / lab time, per interleaved rep: median **{d['speedup_hf_over_lab_median']:.2f}**, "
               f"reps {d['speedup_per_rep']}. JAX f32 2048³ matmul in the same run: {peak['gflops_median']:.0f} GFLOP/s "
               f"(best {peak['gflops_best']:.0f}).\n")
+    if "lab_user_path_vs_hf" in last:
+        d = last["lab_user_path_vs_hf"]
+        src, tgt = d["tokens"]
+        print(f"### The user's path vs HF, fp32, matched configuration, {d['batch']} x ({src} + {tgt}) tokens "
+              f"(CPU: {d.get('cpu_model', '?')})\n")
+        print("| program | ms/step median (min–max) | HF time / this time, median (min–max) | other busy cores |")
+        print("| --- | --- | --- | --- |")
+        for name in ("lab user path (prefetch)", "lab user path (no prefetch)", "lab bare chunk"):
+            r = d[name]
+            lo, hi = r["hf_over_lab_min_max"]
+            print(f"| {name} | {fmt_ms(r)} | **{r['hf_over_lab_median']:.2f}** ({lo:.2f}–{hi:.2f}) "
+                  f"| {r['other_busy_cores_median']} |")
+        print(f"| HF (torch) | {fmt_ms(d['hf'])} | 1 | |")
+        print(f"\nThe run's Dataset alone: {d['data_ms_per_step']:.1f} ms per step of data.\n")
+    if "cli_train" in last:
+        d = last["cli_train"]
+        print(f"### `precision-lab train` itself, matched configuration, fp32 (CPU: {d.get('cpu_model', '?')})\n")
+        print("| run | step ms (timing.step_s) | data ms/step (drawn, overlapped or not) | first chunk s | process s |")
+        print("| --- | --- | --- | --- | --- |")
+        for name, r in d["runs"].items():
+            print(f"| {name} | {r['step_ms']:.1f} | {r.get('data_s', float('nan')) * 1e3:.1f} | "
+                  f"{r['first_chunk_s']:.1f} | {r['process_s']:.0f} |")
+        print(f"\n8 seeds / 1 seed per step: **{d['cost_8_over_1']:.2f}**\n")
+    if "telemetry_cost" in last:
+        d = last["telemetry_cost"]
+        print("### What the per-step telemetry costs (fp32; ratio to the full step in the same rep)\n")
+        print("| config | program | ms/step median (min–max) | ratio to full median (min–max) | compile s |")
+        print("| --- | --- | --- | --- | --- |")
+        for cfg, res in d["configs"].items():
+            for name, r in res.items():
+                print(f"| {cfg} | {name} | {fmt_vs_fp32(r)} |")
+        print()
     if "policy_cost" in last:
         d = last["policy_cost"]
         print("### Cost of faithful simulation (ratio to fp32 in the same rep)\n")

@@ -189,7 +189,7 @@ def _add_compare(p):
 
 
 COMPARED = ("loss", "router_max_abs_logit", "router_mean_lse_sq", "router_flip_rate", "router_entropy",
-            "router_dropped_fraction", "router_load_cv", "max_attention_logit", "grad_norm")
+            "router_dropped_token_fraction", "router_dropped_assignment_fraction", "router_load_cv", "max_attention_logit", "grad_norm")
 
 
 @command("compare", "final telemetry of several train runs side by side (mean over seeds and last steps)",

@@ -331,8 +331,10 @@ CURVES = {
                    "Router z-loss over training", True),
     "flip_rate": ("router_flip_rate", "mean", "routing flip rate vs float32 shadow router (fraction of tokens)",
                   "Routing flips from precision", False),
-    "dropped": ("router_dropped_fraction", "mean", "dropped fraction of expert assignments",
+    "dropped": ("router_dropped_token_fraction", "mean", "dropped tokens (no expert processed them)",
                 "Tokens dropped by capacity", False),
+    "dropped_assignments": ("router_dropped_assignment_fraction", "mean", "dropped token-expert assignments",
+                            "Expert assignments dropped by capacity", False),
 }
 
 

@@ -11,13 +11,18 @@ Two modes (`PrecisionPolicy.mode`):
 
 Conventions, the same in both modes:
   * Inputs are rounded to the component's format on entry (e.g. router logits to bf16 before exp: that is
-    where ST-MoE's roundoff comes from), outputs after every elementary op.
+    where ST-MoE's roundoff comes from), outputs after every elementary op. One deliberate exception: gelu is
+    one fused op, rounded once (see `gelu` for why).
   * Reductions (sum, mean, the sums in softmax/logsumexp/norms) accumulate in float32 and round once, as
     TPU/GPU reductions and matmuls do.
   * `dot` rounds its operands (with scaling), accumulates in float32 and rounds the output. Its custom VJP
     rounds the incoming gradient to the policy's "grads" spec, computes the input gradient from the rounded
     operands (rounded to "matmul_out", like the forward output) and the weight gradient in float32 (the
-    trainer rounds it for the all-reduce and the update).
+    trainer rounds it for the all-reduce and the update); an activation x activation product (QK^T, PV, the
+    MoE combine) rounds its rhs gradient too. The router's matmul uses `router_grads` for both its incoming
+    gradient and its input gradient, so a float32 router is float32 in the backward pass as well. With MX or
+    1x128-tile scaling the backward re-blocks each operand along the reduction axis of its own product.
+  * Stochastic rounding draws its random bits from the key given to `rounding_keys` (see there).
   * A matmul operand spec may carry an accumulator (`acc=e8m13/128`): then that product, and the two
     products of its backward pass (dgrad, wgrad), sum K in the order `matmul_accumulated` documents, with
     the running sum rounded to the accumulator format, instead of in float32.
@@ -37,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from precision_lab.errors import UserError
 from precision_lab.formats import get_format
 from precision_lab.policy import Accumulator, PrecisionPolicy, Spec, parse_accumulator
 from precision_lab.rounding import quantize
@@ -115,6 +121,42 @@ def exact(y, like):
     return y
 
 
+# -- random bits for stochastic rounding ---------------------------------------------------------------------
+#
+# Any component may round stochastically, and a rounding can sit anywhere in the model, the optimiser or the
+# backward pass. Rather than thread a key argument through every op, the caller states once where the random
+# bits come from: `with rounding_keys(key): ...` (model.apply, the trainer's gradient all-reduce and optimiser
+# update do). Each stochastic rounding inside takes fold_in(key, n) with n counting the roundings in trace
+# order, which is the same for every trace of one program: the bits are a deterministic function of the key
+# (the trainer derives it from the seed and the step). `dot` draws one key per call and carries it into its
+# custom VJP as an input, so the backward pass's roundings use keys derived from the forward's.
+
+_KEY_SOURCES: list[list] = []  # stack of [key or None, count]
+
+
+@contextlib.contextmanager
+def rounding_keys(key):
+    """Stochastic roundings inside this block draw their random bits from `key` (None: none allowed)."""
+    _KEY_SOURCES.append([key, 0])
+    try:
+        yield
+    finally:
+        _KEY_SOURCES.pop()
+
+
+def _next_key():
+    source = _KEY_SOURCES[-1] if _KEY_SOURCES else [None, 0]
+    if source[0] is None:
+        raise ValueError("stochastic rounding needs random bits: run the computation under "
+                         "ops.rounding_keys(key) (model.apply does, given a key)")
+    source[1] += 1
+    return jax.random.fold_in(source[0], source[1])
+
+
+def _subkey(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
 def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
     """Round float32 `x` per spec. Returns (float32 y, new delayed state)."""
     if spec.is_identity:
@@ -128,8 +170,12 @@ def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
             x = jnp.clip(x, -fmax, fmax)
         return x.astype(dtype).astype(_F32), state
     if spec.scaling == "delayed" and state is None:
-        # A site without history (an elementwise cast) scales with the current amax instead.
-        spec = Spec(format=spec.format, scaling="current", rounding=spec.rounding, overflow=spec.overflow)
+        # No amax history here (an elementwise cast, or a matmul site built without ops.init_dot_state): the
+        # policy refuses delayed scaling on such components, so this is a caller's bug, never "current".
+        raise UserError(f"delayed scaling ({spec}) at a site without an amax history; create the site's "
+                        "state with ops.init_dot_state, or use current scaling")
+    if spec.rounding == "stochastic" and key is None:
+        key = _next_key()
     y, state = scaled_quantize(x, spec, axis=axis, state=state, key=key)
     if mode == "emulate":
         _remember(y, spec)
@@ -377,11 +423,11 @@ class DotState(NamedTuple):
     grad: DelayedState | None
 
 
-def init_dot_state(policy: PrecisionPolicy, *, lhs: str, rhs: str | None, history: int | None = None
-                   ) -> DotState | None:
+def init_dot_state(policy: PrecisionPolicy, *, lhs: str, rhs: str | None, history: int | None = None,
+                   grads: str = "grads") -> DotState | None:
     """The state one `dot` (or `grouped_dot`, `gather_rows` with rhs=None) site needs: None unless a spec
-    it uses has delayed scaling."""
-    specs = (policy[lhs], None if rhs is None else policy[rhs], policy["grads"])
+    it uses has delayed scaling. `grads` is the component of the site's incoming gradient (as in `dot`)."""
+    specs = (policy[lhs], None if rhs is None else policy[rhs], policy[grads])
     if not any(s is not None and s.scaling == "delayed" for s in specs):
         return None
     make = (lambda: init_delayed_state(history)) if history else init_delayed_state
@@ -398,6 +444,39 @@ def _contracting_axes(eq: str) -> tuple[int, int]:
     return a.index(shared[0]), b.index(shared[0])
 
 
+def _backward_axes(eq: str):
+    """The reduction axes of the two backward products of einsum(eq, a, b) = y (OCP MX and 1x128 tiles put
+    their blocks along the reduction axis of EACH product, so the backward re-blocks its operands):
+      dgrad  da = g . b^T contracts the output features (in y and b, not a): their axes in y and in b;
+      wgrad  db = a^T . g contracts the tokens (in y and a, not b): their axes in y and in a.
+    Returns (dgrad axes of y, dgrad axes of b, wgrad axes of y, wgrad axes of a)."""
+    ins, out = eq.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    feats = [c for c in out if c in b and c not in a]
+    toks = [c for c in out if c in a and c not in b]
+    return (tuple(out.index(c) for c in feats), tuple(b.index(c) for c in feats),
+            tuple(out.index(c) for c in toks), tuple(a.index(c) for c in toks))
+
+
+_BLOCKED_SCALINGS = ("mx", "tile1x128")  # scalings whose blocks run along one axis of the operand
+
+
+def _blocked(spec: Spec | None) -> bool:
+    return spec is not None and spec.scaling in _BLOCKED_SCALINGS
+
+
+def _round_along(x, spec: Spec, mode: str, axes: tuple[int, ...], *, key=None):
+    """Round `x` with its blocks along `axes` taken together as one axis (several token axes, say [B, L],
+    are one reduction of B*L terms)."""
+    if len(axes) <= 1:
+        return _round(x, spec, mode, axis=axes[0] if axes else -1, key=key)[0]
+    rest = [i for i in range(x.ndim) if i not in axes]
+    moved = jnp.transpose(x, rest + list(axes))
+    flat = moved.reshape(*moved.shape[:len(rest)], -1)
+    y = _round(flat, spec, mode, axis=-1, key=key)[0].reshape(moved.shape)
+    return jnp.transpose(y, np.argsort(rest + list(axes)))
+
+
 class _DotConfig(NamedTuple):
     eq: str
     lhs: Spec
@@ -409,6 +488,17 @@ class _DotConfig(NamedTuple):
     kind: str = "einsum"  # "einsum" | "grouped" (b[index] per block) | "rows" (a[index], no b)
     site: int = 0  # the site's group's "_fwd" row of the telemetry probe (TELEMETRY_SITES); "_bwd" is + 1
     acc: Accumulator | None = None  # narrow accumulator of this product and its backward products
+    rhs_grad_out: Spec | None = None  # None: the rhs gradient stays float32 (a weight: the trainer rounds it)
+
+    @property
+    def stochastic(self) -> bool:
+        return any(s is not None and s.rounding == "stochastic"
+                   for s in (self.lhs, self.rhs, self.out, self.grad, self.grad_out, self.rhs_grad_out))
+
+    @property
+    def reblocks(self) -> bool:
+        """Whether the backward re-quantizes operands along its own reduction axes (MX / 1x128 tiles)."""
+        return self.kind != "rows" and (_blocked(self.lhs) or _blocked(self.rhs) or _blocked(self.grad))
 
 
 def _einsum(cfg: _DotConfig, a, b):
@@ -430,24 +520,25 @@ def _contract(cfg: _DotConfig, a, b, index):
     return _einsum(cfg, a, b)
 
 
-def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index):
+def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index, key):
     ka, kb = _contracting_axes(cfg.eq)
     st = state if state is not None else DotState(None, None, None)
-    qa, sa = _round(a, cfg.lhs, cfg.mode, axis=ka, state=st.lhs)
+    qa, sa = _round(a, cfg.lhs, cfg.mode, axis=ka, state=st.lhs, key=_subkey(key, 0))
     # The rhs is rounded BEFORE any gather (grouped): each expert's matrix once, with the scale of the
     # whole [E, ...] tensor, exactly as the dense einsum over all experts rounds it.
-    qb, sb = (None, None) if cfg.rhs is None else _round(b, cfg.rhs, cfg.mode, axis=kb, state=st.rhs)
-    y, _ = _round(_contract(cfg, qa, qb, index), cfg.out, cfg.mode)
+    qb, sb = (None, None) if cfg.rhs is None else _round(b, cfg.rhs, cfg.mode, axis=kb, state=st.rhs,
+                                                         key=_subkey(key, 1))
+    y, _ = _round(_contract(cfg, qa, qb, index), cfg.out, cfg.mode, key=_subkey(key, 2))
     return y, (qa, qb, sa, sb)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dot(cfg: _DotConfig, a, b, state, index, probe):
-    return _dot_fwd_impl(cfg, a, b, state, index)[0]
+def _dot(cfg: _DotConfig, a, b, state, index, key, probe):
+    return _dot_fwd_impl(cfg, a, b, state, index, key)[0]
 
 
-def _dot_fwd(cfg, a, b, state, index, probe):
-    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index)
+def _dot_fwd(cfg, a, b, state, index, key, probe):
+    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index, key)
     counts = None
     if probe is not None:  # precision telemetry (see above): the operands' roundings
         ka, kb = _contracting_axes(cfg.eq)
@@ -455,13 +546,14 @@ def _dot_fwd(cfg, a, b, state, index, probe):
         counts = rounding_counts(a, qa, cfg.lhs, axis=ka, state=st.lhs)
         if cfg.rhs is not None:
             counts = counts + rounding_counts(b, qb, cfg.rhs, axis=kb, state=st.rhs)
-    return y, (qa, qb, sa, sb, state, index, counts)
+    raw = (a, b) if cfg.reblocks else (None, None)  # the float32 operands, re-blocked by the backward
+    return y, (qa, qb, sa, sb, state, index, key, raw, counts)
 
 
 def _dot_bwd(cfg, res, g):
-    qa, qb, sa, sb, state, index, counts = res
+    qa, qb, sa, sb, state, index, key, (a, b), counts = res
     st = state if state is not None else DotState(None, None, None)
-    qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad)
+    qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad, key=_subkey(key, 3))
     dprobe = None
     if counts is not None:  # the probe's cotangent: this site's forward and gradient rounding counts
         grad_counts = rounding_counts(g, qg, cfg.grad, state=st.grad)
@@ -471,13 +563,26 @@ def _dot_bwd(cfg, res, g):
     elif cfg.rhs is None:
         _, vjp = jax.vjp(lambda a_: _contract(cfg, a_, None, index), qa)
         (da,), db = vjp(qg), None
-    else:
+    elif not cfg.reblocks:
         _, vjp = jax.vjp(lambda a_, b_: _contract(cfg, a_, b_, index), qa, qb)
         da, db = vjp(qg)
+    else:
+        # OCP MX / 1x128 tiles: each backward product blocks its operands along ITS reduction axis, from the
+        # float32 values (as MX training re-quantizes the transposed operands), not the forward's blocks.
+        g_out, b_axes, t_out, a_axes = _backward_axes(cfg.eq)
+        g_d = _round_along(g, cfg.grad, cfg.mode, g_out, key=_subkey(key, 3)) if _blocked(cfg.grad) else qg
+        g_w = _round_along(g, cfg.grad, cfg.mode, t_out, key=_subkey(key, 6)) if _blocked(cfg.grad) else qg
+        b_d = _round_along(b, cfg.rhs, cfg.mode, b_axes, key=_subkey(key, 7)) if _blocked(cfg.rhs) else qb
+        a_w = _round_along(a, cfg.lhs, cfg.mode, a_axes, key=_subkey(key, 8)) if _blocked(cfg.lhs) else qa
+        (da,) = jax.vjp(lambda a_: _contract(cfg, a_, b_d, index), qa)[1](g_d)
+        (db,) = jax.vjp(lambda b_: _contract(cfg, a_w, b_, index), qb)[1](g_w)
+    da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode, key=_subkey(key, 4))
+    if db is not None:
         db = db.astype(_F32)
-    da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode)
+        if cfg.rhs_grad_out is not None:
+            db, _ = _round(db, cfg.rhs_grad_out, cfg.mode, key=_subkey(key, 5))
     new_state = None if state is None else DotState(sa, sb, sg)
-    return da, db, new_state, _zero_cotangent(index), dprobe
+    return da, db, new_state, _zero_cotangent(index), _zero_cotangent(key), dprobe
 
 
 def _accumulated_grads(cfg: _DotConfig, qa, qb, qg, index):
@@ -495,7 +600,7 @@ def _accumulated_grads(cfg: _DotConfig, qa, qb, qg, index):
 
 
 def _zero_cotangent(index):
-    """The cotangent of an integer input (float0 zeros), or None when there is none."""
+    """The cotangent of an integer (or PRNG key) input (float0 zeros), or None when there is none."""
     return None if index is None else np.zeros(np.shape(index), dtype=jax.dtypes.float0)
 
 
@@ -507,7 +612,7 @@ def _without_accumulator(spec: Spec) -> Spec:
 
 
 def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str, rhs: str | None, out: str,
-             state: DotState | None):
+             state: DotState | None, grads: str = "grads", grad_out: str = "matmul_out", rhs_grad: str | None = None):
     a = jnp.asarray(a, _F32)
     b = None if b is None else jnp.asarray(b, _F32)
     lhs_spec, rhs_spec = policy[lhs], None if rhs is None else policy[rhs]
@@ -523,21 +628,27 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
         if b is not None:
             rhs_spec = _FP32_SPEC if _already(b, rhs_spec) else rhs_spec
     site = TELEMETRY_SITES.index(SITE_GROUPS.get(lhs, "dispatch") + "_fwd")
-    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy["grads"], policy["matmul_out"], policy.mode, kind,
-                     site, acc)
+    cfg = _DotConfig(eq, lhs_spec, rhs_spec, policy[out], policy[grads], policy[grad_out], policy.mode, kind,
+                     site=site, acc=acc, rhs_grad_out=None if rhs_grad is None else policy[rhs_grad])
+    key = _next_key() if cfg.stochastic else None  # one per call; the VJP derives its own from it
     probe = _PROBES[-1] if _PROBES else None
-    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), probe)
+    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), key, probe)
     if policy.mode == "emulate":
         _remember(y, policy[out])
     return y
 
 
 def dot(eq: str, a, b, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
-        state: DotState | None = None):
+        state: DotState | None = None, grads: str = "grads", grad_out: str = "matmul_out",
+        rhs_grad: str | None = None):
     """einsum(eq, a, b) with operands rounded per `lhs`/`rhs` (scaling included), float32 accumulation (or
-    the lhs/rhs spec's accumulator, `acc=`: see `matmul_accumulated`) and the output rounded per `out`. The
-    backward pass rounds gradients per the policy's "grads" spec."""
-    return _run_dot("einsum", eq, a, b, None, policy, lhs, rhs, out, state)
+    the lhs/rhs spec's accumulator, `acc=`: see `matmul_accumulated`) and the output rounded per `out`.
+
+    Backward: the incoming gradient is rounded per `grads`, the lhs (input) gradient per `grad_out`, the rhs
+    gradient per `rhs_grad`, or kept float32 when None (a weight: the trainer rounds weight gradients for
+    the all-reduce and the update; an activation x activation product such as QK^T or PV passes
+    rhs_grad="matmul_out"). The router passes its own `router_grads` component for its backward."""
+    return _run_dot("einsum", eq, a, b, None, policy, lhs, rhs, out, state, grads, grad_out, rhs_grad)
 
 
 def grouped_dot(x, w, group, policy: PrecisionPolicy, *, lhs: str, rhs: str, out: str = "matmul_out",
@@ -574,6 +685,20 @@ def exp(x, policy: PrecisionPolicy, component: str):
     return q(jnp.exp(q(jnp.asarray(x, _F32))))
 
 
+def gelu(x, policy: PrecisionPolicy, component: str):
+    """gelu with the tanh approximation (T5.1.1's gated-gelu) as ONE fused op: the input rounded on entry,
+    evaluated in float32, the result rounded once.
+
+    The exception to "round after every elementary op", and why: gelu's ~8 elementwise ops (cube, multiply,
+    add, tanh, ...) are one fused kernel on every backend the lab models (XLA fuses them into one loop; the
+    GEGLU/GELU kernels of cuDNN and Transformer Engine evaluate them in float32 registers and store the
+    output once), so no intermediate of gelu is ever stored in a narrow format. Softmax and RMSNorm are
+    rounded per op because their intermediates (the exponentials, the sum, the mean square) are reductions
+    or stored tensors on those backends, and the exponential's rounding is the very roundoff ST-MoE studies."""
+    q = _rounder(policy, component)
+    return q(jax.nn.gelu(q(jnp.asarray(x, _F32)), approximate=True))
+
+
 def sum(x, policy: PrecisionPolicy, component: str, axis=None, keepdims: bool = False):  # noqa: A001
     """float32 accumulation, one rounding of the result."""
     q = _rounder(policy, component)
@@ -595,15 +720,33 @@ def _count(shape, axis) -> int:
     return n
 
 
-def softmax(x, policy: PrecisionPolicy, component: str, axis: int = -1, shift: bool = True):
+def softmax(x, policy: PrecisionPolicy, component: str, axis: int = -1, shift: bool = True, where=None):
     """softmax rounded after every elementary op. shift=False exponentiates the raw logits (the form ST-MoE
-    worries about: exp of large logits, whose relative roundoff grows with |logit|)."""
+    worries about: exp of large logits, whose relative roundoff grows with |logit|).
+
+    where: <bool> broadcastable to x, False for masked entries (probability exactly 0). Masking happens
+    AFTER the input is rounded and is independent of the format: a large negative fill value (T5's -1e10)
+    is not a value every format holds (fn/fnuz formats overflow it to NaN, fp6/fp4 saturate it to -max,
+    which no longer masks). Masked entries enter exp as 0 (finite in every format, and finite gradients)
+    and their exponential is replaced by 0. A row with every entry masked gives all zeros."""
     q = _rounder(policy, component)
     x = q(jnp.asarray(x, _F32))
+    if where is not None:
+        where = jnp.broadcast_to(where, x.shape)
+        x = jnp.where(where, x, jnp.float32(0.0))
     if shift:
-        x = q(x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)))
+        big = x if where is None else jnp.where(where, x, -jnp.inf)
+        m = jax.lax.stop_gradient(jnp.max(big, axis=axis, keepdims=True))
+        m = m if where is None else jnp.where(jnp.isfinite(m), m, jnp.float32(0.0))
+        x = q(x - m)
+        if where is not None:
+            x = jnp.where(where, x, jnp.float32(0.0))
     e = q(jnp.exp(x))
+    if where is not None:
+        e = jnp.where(where, e, jnp.float32(0.0))
     s = q(jnp.sum(e, axis=axis, keepdims=True))
+    if where is not None:
+        s = jnp.where(s > 0, s, jnp.float32(1.0))  # every entry masked: 0 / 1, not 0 / 0
     return q(e / s)
 
 
@@ -699,6 +842,6 @@ def _ring_sum(x, spec: Spec, mode: str, key, with_counts: bool):
 __all__ = [
     "COUNT_KINDS", "SITE_GROUPS", "TELEMETRY_SITES", "new_probe", "count_roundings", "rounding_counts", "fractions",
     "ring_allreduce",
-    "cast", "exact", "dot", "matmul_accumulated", "accumulated_einsum", "accumulate_blocks",
-    "DotState", "init_dot_state", "exp", "sum", "mean", "softmax", "logsumexp", "rms_norm",
+    "cast", "exact", "dot", "rounding_keys", "matmul_accumulated", "accumulated_einsum", "accumulate_blocks",
+    "DotState", "init_dot_state", "exp", "gelu", "sum", "mean", "softmax", "logsumexp", "rms_norm",
 ]

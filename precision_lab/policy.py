@@ -49,6 +49,7 @@ COMPONENTS: dict[str, str] = {
     "router_weights": "router weight matrix as the router matmul reads it",
     "router_logits": "router logits",
     "router_softmax": "router softmax and its exponentials (router probabilities)",
+    "router_grads": "router backward: its incoming gradient (cotangent of the gates and logits) and its input gradient",
     "combine_weights": "gates that weight expert outputs when combining",
     "comm": "expert dispatch/combine communication (all-to-all)",
     "output_logits": "output logits, their softmax/logsumexp and the loss",
@@ -58,7 +59,7 @@ COMPONENTS: dict[str, str] = {
 }
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "router": ("router_input", "router_weights", "router_logits", "router_softmax"),
+    "router": ("router_input", "router_weights", "router_logits", "router_softmax", "router_grads"),
     "attention": ("attn_operands", "attn_logits", "attn_softmax"),
     "experts": ("expert_operands",),
     "ffn": ("ffn_operands",),
@@ -75,6 +76,12 @@ ACCUMULATOR_COMPONENTS: tuple[str, ...] = ("attn_operands", "ffn_operands", "exp
                                            "router_input", "router_weights")
 
 SCALINGS: tuple[str, ...] = ("none", "current", "delayed", "mx", "tile1x128", "tile128x128")
+# Delayed scaling reads an amax history, and only matmul sites keep one (ops.init_dot_state): the components
+# that are nothing but matmul operands or the backward matmuls' incoming gradient. Anywhere else (an
+# elementwise cast, a matmul output) there is no history, and silently using the current amax instead would
+# make "delayed" mean "current": such a policy is refused.
+DELAYED_SCALING_COMPONENTS: tuple[str, ...] = (
+    "attn_operands", "ffn_operands", "expert_operands", "head_operands", "router_weights", "grads")
 MODES: tuple[str, ...] = ("emulate", "native")
 
 
@@ -160,7 +167,9 @@ def parse_accumulator(text: str, field: str = "accumulator") -> Accumulator:
 class Spec:
     """How one component rounds: format, scaling into the format, rounding mode, overflow behaviour.
 
-    overflow None is the format's own cast (see `precision_lab.rounding.quantize`).
+    overflow None is the format's own cast (see `precision_lab.rounding.quantize`) without scaling; a scaled
+    spec (current, delayed, mx, tile*) saturates unless it says `nonfinite` (then a value the scale maps past
+    the format's max becomes inf, or NaN in formats without inf: a delayed scale from a stale amax history).
     """
 
     format: str = "fp32"
@@ -253,6 +262,11 @@ class PrecisionPolicy:
             raise unknown_choice("component", extra[0], COMPONENTS)
         if self.mode not in MODES:
             raise unknown_choice("mode", self.mode, MODES)
+        for c in COMPONENTS:
+            if self.specs[c].scaling == "delayed" and c not in DELAYED_SCALING_COMPONENTS:
+                raise UserError(f"policy {c}={self.specs[c]}: delayed scaling needs a matmul site's amax history, "
+                                f"which only {', '.join(DELAYED_SCALING_COMPONENTS)} have; use current, mx, "
+                                f"tile1x128 or tile128x128 for {c}")
         for c, spec in self.specs.items():
             if spec.accumulator is not None and c not in ACCUMULATOR_COMPONENTS:
                 raise UserError(f"policy {c}: an accumulator (acc=...) belongs to a matmul operand component; "
@@ -389,7 +403,7 @@ PRESET_SOURCES: dict[str, str] = {
     "bf16": "Switch Transformer Table 2 'bfloat16' (diverged): every compute, communication and gradient "
             "component bf16, router included; float32 master weights and optimizer state",
     "bf16-selective": "Switch Table 2 'selective precision': as bf16, with the router (input, weights, "
-                      "logits, softmax) in float32",
+                      "logits, softmax, and its backward) in float32",
     "st-moe": "ST-MoE section 3: bf16 matmul operands/activations, float32 weights, router, exponentials "
               "and gradient all-reduce",
     "fp8-hybrid": "Micikevicius et al. 2022 / Transformer Engine: st-moe with e4m3 forward matmul operands "
@@ -412,11 +426,14 @@ PRESETS["st-moe"] = _uniform("bf16", **_STMOE)
 PRESETS["fp8-hybrid"] = _uniform("bf16", **_STMOE, operands=_FP8_FWD, grads=_FP8_BWD)
 PRESETS["mxfp8"] = _uniform("bf16", **_STMOE, operands="fp8_e4m3fn:mx:saturate", grads="fp8_e5m2:mx:saturate")
 PRESETS["mxfp4-experts"] = _uniform("bf16", **_STMOE, experts="fp4_e2m1fn:mx:saturate")
-PRESETS["tpu-default"] = _uniform("fp32", operands="bf16", router_input="bf16", router_weights="bf16", grads="bf16")
+# router_grads follows `grads` here (the router is not float32 on a TPU at default precision: its backward
+# matmuls round the cotangent to bf16 like every other matmul).
+PRESETS["tpu-default"] = _uniform("fp32", operands="bf16", router_input="bf16", router_weights="bf16", grads="bf16",
+                                  router_grads="bf16")
 
 __all__ = [
-    "COMPONENTS", "GROUPS", "SCALINGS", "MODES", "Spec", "Accumulator", "ACCUMULATOR_COMPONENTS",
-    "parse_accumulator", "PrecisionPolicy", "PRESETS", "PRESET_SOURCES",
+    "COMPONENTS", "GROUPS", "SCALINGS", "DELAYED_SCALING_COMPONENTS", "MODES", "Spec", "Accumulator",
+    "ACCUMULATOR_COMPONENTS", "parse_accumulator", "PrecisionPolicy", "PRESETS", "PRESET_SOURCES",
     "parse_spec", "parse_policy", "format_policy", "get_policy", "get_preset", "policy_to_toml_table",
     "policy_from_toml_table",
 ]

@@ -28,6 +28,7 @@ import numpy as np
 from precision_lab import stats
 from precision_lab.divergence import OUTCOMES, classify_outcome
 from precision_lab.errors import UserError, unknown_choice
+from precision_lab.formats import get_format
 from precision_lab.stats import clopper_pearson, lr_sensitivity
 from precision_lab.store import ResultsStore
 
@@ -76,7 +77,7 @@ class ConfigResult:
 
     def metric(self, name: str) -> np.ndarray:
         """<float>[seeds, steps, ...] of a per-step metric (NaN after a seed froze)."""
-        arrays = [m[name] for m in self.metrics if name in m]
+        arrays = [m[name] for m in self.metrics if name in m]  # none: a metric this store never recorded
         return np.stack(arrays) if arrays else np.zeros((0,))
 
     def value(self, path: str, default=None):
@@ -235,8 +236,13 @@ def _stable_cell(c: ConfigResult) -> str:
 
 def _neg_log_ppl(c: ConfigResult) -> str:
     """ST-MoE/Switch report quality as negative log perplexity = -(cross entropy in nats per token)."""
-    vals = -c.eval_losses()
-    return _mean_std(vals)
+    return _loss_cell(c, -c.eval_losses())
+
+
+def _loss_cell(c: ConfigResult, vals: np.ndarray) -> str:
+    """A quality cell over the stable seeds: "x" when every seed diverged (a diverged seed's frozen loss is
+    no result)."""
+    return "x" if c.n and not c.stable else _mean_std(vals)
 
 
 def table_summary(configs: list[ConfigResult]) -> str:
@@ -248,8 +254,8 @@ def table_summary(configs: list[ConfigResult]) -> str:
                          if r["result"]["quality_gap"] is not None and o == "stable"], float)
         div = ", ".join(f"{r['result']['divergence_step']} ({r['result']['divergence_rule']})"
                         for r in c.records if r["result"]["diverged"]) or "-"
-        rows.append(f"| {c.label} | {_stable_cell(c)} | {_mean_std(c.eval_losses())} | {_mean_std(gaps)} | {div} |"
-                    + comparison_cells(c, configs))
+        rows.append(f"| {c.label} | {_stable_cell(c)} | {_loss_cell(c, c.eval_losses())} | {_loss_cell(c, gaps)} | "
+                    f"{div} |" + comparison_cells(c, configs))
     return "\n".join(rows)
 
 
@@ -319,40 +325,53 @@ CAPACITY_ROWS = [(0.75, 0.75, -1.424), (1.0, 1.0, -1.392), (1.25, 1.25, -1.375),
 
 def table_capacity_factor(configs) -> str:
     head, sep = comparison_head(configs)
-    out = ["| train CF / eval CF | paper quality | lab neg. log perplexity, mean +- SD | lab dropped fraction (train, final) "
-           "| lab step ms |" + head, "|---|---|---|---|---|" + sep]
+    out = ["| train CF / eval CF | paper quality | lab neg. log perplexity, mean +- SD | lab dropped tokens (train, final) "
+           "| lab dropped assignments (train, final) | lab step ms |" + head, "|---|---|---|---|---|---|" + sep]
     for tr, ev, q in CAPACITY_ROWS:
         c = _find(configs, lambda c: c.value("model.train_capacity_factor") == tr and c.value("model.eval_capacity_factor") == ev)
         if c is None:
-            out.append(f"| {tr}/{ev} | {q} | not run | - | - |" + " - |" * 5)
+            out.append(f"| {tr}/{ev} | {q} | not run | - | - | - |" + " - |" * 5)
             continue
-        dropped = c.metric("router_dropped_fraction")
-        final_drop = float(np.nanmean(dropped[:, -10:])) if dropped.size else float("nan")
+        tokens = _final(c, "router_dropped_token_fraction", np.nanmean)
+        assignments = _final(c, "router_dropped_assignment_fraction", np.nanmean)
+        if assignments is None:  # a store written before the two were told apart
+            assignments = _final(c, "router_dropped_fraction", np.nanmean)
         step_ms = np.nanmedian([r["timing"].get("step_s", float("nan")) for r in c.records]) * 1e3
-        out.append(f"| {tr}/{ev} | {q} | {_neg_log_ppl(c)} | {_fmt(final_drop)} | {step_ms:.1f} |"
+        out.append(f"| {tr}/{ev} | {q} | {_neg_log_ppl(c)} | {_fmt(tokens)} | {_fmt(assignments)} | {step_ms:.1f} |"
                    + comparison_cells(c, configs))
-    return ("ST-MoE Table 8 (top-2): quality rises with capacity; dropped tokens fall.\n\n" + "\n".join(out))
+    return ("ST-MoE Table 8 (top-2): quality rises with capacity; dropped tokens fall. A dropped TOKEN is one no "
+            "expert processed (all its assignments dropped: only the residual carries it), ST-MoE's measure; a "
+            "dropped ASSIGNMENT is one token-expert request that found no slot (for top-2 at CF 1.25 at least "
+            "37.5% by construction).\n\n" + "\n".join(out))
 
 
 def table_z_loss(configs) -> str:
-    return ("ST-MoE: the z-loss keeps router logits small, so bf16 rounding of a logit (relative 2^-9, absolute "
-            "|z| 2^-9) becomes a small relative error of the gate after exp.\n\n" + table_router(configs))
+    return ("ST-MoE: the z-loss keeps router logits small, so bf16 rounding of a logit (relative 2^-8, absolute "
+            "|z| 2^-8) becomes a small relative error of the gate after exp.\n\n" + table_router(configs))
 
 
 def table_router(configs) -> str:
     """Router telemetry at the end of training, per configuration (mean over seeds, last 10 steps)."""
     head, sep = comparison_head(configs)
     out = ["| configuration | not diverged (95% CI) | neg. log perplexity, mean +- SD | max router logit (final) | "
-           "mean logsumexp^2 (final) | gate roundoff bound in bf16 (= max logit * 2^-9) | flip rate vs fp32 router |"
+           "mean logsumexp^2 (final) | gate roundoff bound in bf16 (= max logit * 2^-8) | flip rate vs fp32 router |"
            + head, "|---|---|---|---|---|---|---|" + sep]
     for c in configs:
         logit = _final(c, "router_max_abs_logit", np.nanmax)
         lse = _final(c, "router_mean_lse_sq", np.nanmean)
         flip = _final(c, "router_flip_rate", np.nanmean)
         out.append(f"| {c.label} | {_stable_cell(c)} | {_neg_log_ppl(c)} | {_fmt(logit, 2)} | {_fmt(lse, 2)} | "
-                   f"{_fmt(logit * 2**-9 if logit is not None else None, 4)} | {_fmt(flip, 4)} |"
-                   + comparison_cells(c, configs))
+                   f"{_fmt(gate_roundoff_bound(logit), 4)} | {_fmt(flip, 4)} |" + comparison_cells(c, configs))
     return "\n".join(out)
+
+
+def gate_roundoff_bound(max_abs_logit: float | None, fmt: str = "bf16") -> float | None:
+    """Largest relative error of a gate exp(z) when the logit z is rounded to nearest in `fmt`: a format with
+    m stored mantissa bits keeps m + 1 significant bits, so rounding moves z by up to |z| * 2^-(m+1) and
+    exp(z) by a factor exp(|z| * 2^-(m+1)) ~ 1 + |z| * 2^-(m+1). For bf16 (m = 7): max |logit| * 2^-8."""
+    if max_abs_logit is None:
+        return None
+    return max_abs_logit * 2.0 ** -(get_format(fmt).mantissa_bits + 1)
 
 
 def _final(c: ConfigResult, name: str, reduce: Callable) -> float | None:
@@ -382,7 +401,7 @@ def table_lr_sensitivity(configs) -> str:
         losses = []
         for c in cs:
             vals = np.array([r["result"]["final_eval_loss"] if r["result"]["final_eval_loss"] is not None else np.nan
-                             for r in c.records], float)
+                             for r in c.records if not r["result"]["diverged"]], float)  # x: all diverged
             losses.append(float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan"))
         init = _loss_at_init(cs)
         onset = next((c.value("optim.lr") for c in cs if c.stable < c.n), None)
@@ -453,7 +472,7 @@ def table_backends(configs) -> str:
     for c in configs:
         backends = sorted({f"{r['env']['backend']} ({r['env']['device']})" for r in c.records})
         steps = [r["result"]["divergence_step"] for r in c.records if r["result"]["diverged"]]
-        out.append(f"| {c.label} | {', '.join(backends)} | {_stable_cell(c)} | {_mean_std(c.eval_losses())} | "
+        out.append(f"| {c.label} | {', '.join(backends)} | {_stable_cell(c)} | {_loss_cell(c, c.eval_losses())} | "
                    f"{steps or '-'} |" + comparison_cells(c, configs))
     return ("CPU float32 vs the `tpu-default` policy (TPU's one-pass bf16 matmuls emulated on the CPU). A run of "
             "the same file on a TPU or GPU adds its own rows (the backend column says which).\n\n" + "\n".join(out))

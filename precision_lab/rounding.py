@@ -90,7 +90,10 @@ def _stochastic_up(sig, s, key):
 
     Draw r uniform on [0, 2^s) and round up iff r < rem. For s <= 32 r is the top s bits of one random
     word. For 32 < s <= 64, rem = sig < 2^24 < 2^32, so r < rem iff the high (s - 32) bits of r are zero
-    and the low 32 bits are < rem. Beyond s = 64 the probability is below 2^-40 and we round down.
+    and the low 32 bits are < rem. Beyond s = 64 (|x| below 2^-41 times the format's smallest subnormal)
+    the probability rem / 2^s is below 2^24 / 2^65 = 2^-41 and we round toward zero: the one place where
+    stochastic rounding is not exactly unbiased. Float32 inputs reach it only in formats with a narrower
+    exponent range than float32's (bf16 drops at most 39 bits; fp8_e4m3fn, say, below 2^-50).
     """
     k_lo, k_hi = jax.random.split(key)
     r_lo = jax.random.bits(k_lo, sig.shape, _U32)
@@ -143,10 +146,13 @@ def _nearest_even_magnitude(a, fmt: Format):
     m = fmt.mantissa_bits
     shift = 23 - m
     if shift == 0:
-        return a
-    # Ties go to the even significand. With no mantissa bits every significand is 1 (odd): ties round up.
-    lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
-    normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+        # 23 mantissa bits: every float32 in the format's normal range is already on its grid; but a
+        # narrower exponent range (e5m23, e7m23) still has a subnormal range to round into below.
+        normal = a
+    else:
+        # Ties go to the even significand. With no mantissa bits every significand is 1 (odd): ties round up.
+        lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
+        normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
     if fmt.emin <= -126:
         return normal
     biased = lax.shift_right_logical(a, _u(23)).astype(jnp.int32)
@@ -315,7 +321,8 @@ def quantize(
       x: array-like of any float dtype; converted to float32 first (exactly, for every narrower input).
       fmt: a `Format` or a name accepted by `get_format` ("bf16", "fp8_e4m3fn", "e5m7", ...).
       rounding: nearest_even | nearest_away | toward_zero | up | down | stochastic (needs `key`; rounds up
-        with probability equal to the fraction of the quantum dropped, so it is unbiased inside the range).
+        with probability equal to the fraction of the quantum dropped, exactly while at most 64 bits are
+        dropped, i.e. for |x| >= 2^-41 x the smallest subnormal; smaller values round toward zero).
       overflow: "saturate" clips to +-max (inf included); "nonfinite" gives inf where the format has inf and
         NaN otherwise; None gives what the format's own cast gives (IEEE formats: inf, fn/fnuz: NaN,
         fp6/fp4: saturate, e8m0: NaN). Rounding toward zero never overflows to inf (IEEE).

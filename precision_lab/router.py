@@ -46,10 +46,11 @@ _F32_POLICY = get_policy("fp32")
 def num_groups(num_tokens: int, group_size: int, num_partitions: int = 1) -> int:
     """How many routing groups `num_tokens` tokens split into (flaxformer's `_num_groups`).
 
-    The smallest G >= max(num_tokens // group_size, num_partitions) that divides num_tokens and is a
-    multiple of num_partitions, so each group has at most `group_size` tokens (when one exists).
+    The smallest G >= max(ceil(num_tokens / group_size), num_partitions) that divides num_tokens and is a
+    multiple of num_partitions, so each group has at most `group_size` tokens (when one exists): 448 tokens
+    with group_size 256 make 2 groups of 224, never one group of 448.
     """
-    g = max(num_tokens // group_size, num_partitions, 1)
+    g = max(-(-num_tokens // group_size), num_partitions, 1)
     while g < num_tokens and (num_tokens % g or g % num_partitions):
         g += 1
     return g
@@ -81,13 +82,15 @@ def router_logits(router_input, router_weights, policy: PrecisionPolicy, *, stat
       router_input: <float32>[G, S, D] token representations (jittered in training), rounded here to
         `router_input`.
       router_weights: <float32>[D, E], rounded by the matmul to `router_weights`.
-      state: the delayed-scaling state of the router matmul (see ops.init_dot_state), or None.
+      state: the delayed-scaling state of the router matmul (ops.init_dot_state with grads="router_grads").
     Returns:
       <float32>[G, S, E] logits rounded per `router_logits` (float32 accumulation).
     """
     x_router = ops.cast(router_input, policy, "router_input")
+    # The backward pass is the router's too: its incoming gradient and the input gradient it sends back
+    # are rounded per `router_grads` (float32 wherever the router is float32), not per grads/matmul_out.
     return ops.dot("gsd,de->gse", x_router, router_weights, policy, lhs="router_input", rhs="router_weights",
-                   out="router_logits", state=state)
+                   out="router_logits", state=state, grads="router_grads", grad_out="router_grads")
 
 
 def router_probs(logits, policy: PrecisionPolicy, *, shift: bool = True):
@@ -185,12 +188,14 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
       capacity: slots per expert and group.
       token_mask: <float32>[G, S] 1 for real tokens, or None.
       batch_prioritized: V-MoE's Batch Prioritized Routing: within each k, tokens with a larger top-1
-        probability take slots first (instead of group order).
+        router probability take slots first (instead of group order); the raw probability, also under
+        top2-gshard (whose renormalised first gate p1 / (p1 + p2) orders tokens differently).
       fixed: (gates, expert_index) <float32/int32>[G, S, K] chosen elsewhere (the "random" and "hash"
         controls, see `fixed_routing`): used instead of the top-k of router_probs; capacity and slots as usual.
     """
     num_experts = router_probs.shape[-1]
     gates, expert_index = top_k(router_probs, k) if fixed is None else fixed  # (G, S, K)
+    top1_prob = gates[..., 0]  # BPR's priority: the raw top-1 probability, before any renormalisation
     requested = jnp.ones(expert_index.shape, bool)
     if token_mask is not None:
         requested = requested & (token_mask[..., None] > 0)
@@ -209,7 +214,7 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
     # Slot of each request in its expert's buffer: a cumulative count over (k, token) in priority order.
     expert_onehot = jnp.where(requested[..., None], jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32), 0)
     if batch_prioritized:
-        order = jnp.argsort(-gates[..., 0], axis=-1, stable=True)  # (G, S) best top-1 gate first
+        order = jnp.argsort(-top1_prob, axis=-1, stable=True)  # (G, S) highest top-1 probability first
         expert_onehot = jnp.take_along_axis(expert_onehot, order[:, :, None, None], axis=1)
     groups, tokens = expert_index.shape[:2]
     priority = jnp.swapaxes(expert_onehot, 1, 2).reshape(groups, k * tokens, num_experts)  # k-major

@@ -57,24 +57,26 @@ def _amax(x, axis=None, keepdims=False):
     return jnp.max(ax, axis=axis, keepdims=keepdims)
 
 
-def _round(x, fmt, rounding, key):
-    # Scaled casts clip: the scale maps amax onto fmax, and real fp8 recipes saturate (PAPER.md section 11).
-    return quantize(x, fmt, rounding=rounding, overflow="saturate", key=key)
+def _round(x, fmt, rounding, key, overflow=None):
+    # Scaled casts clip by default: the scale maps amax onto fmax, and real fp8 recipes saturate (PAPER.md
+    # section 11). overflow="nonfinite" keeps the format's inf/NaN instead (a spec's explicit overflow token).
+    return quantize(x, fmt, rounding=rounding, overflow=overflow or "saturate", key=key)
 
 
-def current_scaled(x, fmt, *, rounding="nearest_even", key=None, margin: int = 0):
+def current_scaled(x, fmt, *, rounding="nearest_even", key=None, margin: int = 0, overflow=None):
     fmt = get_format(fmt)
     scale = scale_from_amax(_amax(x), fmt, margin)
-    return _round(x * scale, fmt, rounding, key) / scale
+    return _round(x * scale, fmt, rounding, key, overflow) / scale
 
 
-def delayed_scaled(x, fmt, state: DelayedState, *, rounding="nearest_even", key=None, margin: int = 0):
+def delayed_scaled(x, fmt, state: DelayedState, *, rounding="nearest_even", key=None, margin: int = 0,
+                   overflow=None):
     """Returns (dequantized x, new state). The scale uses only past amaxes (that is what 'delayed' means:
     the cast does not wait for a reduction over the tensor); on the first step the history is empty and
     the scale is 1."""
     fmt = get_format(fmt)
     scale = scale_from_amax(jnp.max(state.amax_history), fmt, margin)
-    y = _round(x * scale, fmt, rounding, key) / scale
+    y = _round(x * scale, fmt, rounding, key, overflow) / scale
     new_history = jnp.roll(state.amax_history, 1).at[0].set(jax.lax.stop_gradient(_amax(x)))
     return y, DelayedState(new_history)
 
@@ -108,40 +110,41 @@ def mx_scales(x, fmt, *, axis: int = -1, block: int = MX_BLOCK) -> jax.Array:
     return jax.lax.bitcast_convert_type(jnp.left_shift(shared + 127, 23), jnp.float32)  # exactly 2^shared
 
 
-def mx_scaled(x, fmt, *, rounding="nearest_even", key=None, axis: int = -1, block: int = MX_BLOCK):
+def mx_scaled(x, fmt, *, rounding="nearest_even", key=None, axis: int = -1, block: int = MX_BLOCK, overflow=None):
     """MX block scaling: each block of 32 along `axis` shares one power-of-two (e8m0) scale."""
     fmt = get_format(fmt)
     blocks, undo = _blocked(x, axis, block)
     scale = mx_scales(x, fmt, axis=axis, block=block)
     # Division and multiplication by a power of two are exact (barring float32 underflow at 2^-126).
-    q = _round(blocks / scale, fmt, rounding, key) * scale
+    q = _round(blocks / scale, fmt, rounding, key, overflow) * scale
     return undo(q)
 
 
-def tile_scaled(x, fmt, *, rounding="nearest_even", key=None, axis: int = -1, tile=(1, TILE)):
+def tile_scaled(x, fmt, *, rounding="nearest_even", key=None, axis: int = -1, tile=(1, TILE), overflow=None):
     """Per-tile current scaling: 1x128 tiles along `axis`, or 128x128 tiles over the last two axes."""
     fmt = get_format(fmt)
     if tile == (1, TILE) or x.ndim < 2:
         blocks, undo = _blocked(x, axis, TILE)
         scale = scale_from_amax(_amax(blocks, axis=-1, keepdims=True), fmt)
-        return undo(_round(blocks * scale, fmt, rounding, key) / scale)
+        return undo(_round(blocks * scale, fmt, rounding, key, overflow) / scale)
     r, c = x.shape[-2:]
     pr, pc = (-r) % TILE, (-c) % TILE
     padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pr), (0, pc)])
     lead = padded.shape[:-2]
     t = padded.reshape(*lead, (r + pr) // TILE, TILE, (c + pc) // TILE, TILE)
     scale = scale_from_amax(_amax(t, axis=(-3, -1), keepdims=True), fmt)
-    q = (_round(t * scale, fmt, rounding, key) / scale).reshape(padded.shape)
+    q = (_round(t * scale, fmt, rounding, key, overflow) / scale).reshape(padded.shape)
     return q[..., :r, :c]
 
 
 def scaled_quantize(x, spec, *, axis: int = -1, state: DelayedState | None = None, key=None, margin: int = 0):
     """Round `x` per a policy `Spec` (format, scaling, rounding, overflow). Returns (y, new_state); the
-    state is only used and changed by delayed scaling."""
+    state is only used and changed by delayed scaling. A scaled spec saturates unless its overflow says
+    "nonfinite" (None means the format's own cast only without scaling)."""
     fmt = get_format(spec.format)
-    kw = dict(rounding=spec.rounding, key=key)
     if spec.scaling == "none":
-        return quantize(x, fmt, overflow=spec.overflow, **kw), state
+        return quantize(x, fmt, overflow=spec.overflow, rounding=spec.rounding, key=key), state
+    kw = dict(rounding=spec.rounding, key=key, overflow=spec.overflow)
     if spec.scaling == "current":
         return current_scaled(x, fmt, margin=margin, **kw), state
     if spec.scaling == "delayed":

@@ -171,7 +171,9 @@ class Trainer:
             master = pretrained
         master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
                                                   if _needs_key(self.policy, "master") else None)
-        return TrainState(master, self.optimizer.init(master), scale_state, jnp.array(True))
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 4)):  # a stochastic optimizer_state
+            opt_state = self.optimizer.init(master)
+        return TrainState(master, opt_state, scale_state, jnp.array(True))
 
     def _loss(self, params, scale_state, probe, batch, key, hp, weights=None):
         """(loss, ModelOutput). probe: the precision-telemetry probe (ops.count_roundings) or None.
@@ -236,17 +238,21 @@ class Trainer:
         if self.replicas == 1:
             (loss, out), (grads, new_scale_state, site_counts) = grad_fn(params, state.scale_state, probe, batch,
                                                                          k_model, hp)
-            reduced = _rounder(self.policy, "grad_allreduce")(grads)
-            allreduce_counts = _tree_counts(grads, reduced, self.policy["grad_allreduce"]) if telemetry else None
-            grads = reduced
         else:
             loss, out, grads, new_scale_state, site_counts = self._replica_grads(
                 grad_fn, params, state.scale_state, probe, batch, k_model, hp)
-            reduced = ops.ring_allreduce(
-                grads, self.policy, "grad_allreduce", with_counts=telemetry,
-                key=jax.random.fold_in(k_model, 1) if _needs_key(self.policy, "grad_allreduce") else None)
-            grads, allreduce_counts = reduced if telemetry else (reduced, None)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
+        # Stochastic grad_allreduce / optimizer_state roundings draw from a key of this seed and step.
+        with ops.rounding_keys(jax.random.fold_in(key, 3)):
+            if self.replicas == 1:
+                reduced = _rounder(self.policy, "grad_allreduce")(grads)
+                allreduce_counts = _tree_counts(grads, reduced, self.policy["grad_allreduce"]) if telemetry else None
+                grads = reduced
+            else:
+                reduced = ops.ring_allreduce(
+                    grads, self.policy, "grad_allreduce", with_counts=telemetry,
+                    key=jax.random.fold_in(k_model, 1) if _needs_key(self.policy, "grad_allreduce") else None)
+                grads, allreduce_counts = reduced if telemetry else (reduced, None)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.master, peak_lr=hp["lr"])
         stepped = jax.tree.map(lambda p, u: p + u, state.master, updates)
         master = _rounder(self.policy, "master")(stepped, k_master if _needs_key(self.policy, "master") else None)
 
@@ -264,7 +270,8 @@ class Trainer:
         return new, metrics
 
     def _eval_one(self, state: TrainState, seed_key, batch):
-        params = _rounder(self.policy, "params")(state.master)
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):  # stochastic `params`
+            params = _rounder(self.policy, "params")(state.master)
         out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
                           key=jax.random.fold_in(seed_key, 3))
         return out.ce_loss
@@ -569,14 +576,26 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     bar = _progress(cfg.steps, step, progress is True)
     if bar is not None:
         bar.set_description_str("compiling", refresh=True)  # the first chunk compiles: minutes on big models
-    compile_s, step_s = 0.0, 0.0
+    compile_s, step_s, data_s = 0.0, 0.0, 0.0
+
+    def chunk_batches(start: int):  # [k, members, ...]: a pure function of (seeds, start step)
+        nonlocal data_s
+        tic = time.perf_counter()
+        b = place_batches(trainer.batches(seeds, start, min(cfg.chunk_steps, cfg.steps - start)))
+        data_s += time.perf_counter() - tic
+        return b
+
+    batches = chunk_batches(step) if step < cfg.steps else None
     while step < cfg.steps:
         k = min(cfg.chunk_steps, cfg.steps - step)
-        batches = place_batches(trainer.batches(seeds, step, k))  # [k, members, ...]
         tic = time.perf_counter()
         state, metrics = trainer._chunk(state, seed_keys, hps, batches, jnp.int32(step))
+        # The chunk runs asynchronously: the host draws the next chunk's data meanwhile (the data is a pure
+        # function of seed and step, so this changes no number), instead of leaving the device idle while it
+        # draws them after the chunk (one Dataset.batch call per seed and step: benchmarks/RESULTS.md, round 3).
+        batches = chunk_batches(step + k) if step + k < cfg.steps else None
         metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - tic
+        elapsed = time.perf_counter() - tic  # the chunk, and the next chunk's data as far as it did not overlap
         if compile_s == 0.0:
             compile_s = elapsed
         else:
@@ -611,6 +630,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     summary = _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval_batches, evals, metrics,
                        timing=dict(total_s=time.perf_counter() - t0, first_chunk_s=compile_s,
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1),
+                                   data_s=data_s / max(cfg.steps, 1),
                                    member_devices=member_devices))
     if final_test is not None:
         summary["finetune"] = dict(task=run.finetune.task, trainable=run.finetune.trainable,

@@ -108,3 +108,52 @@ def test_bad_sweep_input_exits_2_and_keeps_the_store(tmp_path, capsys, content, 
 def test_report_of_a_missing_store_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no sweep results" in capsys.readouterr().err
+
+
+# -- report cells (synthetic results: no training) -----------------------------------------------------------------
+
+
+def _config_result(label, lr, losses, diverged, **metrics):
+    from precision_lab.report import ConfigResult
+
+    records = [{"seed": i, "resolved": {"optim": {"lr": lr}},
+                "env": {"backend": "cpu", "device": "cpu"}, "timing": {"step_s": 0.01},
+                "result": {"diverged": d, "final_eval_loss": l, "quality_gap": l - 2.0,
+                           "divergence_step": 5 if d else None, "divergence_rule": "nonfinite" if d else None}}
+               for i, (l, d) in enumerate(zip(losses, diverged))]
+    steps = {"ce": np.full(20, 4.0), **{k: np.full((20, 2), v) for k, v in metrics.items()}}
+    return ConfigResult(label=label, overrides={"optim.lr": lr}, config={}, records=records,
+                        metrics=[steps for _ in records])
+
+
+def test_report_cells_where_every_seed_diverged_print_x():
+    """Regression: a diverged seed's frozen eval loss was averaged into the lr table (backends report: 12.34 at
+    lr 1.0 where both seeds diverged). Every quality cell of a configuration with no stable seed prints x."""
+    from precision_lab import report
+
+    ok = _config_result("lr=0.1", 0.1, [2.5, 2.7], [False, False])
+    dead = _config_result("lr=1", 1.0, [12.34, 12.34], [True, True])
+    lr_table = report.table_lr_sensitivity([ok, dead])
+    assert "12.34" not in lr_table and "| 2.60 x |" in lr_table
+    for table in (report.table_summary([dead]), report.table_backends([dead])):
+        assert "12.34" not in table and "| x |" in table
+    assert report._neg_log_ppl(dead) == "x" and report._neg_log_ppl(ok) == "-2.600 +- 0.141"
+
+
+def test_report_gate_bound_and_dropped_tokens_vs_assignments():
+    """The bf16 gate roundoff bound is max|logit| * 2^-8 (8 significant bits; format-generic 2^-(m+1)); the
+    capacity table reports dropped TOKENS and dropped ASSIGNMENTS, named so."""
+    from precision_lab import report
+
+    assert report.gate_roundoff_bound(10.0) == 10.0 * 2.0**-8
+    assert report.gate_roundoff_bound(10.0, "fp8_e4m3fn") == 10.0 * 2.0**-4
+    assert report.gate_roundoff_bound(None) is None
+    c = _config_result("cf", 0.1, [2.5, 2.6], [False, False], router_max_abs_logit=16.0,
+                       router_dropped_token_fraction=0.03, router_dropped_assignment_fraction=0.4)
+    assert "| 0.0625 |" in report.table_router([c]) and "2^-8" in report.table_router([c])
+    c = report.dataclasses.replace(c, records=[dict(r, resolved={"model": {"train_capacity_factor": 1.25,
+                                                                           "eval_capacity_factor": 2.0}})
+                                               for r in c.records])
+    table = report.table_capacity_factor([c])
+    assert "dropped tokens" in table and "dropped assignments" in table
+    assert "| 0.030 | 0.400 |" in table

@@ -132,3 +132,18 @@ finetune = {{ from_run = "{pre}", task = "reverse-small", trainable = "non_moe" 
     for r in records:
         assert r["resolved"]["finetune"]["trainable"] == "non_moe"
         assert np.isfinite(r["result"]["final_test_loss"])
+
+
+def test_langid_task_labels_the_latent_language_and_has_an_exact_bayes_loss():
+    data = DataConfig(kind="mixture", vocab_size=128, num_sentinels=16)
+    task = make_task("langid-small", data, inputs_length=64, targets_length=14, vocab_size=128)
+    split = task.splits["test"]
+    languages = len(task.languages)
+    assert languages >= 2 and task.num_examples("train") == SIZES["small"]
+    np.testing.assert_array_equal(split["targets"][:, 0], NUM_SPECIAL + split["_language"])
+    assert (split["targets"][:, 1] == EOS_ID).all() and split["loss_mask"].sum(axis=1).tolist() == [2.0] * 1024
+    # 12 tokens leave the language uncertain: the Bayes loss is above 0 and below the prior's
+    assert 0.0 < task.best_loss < task.chance_loss == pytest.approx(np.log(languages) / 2)
+    with pytest.raises(UserError, match="several languages"):
+        make_task("langid-small", DataConfig(kind="synthetic", vocab_size=128, num_sentinels=16),
+                  inputs_length=64, targets_length=14, vocab_size=128)

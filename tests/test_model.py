@@ -104,7 +104,7 @@ def test_decoder_is_causal():
     changed = dict(batch, decoder_inputs=batch["decoder_inputs"].at[:, t].set(7))
     f = jitted_apply(cfg, FP32, False)
     a, b = f(params, state, batch, None), f(params, state, changed, None)
-    assert float(jnp.max(a.router["dropped_fraction"])) == 0.0
+    assert float(jnp.max(a.router["dropped_assignment_fraction"])) == 0.0
     np.testing.assert_array_equal(np.asarray(a.token_ce[:, :t]), np.asarray(b.token_ce[:, :t]))
     assert not np.array_equal(np.asarray(a.token_ce[:, t:]), np.asarray(b.token_ce[:, t:]))
 
@@ -145,7 +145,26 @@ def test_dropped_tokens_get_zero_moe_output():
     norms = np.abs(np.asarray(y)).sum(-1)
     assert (~kept).sum() > 0 and kept.sum() > 0
     assert (norms[~kept] == 0).all() and (norms[kept] > 0).all()
-    assert float(aux["telemetry"]["dropped_fraction"]) == pytest.approx((~kept).mean())
+    assert float(aux["telemetry"]["dropped_assignment_fraction"]) == pytest.approx((~kept).mean())
+
+
+def test_telemetry_reports_dropped_tokens_and_dropped_assignments():
+    """Top-2 with little capacity: a dropped ASSIGNMENT is one request without a slot; a dropped TOKEN (ST-MoE's
+    measure) is one no expert processed, all its assignments dropped, so its MoE output is exactly 0."""
+    cfg = dataclasses.replace(TINY, routing="top2", eval_capacity_factor=0.5, min_capacity=1)
+    params, state, x, mask = _moe_setup(cfg)
+    y, aux = moe.moe_ffn(params, state, x, mask, cfg=cfg, policy=FP32, train=False, prioritized=False)
+    g = router.num_groups(64, cfg.group_size)
+    logits = router.router_logits(x.reshape(g, -1, cfg.d_model), params["router"], FP32)
+    capacity = router.expert_capacity(64 // g, cfg.num_experts, 0.5, 1)
+    r = router.route(router.router_probs(logits, FP32), FP32, routing="top2", k=2, capacity=capacity)
+    kept = np.asarray(r.kept).reshape(64, 2)
+    tokens_dropped = ~kept.any(-1)
+    assert 0 < tokens_dropped.mean() < (~kept).mean()  # the two measures differ
+    t = aux["telemetry"]
+    assert float(t["dropped_assignment_fraction"]) == pytest.approx((~kept).mean())
+    assert float(t["dropped_token_fraction"]) == pytest.approx(tokens_dropped.mean())
+    assert (np.abs(np.asarray(y)).reshape(64, -1).sum(-1)[tokens_dropped] == 0).all()
 
 
 def test_permuting_experts_with_router_columns_leaves_output_unchanged():
@@ -180,7 +199,7 @@ def test_bf16_router_changes_only_router_numerics():
 
     y32, aux32, g32 = run(FP32)
     y16, aux16, g16 = run(bf16_router)
-    assert float(aux32["telemetry"]["dropped_fraction"]) == 0.0 == float(aux16["telemetry"]["dropped_fraction"])
+    assert float(aux32["telemetry"]["dropped_assignment_fraction"]) == 0.0 == float(aux16["telemetry"]["dropped_assignment_fraction"])
     same = (np.asarray(aux16["expert_index"]) == np.asarray(aux32["expert_index"])).reshape(2, -1)
     assert 0.8 < same.mean()
     assert float(aux16["telemetry"]["flip_rate"]) == pytest.approx(1 - same.mean())
@@ -255,6 +274,72 @@ def test_sentinel_entropy_telemetry():
     assert np.isfinite(ent).all() and (ent >= 0).all() and (ent <= np.log(TINY.num_experts) + 1e-6).all()
 
 
+# -- attention masking -------------------------------------------------------------------------------------------
+
+# e8m0 is left out: it is the MX scale format, unsigned with no zero, so no softmax can run in it (every
+# max-shifted logit is <= 0 and becomes NaN), masked or not.
+_SOFTMAX_FORMATS = [name for name in __import__("precision_lab.formats", fromlist=["FORMATS"]).FORMATS
+                    if name != "e8m0"]
+
+
+@pytest.mark.parametrize("component", ["attn_softmax", "attn_logits"])
+def test_attention_masking_is_finite_and_exact_in_every_format(component):
+    """Regression: masked logits were filled with -1e9 BEFORE the softmax rounded its input, which an
+    fn/fnuz format overflows to NaN (every row NaN) and fp6/fp4 saturate to -max (masked keys got weight).
+    Now every format gives finite attention and masked keys get exactly zero weight: attending over 8 keys
+    with the last 3 masked equals attending over the first 5."""
+    from precision_lab.model import layers
+
+    cfg = dataclasses.replace(TINY, d_model=16, num_heads=2, d_kv=8)
+    params, state = layers.init_attention(jax.random.key(0), cfg, FP32)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16), jnp.float32) * 0.5
+    mask = jnp.asarray(np.arange(8) < 5)[None, None, None, :]  # (1, 1, 1, Lk): the last 3 keys are padding
+
+    @jax.jit
+    def both(x):
+        out = {}
+        for name in _SOFTMAX_FORMATS:
+            policy = FP32.replace(**{component: name})
+            masked, _ = layers.attention(params, state, x, x, None, mask, policy=policy)
+            short, _ = layers.attention(params, state, x, x[:, :5], None, jnp.ones((1, 1, 1, 5), bool),
+                                        policy=policy)
+            out[name] = (masked, short)
+        return out
+
+    for name, (masked, short) in both(x).items():
+        assert bool(jnp.all(jnp.isfinite(masked))), f"{component}={name}: non-finite attention"
+        np.testing.assert_allclose(masked, short, rtol=1e-6, atol=1e-7, err_msg=f"{component}={name}")
+
+
+def test_model_wide_init_scale_scales_every_weight_matrix():
+    """Switch Table 3's init scale s acts on ALL weight matrices (truncated normal, std sqrt(s / fan_in)), not
+    only the router: with weight_init="truncated_normal", every attention, FFN, expert and output matrix's
+    std is sqrt(s) times that at s = 1 and 0.8796 sqrt(s / fan_in) (a normal cut at 2 std); the router
+    keeps its own knob and the embedding stays N(0, 1)."""
+    cfg = dataclasses.replace(TINY, weight_init="truncated_normal", tie_embeddings=False)
+    stds = {}
+    for s in (0.1, 1.0):
+        params, _ = init(jax.random.key(0), dataclasses.replace(cfg, init_scale=s), FP32)
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        stds[s] = {jax.tree_util.keystr(path): (np.asarray(leaf), float(np.std(leaf))) for path, leaf in flat}
+    fan_in = {"['q']": cfg.d_model * cfg.head_dim, "['k']": cfg.d_model, "['v']": cfg.d_model,
+              "['o']": cfg.num_heads * cfg.head_dim, "['wi_0']": cfg.d_model, "['wi_1']": cfg.d_model,
+              "['wo']": cfg.d_ff, "['lm_head']": cfg.d_model}
+    checked = 0
+    for name, (w, std) in stds[0.1].items():
+        leaf = name[name.rfind("["):]
+        if leaf in fan_in:
+            np.testing.assert_allclose(std / stds[1.0][name][1], 0.1**0.5, rtol=1e-5, err_msg=name)
+            assert abs(np.abs(w).max() / (0.1 / fan_in[leaf]) ** 0.5) <= 2.0 + 1e-5, name  # truncated at 2 std
+            assert std == pytest.approx(0.8796 * (0.1 / fan_in[leaf]) ** 0.5, rel=0.15), name
+            checked += 1
+        elif leaf in ("['router']", "['token_embed']"):
+            np.testing.assert_array_equal(w, stds[1.0][name][0])  # not scaled by the model-wide knob
+    assert checked >= 20  # 2+2 blocks' attention (self, cross), FFNs, experts and the output projection
+    with pytest.raises(UserError, match="weight_init"):
+        dataclasses.replace(cfg, weight_init="xavier")
+
+
 # -- controls: random and hash routing, the FLOP-matched dense model (issue 13) --------------------------------
 
 
@@ -292,7 +377,7 @@ def test_fixed_routing_ignores_the_router(routing):
     np.testing.assert_array_equal(np.asarray(out.load_balancing_loss), 0.0)
     np.testing.assert_array_equal(np.asarray(out.router["flip_rate"]), 0.0)
     assert np.isnan(np.asarray(out.router["max_abs_logit"])).all()
-    assert np.isfinite(np.asarray(out.router["dropped_fraction"])).all()
+    assert np.isfinite(np.asarray(out.router["dropped_assignment_fraction"])).all()
     grads = jax.grad(lambda p: apply(p, state, batch, cfg=cfg, policy=FP32, train=True, key=key).loss)(params)
     assert float(jnp.abs(grads["encoder"]["blocks"][1]["moe"]["router"]).max()) == 0.0
     assert float(jnp.abs(grads["encoder"]["blocks"][1]["moe"]["wo"]).max()) > 0.0

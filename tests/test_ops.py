@@ -226,3 +226,93 @@ def test_skipped_roundings_change_no_bit_of_a_train_step(policy):
         ops._already = orig
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(slow)):
         assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+
+# -- backward pass: both operand gradients, MX blocks per product, stochastic keys -----------------------------
+
+
+def test_dot_rounds_both_operand_gradients_of_activation_products():
+    """Regression: only the lhs gradient of `dot` was rounded to matmul_out, so for QK^T and PV (both operands
+    activations) the rhs gradient stayed float32. With rhs_grad="matmul_out" both are bf16 values; a weight
+    (rhs_grad None) keeps its float32 gradient for the trainer to round."""
+    rng = np.random.default_rng(4)
+    q, k = (jnp.asarray(rng.standard_normal((2, 3, 8, 16)), jnp.float32) for _ in range(2))
+    g = jnp.asarray(rng.standard_normal((2, 3, 8, 8)), jnp.float32)
+
+    def grads(rhs_grad):
+        f = lambda q_, k_: ops.dot("bhqk,bhtk->bhqt", q_, k_, EMU, lhs="attn_operands", rhs="attn_operands",  # noqa: E731
+                                    out="attn_logits", rhs_grad=rhs_grad)
+        return jax.vjp(f, q, k)[1](g)
+
+    dq, dk = grads("matmul_out")
+    same(dq, r(dq))
+    same(dk, r(dk))
+    _, dk_weight = grads(None)
+    assert not np.array_equal(dk_weight, r(dk_weight))  # float32, not rounded
+    same(r(dk_weight), dk)
+
+
+def _mx(x, fmt, axis):
+    from precision_lab.scaling import mx_scaled
+
+    return mx_scaled(jnp.asarray(x, jnp.float32), fmt, axis=axis)
+
+
+def test_mx_backward_blocks_along_each_products_reduction_axis():
+    """OCP MX blocks lie along the reduction axis of each product: forward y = a.b blocks a and b along K;
+    dgrad da = g.b^T along N (g and b re-blocked from float32); wgrad db = a^T.g along M (a and g
+    re-blocked). Regression: the backward reused the forward's K-blocked operands and N-blocked g."""
+    p = parse_policy("attn_operands=fp8_e4m3fn:mx,grads=fp8_e5m2:mx")  # matmul outputs float32
+    rng = np.random.default_rng(5)
+    wide = lambda *s: (rng.standard_normal(s) * np.exp(2 * rng.standard_normal(s))).astype(np.float32)  # noqa: E731
+    a, b, g = wide(64, 96), wide(96, 64), wide(64, 64)  # a [M, K], b [K, N], g [M, N]
+    f = lambda a_, b_: ops.dot("mk,kn->mn", a_, b_, p, lhs="attn_operands", rhs="attn_operands")  # noqa: E731
+    y, vjp = jax.vjp(f, jnp.asarray(a), jnp.asarray(b))
+    da, db = vjp(jnp.asarray(g))
+    e4, e5 = "fp8_e4m3fn", "fp8_e5m2"
+    hi = lambda eq, x, z: np.asarray(jnp.einsum(eq, x, z, precision=jax.lax.Precision.HIGHEST))  # noqa: E731
+    np.testing.assert_allclose(y, hi("mk,kn->mn", _mx(a, e4, 1), _mx(b, e4, 0)), rtol=1e-5)
+    want_da = hi("mn,kn->mk", _mx(g, e5, 1), _mx(b, e4, 1))  # reduction over N: blocks along N
+    want_db = hi("mk,mn->kn", _mx(a, e4, 0), _mx(g, e5, 0))  # reduction over M: blocks along M
+    np.testing.assert_allclose(da, want_da, rtol=1e-5, atol=1e-6 * np.abs(want_da).max())
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-6 * np.abs(want_db).max())
+    # the forward's blocks would have given something else (what the test guards against)
+    old_db = hi("mk,mn->kn", _mx(a, e4, 1), _mx(g, e5, 1))
+    assert np.abs(old_db - want_db).max() > 1e-3 * np.abs(want_db).max()
+    # several token axes are one reduction: [B, L] blocks run along the flattened B*L
+    a3, g3 = wide(2, 48, 96), wide(2, 48, 64)
+    f3 = lambda a_, b_: ops.dot("blk,kn->bln", a_, b_, p, lhs="attn_operands", rhs="attn_operands")  # noqa: E731
+    _, db3 = jax.vjp(f3, jnp.asarray(a3), jnp.asarray(b))[1](jnp.asarray(g3))
+    want_db3 = hi("tk,tn->kn", _mx(a3.reshape(96, 96), e4, 0), _mx(g3.reshape(96, 64), e5, 0))
+    np.testing.assert_allclose(db3, want_db3, rtol=1e-5, atol=1e-6 * np.abs(want_db3).max())
+
+
+def test_stochastic_roundings_in_dot_are_keyed_and_deterministic():
+    """Stochastic operands, output and gradients draw their bits from the key of `rounding_keys`: the same
+    key gives the same bits, another key other bits; without a key there is a clear error."""
+    p = parse_policy("default=fp32,attn_operands=bf16:stochastic,matmul_out=bf16:stochastic,grads=bf16:stochastic")
+    rng = np.random.default_rng(6)
+    a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((8, 32), (32, 4)))
+
+    @jax.jit
+    def grads(key):
+        def f(a_, b_):
+            with ops.rounding_keys(key):
+                return jnp.sum(ops.dot("mk,kn->mn", a_, b_, p, lhs="attn_operands", rhs="attn_operands") ** 2)
+        return jax.grad(f, argnums=(0, 1))(a, b)
+
+    one, again, other = grads(jax.random.key(1)), grads(jax.random.key(1)), grads(jax.random.key(2))
+    for x, y, z in zip(one, again, other):
+        same(x, y)
+        assert not np.array_equal(x, z)
+    same(one[0], r(one[0]))  # the input gradient is a bf16 value (matmul_out)
+    with pytest.raises(ValueError, match="rounding_keys"):
+        ops.dot("mk,kn->mn", a, b, p, lhs="attn_operands", rhs="attn_operands")
+
+
+def test_gelu_is_one_fused_op_rounded_once(logits):
+    """GEGLU's gelu is documented as one fused op: the rounded input, gelu_tanh in float32, one rounding of
+    the output (not a rounding after each of its elementary ops)."""
+    x = logits[:64] / 3
+    y = np.asarray(jax.jit(lambda v: ops.gelu(v, EMU, "activations"))(x))
+    same(y, r(xla_f32(lambda v: jax.nn.gelu(v, approximate=True), r(x))))

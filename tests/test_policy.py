@@ -1,5 +1,6 @@
 """PrecisionPolicy: parse/print round trips, TOML, presets resolve as documented, one-line errors."""
 
+import dataclasses
 import tomllib
 
 import pytest
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from precision_lab.errors import UserError
-from precision_lab.policy import (COMPONENTS, GROUPS, PRESETS, PrecisionPolicy, Spec, format_policy, get_policy,
+from precision_lab.policy import (COMPONENTS, DELAYED_SCALING_COMPONENTS, GROUPS, PRESETS, PrecisionPolicy, Spec, format_policy, get_policy,
                                   parse_policy, parse_spec, policy_from_toml_table, policy_to_toml_table)
 from precision_lab.rounding import OVERFLOWS, ROUNDINGS
 
@@ -19,7 +20,10 @@ specs = st.builds(
     overflow=st.sampled_from([None, *OVERFLOWS]),
 )
 policies = st.builds(
-    lambda chosen, mode: PrecisionPolicy(dict(zip(COMPONENTS, chosen)), mode),
+    # delayed scaling only where a matmul site keeps an amax history (anywhere else the policy is refused)
+    lambda chosen, mode: PrecisionPolicy({c: s if s.scaling != "delayed" or c in DELAYED_SCALING_COMPONENTS
+                                          else dataclasses.replace(s, scaling="current")
+                                          for c, s in zip(COMPONENTS, chosen)}, mode),
     st.lists(specs, min_size=len(COMPONENTS), max_size=len(COMPONENTS)),
     st.sampled_from(["emulate", "native"]),
 )
@@ -105,3 +109,33 @@ def test_get_policy_accepts_every_form():
     assert PRESETS["st-moe"].replace(router="bf16")["router_input"] == Spec(format="bf16")
     d = PRESETS["fp8-hybrid"].to_dict()
     assert d["mode"] == "emulate" and d["grads"] == "fp8_e5m2:delayed:saturate" and len(d) == len(COMPONENTS) + 1
+
+
+def test_delayed_scaling_without_amax_history_is_refused(tmp_path, capsys):
+    """Regression: `delayed` on a component no matmul site keeps a history for (an elementwise cast, a matmul
+    output) silently became `current`. Now the policy is refused with one line; the CLI exits 2."""
+    from precision_lab.cli import main
+
+    for text in ("activations=fp8_e4m3fn:delayed", "matmul_out=bf16:delayed", "default=fp8_e4m3fn:delayed"):
+        with pytest.raises(UserError, match="delayed scaling needs a matmul site's amax history") as err:
+            parse_policy(text)
+        assert "\n" not in str(err.value)
+    for c in DELAYED_SCALING_COMPONENTS:  # matmul operands and the incoming gradient keep one
+        assert parse_policy(f"{c}=fp8_e4m3fn:delayed")[c].scaling == "delayed"
+    assert main(["train", "--preset", "tiny", "--policy", "st-moe,comm=fp8_e4m3fn:delayed", "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "comm" in err and "current" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_router_grads_follow_the_float32_router():
+    """"float32 router" means float32 both ways: presets whose router is float32 keep its backward
+    (incoming gradient, input gradient) in float32 too; the `router` group sets it with the forward."""
+    f32 = Spec(format="fp32")
+    for name in ("fp32", "bf16-selective", "st-moe", "fp8-hybrid", "mxfp8", "mxfp4-experts"):
+        assert PRESETS[name]["router_grads"] == f32, name
+    assert PRESETS["bf16"]["router_grads"] == Spec(format="bf16")
+    assert PRESETS["tpu-default"]["router_grads"] == PRESETS["tpu-default"]["grads"]
+    assert parse_policy("bf16,router=fp32") == PRESETS["bf16-selective"]
+    assert parse_policy("bf16-selective,router_grads=bf16")["router_grads"] == Spec(format="bf16")

@@ -24,7 +24,8 @@ from precision_lab.errors import UserError
 from precision_lab.formats import FORMATS, get_format
 from precision_lab.rounding import ROUNDINGS, quantize
 
-CUSTOM = [get_format(n) for n in ("e3m4", "e5m7", "e2m1", "e6m0")]
+# e5m23 / e7m23: 23 mantissa bits with a narrower exponent range than float32 (a subnormal range to round into)
+CUSTOM = [get_format(n) for n in ("e3m4", "e5m7", "e2m1", "e6m0", "e5m23", "e7m23")]
 ALL_FORMATS = list(FORMATS.values()) + CUSTOM
 WITH_DTYPE = [f for f in FORMATS.values() if f.dtype is not None]
 DETERMINISTIC = [r for r in ROUNDINGS if r != "stochastic"]
@@ -261,7 +262,32 @@ def test_stochastic_tiny_values_stay_unbiased():
         quantize(jnp.ones(3), fmt, rounding="stochastic")
 
 
+def test_stochastic_rounding_is_exact_up_to_64_dropped_bits_then_rounds_toward_zero():
+    """The documented limit (README, rounding._stochastic_up): the round-up probability rem / 2^s is exact
+    for s <= 64 dropped bits, here s = 40 (the high random word decides, p = (2^24 - 1) / 2^40), and at
+    s > 64 (|x| < 2^-41 x the smallest subnormal) every draw rounds toward zero."""
+    fmt = get_format("fp8_e4m3fn")  # smallest subnormal 2^-9
+    n = 1 << 22
+    x = np.float32((2.0 - 2.0**-23) * 2.0**-26)  # significand 2^24 - 1, s = -9 + 23 + 26 = 40
+    y = np.asarray(quantize(jnp.full((n,), x), fmt, rounding="stochastic", key=jax.random.key(4)))
+    assert set(np.unique(y)) <= {0.0, fmt.min_subnormal}
+    assert stats.binomtest(int((y > 0).sum()), n, (2.0**24 - 1) / 2.0**40).pvalue > 1e-6
+    below = np.float32(fmt.min_subnormal * 2.0**-42 * 1.5)  # s = 65: past the limit
+    for key in range(4):
+        assert not np.asarray(quantize(jnp.full((n,), below), fmt, rounding="stochastic", key=jax.random.key(key))).any()
+
+
 # -- specials, options, transformations -------------------------------------------------------------------
+
+
+def test_m23_formats_round_into_their_subnormal_range():
+    """Regression: 23 mantissa bits skipped the subnormal branch of the nearest-even fast path, so
+    quantize(2^-40, "e5m23") returned 2^-40 although e5m23's smallest subnormal is 2^-37."""
+    assert float(quantize(np.float32(2.0**-40), "e5m23")) == 0.0
+    assert float(quantize(np.float32(-(2.0**-38) * 1.5), "e5m23")) == -(2.0**-37)  # above half a quantum
+    assert float(quantize(np.float32(2.0**-37 * 1.5), "e5m23")) == 2.0**-36  # tie: to the even quantum count
+    assert float(quantize(np.float32(2.0**-86), "e7m23")) == 0.0  # e7m23's smallest subnormal is 2^-85
+    assert float(quantize(np.float32(2.0**-40), "e7m23")) == 2.0**-40  # a normal e7m23 value
 
 
 def test_overflow_modes():

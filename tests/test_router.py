@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from precision_lab import router
+from precision_lab import ops, router
 from precision_lab.policy import get_policy
 
 FP32 = get_policy("fp32")
@@ -133,6 +133,17 @@ def test_capacity_formula_rounds_with_floor():
     assert router.num_groups(224, 64) == 4  # 3 does not divide 224
 
 
+@pytest.mark.parametrize("tokens, groups", [(300, 2), (384, 2), (448, 2), (256, 1), (257, 257), (520, 4)])
+def test_num_groups_never_exceeds_group_size(tokens, groups):
+    """flaxformer's `_num_groups`: the fewest groups of at most group_size tokens that split the tokens
+    evenly (the old floor gave ONE group of 448 tokens); capacity follows from the real group size."""
+    g = router.num_groups(tokens, 256)
+    assert g == groups
+    assert tokens % g == 0 and tokens // g <= 256
+    assert all(tokens % h or tokens // h > 256 for h in range(1, g))  # no fewer groups would do
+    assert router.expert_capacity(tokens // g, 8, 1.25) == max(round(1.25 * (tokens // g) / 8), 4)
+
+
 @settings(max_examples=25)
 @given(logits_arrays(), st.integers(1, 3), st.integers(1, 6), st.booleans())
 def test_no_expert_exceeds_capacity_and_first_choices_win(x, k, capacity, bpr):
@@ -166,6 +177,17 @@ def test_group_order_priority_and_bpr():
     np.testing.assert_array_equal(np.asarray(bpr.kept[0, :, 0]), [False, False, True, True])
     # combine weights are the raw gates of the kept tokens
     np.testing.assert_allclose(np.asarray(bpr.combine[0].sum(axis=(1, 2))), [0, 0, 0.8, 0.9], rtol=1e-6)
+
+
+def test_bpr_with_gshard_sorts_on_the_raw_top1_probability():
+    """Regression: under top2-gshard BPR sorted on the renormalised first gate p1 / (p1 + p2). Token 0 has
+    raw top-1 probability 0.4 (renormalised 0.4 / 0.65 = 0.62), token 1 has 0.5 (renormalised 0.53): one
+    slot for expert 0 goes to token 1, the higher raw probability."""
+    p = jnp.asarray([[[0.4, 0.1, 0.25, 0.25], [0.5, 0.45, 0.05, 0.0]]], jnp.float32)
+    bpr = router.route(p, FP32, routing="top2-gshard", k=2, capacity=1, batch_prioritized=True)
+    np.testing.assert_array_equal(np.asarray(bpr.kept[0, :, 0]), [False, True])
+    plain = router.route(p, FP32, routing="top2-gshard", k=2, capacity=1)
+    np.testing.assert_array_equal(np.asarray(plain.kept[0, :, 0]), [True, False])  # group order
 
 
 def test_padding_takes_no_capacity():
@@ -213,3 +235,27 @@ def test_softmax_shift_switch_same_in_fp32(shift):
     x = jnp.asarray([[[1.0, 2.0, 3.0]]], jnp.float32)
     np.testing.assert_allclose(np.asarray(router.router_probs(x, FP32, shift=shift)), np.asarray(_softmax(x)),
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["bf16-selective", "st-moe", "fp8-hybrid"])
+def test_float32_router_backward_rounds_nothing(preset):
+    """Regression: a "float32 router" had a float32 forward only: its incoming gradient was rounded to
+    `grads` (bf16; e5m2 under fp8-hybrid) and its input gradient to `matmul_out`. Now `router_grads` governs
+    both: given the same upstream cotangent (on the router probabilities), router dW and the router input
+    gradient equal the fp32 policy's bit for bit; under plain bf16 they do not."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 16, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((32, 8)) * 0.3, jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((2, 16, 8)) * 1e-2, jnp.float32)
+
+    def backward(policy):
+        state = ops.init_dot_state(policy, lhs="router_input", rhs="router_weights", grads="router_grads")
+        f = lambda x_, w_: router.router_probs(router.router_logits(x_, w_, policy, state=state), policy)  # noqa: E731
+        return jax.jit(lambda: jax.vjp(f, x, w)[1](cot))()
+
+    dx32, dw32 = backward(get_policy("fp32"))
+    dx, dw = backward(get_policy(preset))
+    np.testing.assert_array_equal(dw, dw32)
+    np.testing.assert_array_equal(dx, dx32)
+    dx16, dw16 = backward(get_policy("bf16"))
+    assert not np.array_equal(dw16, dw32) and not np.array_equal(dx16, dx32)

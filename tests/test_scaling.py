@@ -82,3 +82,24 @@ def test_degenerate_tensors_give_no_nan(scaling):
         state = init_delayed_state(4) if scaling == "delayed" else None
         y, _ = scaled_quantize(jnp.asarray(x, jnp.float32), spec, state=state)
         assert np.isfinite(np.asarray(y)).all()
+
+
+def test_scaled_spec_honours_its_overflow_field():
+    """Regression: `fp8_e4m3fn:delayed:nonfinite` saturated like `:saturate`. A delayed scale from a stale
+    (smaller) amax history maps this step's larger values past 448: nonfinite gives NaN (e4m3fn has no inf),
+    saturate and no overflow token give +-448 / scale; e5m2 (IEEE) gives inf."""
+    history = DelayedState(jnp.array([1.0, 0.5], jnp.float32))  # scale = 448 / 1
+    x = jnp.array([0.5, 3.0, -3.0], jnp.float32)
+    nonfinite, _ = scaled_quantize(x, Spec(format="fp8_e4m3fn", scaling="delayed", overflow="nonfinite"), state=history)
+    saturate, _ = scaled_quantize(x, Spec(format="fp8_e4m3fn", scaling="delayed", overflow="saturate"), state=history)
+    default, _ = scaled_quantize(x, Spec(format="fp8_e4m3fn", scaling="delayed"), state=history)
+    assert float(nonfinite[0]) == 0.5 and np.isnan(np.asarray(nonfinite[1:])).all()
+    np.testing.assert_array_equal(saturate, [0.5, 1.0, -1.0])
+    np.testing.assert_array_equal(default, saturate)
+    e5m2, _ = scaled_quantize(x, Spec(format="fp8_e5m2", scaling="delayed", overflow="nonfinite"),
+                              state=DelayedState(jnp.array([1.0], jnp.float32)))
+    np.testing.assert_array_equal(e5m2[1:], [np.inf, -np.inf])
+    # MX: e4m3's block scale puts the block max in [256, 512): 480 -> 448 saturating, NaN nonfinite
+    block = jnp.full((32,), 0.25, jnp.float32).at[0].set(1.875)  # 1.875 / 2^-8 = 480
+    assert float(scaled_quantize(block, Spec(format="fp8_e4m3fn", scaling="mx"))[0][0]) == 1.75
+    assert np.isnan(float(scaled_quantize(block, Spec(format="fp8_e4m3fn", scaling="mx", overflow="nonfinite"))[0][0]))

@@ -39,6 +39,7 @@ EXTRA_DENSE: tuple[str, ...] = ("none", "before", "after")
 LOAD_BALANCE_MASKS: tuple[str, ...] = ("top1", "topk")
 AUX_AGGREGATIONS: tuple[str, ...] = ("mean", "sum")
 ROUTER_INITS: tuple[str, ...] = ("normal", "truncated_normal")
+WEIGHT_INITS: tuple[str, ...] = ("t5", "truncated_normal")
 DISPATCHES: tuple[str, ...] = ("sorted", "dense")  # model/dispatch.py
 
 
@@ -65,8 +66,13 @@ class ModelConfig:
       relative_attention_num_buckets / _max_distance: T5 relative position buckets (32 / 128).
       dropout_rate: dropout on embeddings, sublayer outputs, attention probabilities and FFN hidden units;
         expert_dropout_rate replaces it inside experts (Switch's "expert dropout"). Training only.
-      init_scale: multiplies the standard deviation of every non-router weight's T5 initialisation (Switch's
-        init-scale experiment uses 0.1 vs 1.0 on a fan-in variance scaling; here 1.0 = T5's defaults).
+      weight_init, init_scale: how every weight matrix but the router's (attention, FFN, experts, output
+        projection) is drawn. "t5" (default): normal with std init_scale * fan_in^-1/2 (1.0 = T5's own).
+        "truncated_normal": Switch's model-wide init (Fedus et al. section 2.3, Table 3): truncated normal
+        (cut at 2 std) with std sqrt(init_scale / fan_in), so init_scale is Switch's s (0.1 default-stable,
+        1.0 its unstable variant) and scales every matrix's variance. fan_in is the contracted size; the
+        query's includes d_kv (T5 folds attention's 1/sqrt(d_kv) into the query init). The router keeps its
+        own knob (router_init*); the embedding table (a lookup, not a matmul) stays N(0, 1).
 
     Mixture of experts:
       num_experts: 0 = a dense model.
@@ -127,6 +133,7 @@ class ModelConfig:
     dropout_rate: float = 0.0
     expert_dropout_rate: float = 0.0
     init_scale: float = 1.0
+    weight_init: str = "t5"
     # Mixture of experts
     num_experts: int = 8
     flop_matched_dense: bool = False
@@ -160,7 +167,8 @@ class ModelConfig:
     def __post_init__(self):
         for name, choices in (("ffn_type", FFN_TYPES), ("routing", ROUTINGS), ("extra_dense_ffn", EXTRA_DENSE),
                               ("load_balance_mask", LOAD_BALANCE_MASKS), ("aux_loss_aggregation", AUX_AGGREGATIONS),
-                              ("router_init", ROUTER_INITS), ("expert_dispatch", DISPATCHES)):
+                              ("router_init", ROUTER_INITS), ("expert_dispatch", DISPATCHES),
+                              ("weight_init", WEIGHT_INITS)):
             if getattr(self, name) not in choices:
                 raise unknown_choice(name, getattr(self, name), choices)
         for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",

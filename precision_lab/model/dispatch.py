@@ -57,8 +57,9 @@ def dense(tokens, routing: Routing, expert_ffn: ExpertFFN, params, state, policy
     expert_in = ops.dot("gsd,gsec->egcd", tokens, routing.dispatch, policy, lhs="activations", rhs="activations",
                         out="comm", state=state["dispatch"])  # (E, G, C, D): the all-to-all
     expert_out = sharding.constrain(expert_ffn(sharding.constrain(expert_in, "experts"), matmul), "experts")
+    # The combine weights' gradient is the router's incoming gradient: rounded per `router_grads`.
     return ops.dot("egcd,gsec->gsd", expert_out, routing.combine, policy, lhs="comm", rhs="combine_weights",
-                   out="activations", state=state["combine"])  # (G, S, D): the return all-to-all
+                   out="activations", state=state["combine"], rhs_grad="router_grads")  # (G, S, D): the return all-to-all
 
 
 class Layout(NamedTuple):
@@ -122,5 +123,5 @@ def sorted_blocks(tokens, routing: Routing, expert_ffn: ExpertFFN, params, state
     per_request = jnp.take(expert_out.reshape(-1, d), layout.request_row, axis=0, mode="fill", fill_value=0)
     per_request = ops.exact(per_request, like=expert_out)  # (G*S, K, D)
     y = ops.dot("tkd,tk->td", per_request, routing.gates.reshape(groups * seq, -1), policy, lhs="comm",
-                rhs="combine_weights", out="activations", state=state["combine"])
+                rhs="combine_weights", out="activations", state=state["combine"], rhs_grad="router_grads")
     return y.reshape(groups, seq, d)

@@ -7,7 +7,8 @@ Every function is pure: `init_*(key, cfg, policy) -> (params, scale_state)` and 
 
 Initialisation follows Mesh TF's T5 (no 1/sqrt(d_kv) in attention; it is folded into the query init):
 q ~ N(0, (d_model * d_kv)^-1), k, v ~ N(0, d_model^-1), o ~ N(0, (heads * d_kv)^-1), FFN in ~ N(0, d_model^-1),
-FFN out ~ N(0, hidden^-1), each std times `cfg.init_scale`.
+FFN out ~ N(0, hidden^-1), each std times `cfg.init_scale`; or, with cfg.weight_init "truncated_normal", Switch's
+truncated normal with std sqrt(init_scale / fan_in) for each of them (`init_weight`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ from precision_lab import ops
 from precision_lab.model.config import ModelConfig
 from precision_lab.policy import PrecisionPolicy
 
-# Masked attention logits: T5 adds -1e10; -1e9 keeps exp() exactly 0 in float32 and bf16.
-MASKED_LOGIT = -1e9
-
-
 def normal(key, shape, std: float):
     """<float32>[shape] ~ N(0, std^2)."""
     return jax.random.normal(key, shape, jnp.float32) * jnp.float32(std)
+
+
+def init_weight(key, shape, fan_in: int, cfg: ModelConfig):
+    """A weight matrix of the given fan-in, per cfg.weight_init: T5's normal with std init_scale / sqrt(fan_in),
+    or Switch's truncated normal (2 std) with std sqrt(init_scale / fan_in)."""
+    if cfg.weight_init == "truncated_normal":
+        std = (cfg.init_scale / fan_in) ** 0.5
+        return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * jnp.float32(std)
+    return normal(key, shape, cfg.init_scale * fan_in**-0.5)
 
 
 def dot_state(policy: PrecisionPolicy, lhs: str, rhs: str):
@@ -145,12 +151,11 @@ _ATTN = ("attn_operands", "attn_operands")
 def init_attention(key, cfg: ModelConfig, policy: PrecisionPolicy):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
     kq, kk, kv, ko = jax.random.split(key, 4)
-    s = cfg.init_scale
     params = {
-        "q": normal(kq, (d, h, k), s * (d * k) ** -0.5),
-        "k": normal(kk, (d, h, k), s * d**-0.5),
-        "v": normal(kv, (d, h, k), s * d**-0.5),
-        "o": normal(ko, (h, k, d), s * (h * k) ** -0.5),
+        "q": init_weight(kq, (d, h, k), d * k, cfg),  # d_kv folded in: attention has no 1/sqrt(d_kv)
+        "k": init_weight(kk, (d, h, k), d, cfg),
+        "v": init_weight(kv, (d, h, k), d, cfg),
+        "o": init_weight(ko, (h, k, d), h * k, cfg),
     }
     if cfg.qk_norm:  # qk-layernorm: see ModelConfig.qk_norm for the query scale's d_kv^-0.5
         params["q_norm"] = jnp.full((k,), k**-0.5, jnp.float32)
@@ -182,16 +187,18 @@ def attention(params, state, x_q, x_kv, bias, mask, *, policy: PrecisionPolicy, 
     if "q_norm" in params:  # qk-layernorm: |logit| <= K * max|q_norm| * max|k_norm|, whatever q, k grow to
         q = ops.rms_norm(q, params["q_norm"], policy, "norms", eps=norm_eps)
         k = ops.rms_norm(k, params["k_norm"], policy, "norms", eps=norm_eps)
+    # QK^T and PV multiply two activations: both operands' gradients are matmul outputs (rhs_grad).
     logits = ops.dot("bhqk,bhtk->bhqt", q, k, policy, lhs="attn_operands", rhs="attn_operands",
-                     out="attn_logits", state=state["logits"])  # (B, H, Lq, Lk)
+                     out="attn_logits", state=state["logits"], rhs_grad="matmul_out")  # (B, H, Lq, Lk)
     if bias is not None:
         logits = ops.cast(add_position_bias(logits, bias), policy, "attn_logits")
     max_logit = jax.lax.stop_gradient(jnp.max(jnp.where(mask, jnp.abs(logits), jnp.float32(0.0))))
-    logits = jnp.where(mask, logits, jnp.float32(MASKED_LOGIT))
-    probs = ops.softmax(logits, policy, "attn_softmax", axis=-1)  # (B, H, Lq, Lk)
+    # Masked keys get probability exactly 0 whatever the formats: the softmax masks after rounding its input
+    # (T5 adds -1e10 instead, which an fn/fnuz attn_softmax overflows to NaN and fp6/fp4 saturate).
+    probs = ops.softmax(logits, policy, "attn_softmax", axis=-1, where=mask)  # (B, H, Lq, Lk)
     probs = dropout(probs, dropout_rate, key, policy, "attn_softmax")
     out = ops.dot("bhqt,bhtk->bhqk", probs, v, policy, lhs="attn_operands", rhs="attn_operands",
-                  state=state["values"])  # (B, H, Lq, K)
+                  state=state["values"], rhs_grad="matmul_out")  # (B, H, Lq, K)
     y = proj(out, params["o"], "o", eq="bhqk,hkd->bqd")  # (B, Lq, D)
     return ops.cast(y, policy, "activations"), max_logit
 
@@ -211,8 +218,7 @@ def init_ffn_weights(key, cfg: ModelConfig, hidden: int, lead: tuple[int, ...] =
     """FFN weights, with optional leading axes (experts: lead=(E,))."""
     shapes = ffn_weight_shapes(cfg, hidden)
     keys = jax.random.split(key, len(shapes))
-    return {name: normal(k, (*lead, *shape), cfg.init_scale * shape[0] ** -0.5)
-            for k, (name, shape) in zip(keys, shapes.items())}
+    return {name: init_weight(k, (*lead, *shape), shape[0], cfg) for k, (name, shape) in zip(keys, shapes.items())}
 
 
 def init_ffn(key, cfg: ModelConfig, policy: PrecisionPolicy, hidden: int | None = None):
@@ -222,9 +228,10 @@ def init_ffn(key, cfg: ModelConfig, policy: PrecisionPolicy, hidden: int | None 
 
 
 def ffn_hidden_activation(pre: dict, cfg: ModelConfig, policy: PrecisionPolicy):
-    """GEGLU: gelu_tanh(x W0) * (x W1) (T5.1.1's gated-gelu); ReLU: relu(x Wi). Rounded as activations."""
+    """GEGLU: gelu_tanh(x W0) * (x W1) (T5.1.1's gated-gelu); ReLU: relu(x Wi). Rounded as activations;
+    gelu is one fused op, rounded once (ops.gelu says why), the gate product another rounding."""
     if cfg.ffn_type == "geglu":
-        gelu = ops.cast(jax.nn.gelu(pre["wi_0"], approximate=True), policy, "activations")
+        gelu = ops.gelu(pre["wi_0"], policy, "activations")
         return ops.cast(gelu * pre["wi_1"], policy, "activations")
     # relu(v) is v or +0, so it is representable wherever the rounded matmul output v is: `ops.exact` lets
     # the cast below skip a rounding that cannot change a bit when `activations` equals `matmul_out`.

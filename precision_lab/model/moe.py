@@ -11,8 +11,11 @@ flaxformer), whose [E, G, C, D] expert inputs shard over experts (model/sharding
 The two arrows through "comm" are the all-to-all of expert parallelism: what crosses them is rounded to the
 policy's `comm` component. Expert matmuls use `expert_operands`; the gates `combine_weights`.
 
-Telemetry per layer (float32, no gradient): max |router logit|, mean logsumexp^2, dropped fraction (requested
-assignments that found no slot), unrouted fraction (tokens with no expert at all), expert load coefficient of
+Telemetry per layer (float32, no gradient): max |router logit|, mean logsumexp^2, dropped ASSIGNMENTS (the
+fraction of requested token-expert assignments that found no slot: for top-2 at capacity factor 1.25 at least
+1 - 1.25/2 = 37.5% by construction) and dropped TOKENS (ST-MoE's measure, PAPER.md sections 2 and 8: the
+fraction of real tokens that no expert processed, every assignment dropped, so the sublayer passes them through
+the residual only), expert load coefficient of
 variation (std/mean of requested assignments per expert, summed over groups), routing entropy (mean over
 tokens of the router distribution's entropy, nats), and the flip rate vs a float32 shadow router.
 
@@ -35,8 +38,8 @@ from precision_lab.model.config import ModelConfig
 from precision_lab.model.layers import dot_state, dropout, ffn_hidden_activation, init_ffn_weights, normal
 from precision_lab.policy import PrecisionPolicy
 
-TELEMETRY: tuple[str, ...] = ("max_abs_logit", "mean_lse_sq", "dropped_fraction", "unrouted_fraction", "load_cv",
-                              "entropy", "flip_rate", "sentinel_entropy")
+TELEMETRY: tuple[str, ...] = ("max_abs_logit", "mean_lse_sq", "dropped_assignment_fraction", "dropped_token_fraction",
+                              "load_cv", "entropy", "flip_rate", "sentinel_entropy")
 
 
 def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
@@ -49,7 +52,7 @@ def init_moe(key, cfg: ModelConfig, policy: PrecisionPolicy):
         std = (cfg.router_init_scale / d) ** 0.5
         w_router = jax.random.truncated_normal(k_router, -2.0, 2.0, (d, e), jnp.float32) * jnp.float32(std)
     params = {"router": w_router, **init_ffn_weights(k_experts, cfg, cfg.expert_hidden, lead=(e,))}
-    state = {"router": dot_state(policy, "router_input", "router_weights"),
+    state = {"router": ops.init_dot_state(policy, lhs="router_input", rhs="router_weights", grads="router_grads"),
              **dispatch.init_state(policy, cfg.expert_dispatch)}
     state |= {name: dot_state(policy, "expert_operands", "expert_operands") for name in params if name != "router"}
     return params, state
@@ -154,8 +157,8 @@ def _telemetry(x_router, w_router, logits, probs, routing: router.Routing, mask,
         "sentinel_entropy": sentinel_entropy,
         "max_abs_logit": jnp.max(jnp.where(valid[..., None], jnp.abs(logits), 0.0)),
         "mean_lse_sq": jnp.sum(jnp.where(valid, lse * lse, 0.0)) / n_valid,
-        "dropped_fraction": 1.0 - kept / jnp.maximum(requested, 1.0),
-        "unrouted_fraction": 1.0 - jnp.sum(jnp.where(routed_somewhere, 1.0, 0.0)) / n_valid,
+        "dropped_assignment_fraction": 1.0 - kept / jnp.maximum(requested, 1.0),
+        "dropped_token_fraction": 1.0 - jnp.sum(jnp.where(routed_somewhere, 1.0, 0.0)) / n_valid,
         "load_cv": jnp.std(load) / jnp.maximum(jnp.mean(load), 1e-30),
         "entropy": jnp.sum(jnp.where(valid, entropy, 0.0)) / n_valid,
         "flip_rate": router.flip_rate(routing.expert_index, shadow, mask),

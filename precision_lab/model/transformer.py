@@ -119,7 +119,7 @@ def init(key, cfg: ModelConfig, policy: PrecisionPolicy):
     state = {"encoder": enc_state, "decoder": dec_state,
              "lm_head": layers.dot_state(policy, "head_operands", "head_operands")}
     if not cfg.tie_embeddings:
-        params["lm_head"] = layers.normal(k_head, (cfg.d_model, cfg.vocab_size), cfg.init_scale * cfg.d_model**-0.5)
+        params["lm_head"] = layers.init_weight(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model, cfg)
     return params, state
 
 
@@ -203,7 +203,16 @@ def _embed(params, ids, *, cfg, policy, rate, key):
 def apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPolicy, train: bool, key=None,
           return_logits: bool = False) -> ModelOutput:
     """Forward pass and losses. `key` is required when train=True and the config has any randomness
-    (dropout, expert dropout, router jitter, GShard's random second expert); ignored when train=False."""
+    (dropout, expert dropout, router jitter, GShard's random second expert), and whenever the policy rounds
+    a component stochastically (its random bits come from `key`, in evaluation too)."""
+    # Every stochastic rounding of the forward and backward pass draws from this one key (ops.rounding_keys).
+    with ops.rounding_keys(_site_key(key, "stochastic_rounding")):
+        return _apply(params, scale_state, batch, cfg=cfg, policy=policy, train=train, key=key,
+                      return_logits=return_logits)
+
+
+def _apply(params, scale_state, batch, *, cfg: ModelConfig, policy: PrecisionPolicy, train: bool, key,
+           return_logits: bool) -> ModelOutput:
     if train and key is None and _needs_key(cfg):
         raise ValueError("apply(train=True) needs a PRNG key: this config uses dropout, jitter or random routing")
     # routing "random" draws its experts in evaluation too: from `key` when given (the trainer passes one
