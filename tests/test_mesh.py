@@ -5,7 +5,7 @@ Tolerance: the mesh run computes the same numbers as the run on one device per m
 float32 values in another order across devices (batch-mean losses summed over "data", weight gradients
 summed in per-device partial sums, matmuls blocked for smaller per-device shapes), so per-step losses agree
 to rtol 1e-5 (measured: 2e-7, about 2 float32 ulp), while routing must be identical: the dropped fraction
-and the load CV of every sparse layer, both functions of the routing decisions only, are equal at every
+and dropped-token fractions and the load CV of every sparse layer, functions of the routing decisions only, are equal at every
 step.
 """
 
@@ -59,7 +59,7 @@ def test_train_over_a_mesh_matches_one_device_per_member(tmp_path, capsys, seeds
                       seeds=list(range(seeds)), progress=False).metrics
     assert sharded["loss"].shape == reference["loss"].shape == (MICRO["train"]["steps"], seeds)
     np.testing.assert_allclose(sharded["loss"], reference["loss"], rtol=1e-5)
-    for name in ("router_dropped_fraction", "router_load_cv"):
+    for name in ("router_dropped_assignment_fraction", "router_dropped_token_fraction", "router_load_cv"):
         np.testing.assert_array_equal(sharded[name], reference[name])
 
 
@@ -126,5 +126,5 @@ def test_two_processes_share_one_mesh(tmp_path, capsys):
     one = train(run_config({**MICRO, "train": {**MICRO["train"], "mesh": "data=2,expert=4"}}), seeds=[0],
                 progress=False).metrics
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
-    for name in ("router_dropped_fraction", "router_load_cv"):
+    for name in ("router_dropped_assignment_fraction", "router_dropped_token_fraction", "router_load_cv"):
         np.testing.assert_array_equal(two[name], one[name])
