@@ -233,16 +233,26 @@ def _add_sweep(p):
     p.add_argument("--force", action="store_true",
                    help="empty an --out store that holds another sweep (or the smoke/full version) first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--executor", default="inprocess", choices=("inprocess", "ray"),
+                   help="where groups run: inprocess (here, one after the other) or ray (one Ray task per "
+                        "group, in parallel; needs precision-lab[ray])")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: the cluster to join (auto, HOST:6379, ray://HOST:10001); "
+                        "none: a local Ray instance, or $RAY_ADDRESS")
+    p.add_argument("--cpus-per-task", type=int, default=1, metavar="N",
+                   help="with --executor ray: CPUs Ray reserves for each group's task")
 
 
 @command("sweep", "run a sweep TOML into a results store (resumable, shardable)",
          "precision-lab sweep experiments/z_loss.toml --out runs/z_loss --shard 0/2")(_add_sweep)
 def _sweep(args) -> int:
+    from precision_lab.executors import make_executor
     from precision_lab.runner import sweep
 
     writable_folder(args.out)
+    executor = make_executor(args.executor, address=args.address, num_cpus=args.cpus_per_task)
     summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke,
-                    force=args.force, report_names=_report_names())
+                    force=args.force, report_names=_report_names(), executor=executor)
     print(f"{summary.name}: {summary.computed} runs computed, {summary.skipped} already stored, "
           f"shard {summary.shard[0]}/{summary.shard[1]} of {summary.total_runs} runs; store: {args.out}")
     return 0
@@ -368,6 +378,14 @@ def _add_train(p):
     p.add_argument("--force", action="store_true",
                    help="discard what --out holds (another run, a checkpoint) and train from step 0")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mesh", default=None, metavar="data=D,expert=E",
+                   help="run each step over a device mesh: batch split over data, experts over expert (dense "
+                        "dispatch); D x E must equal the devices JAX sees (same as --set train.mesh=...)")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="several hosts: run this command on each, all with the coordinator's address (process 0 "
+                        "listens there), --num-processes and their own --process-id; the mesh spans them all")
+    p.add_argument("--num-processes", type=int, default=None, metavar="N")
+    p.add_argument("--process-id", type=int, default=None, metavar="I", help="0..N-1; process 0 writes --out")
 
 
 def train_config(args: argparse.Namespace):
@@ -379,7 +397,7 @@ def train_config(args: argparse.Namespace):
                                   ("model", "load_balance_coef", args.aux_loss),
                                   ("optim", "lr", args.lr), ("optim", "name", args.optimizer),
                                   ("train", "seeds", args.seeds), ("train", "steps", args.steps),
-                                  ("train", "batch_size", args.batch_size)):
+                                  ("train", "batch_size", args.batch_size), ("train", "mesh", getattr(args, "mesh", None))):
         if value is not None:
             spec.setdefault(section, {})[field] = value
     if args.data:
@@ -404,8 +422,17 @@ def _train(args) -> int:
         print(f"{args.out}: this run already finished ({run.train.steps} steps); nothing to do")
         _print_seeds(read_run(args.out)[0])
         return 0
-    enable_compilation_cache()
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+        _join_processes(args.coordinator, args.num_processes, args.process_id)
+    else:
+        # Not with several processes: a program cached by a one-process run over as many devices was
+        # loaded by a two-process run and aborted it (SIGABRT, tests/test_mesh.py), so those compile afresh.
+        enable_compilation_cache()
     result = train(run, out_dir=args.out, resume=args.resume, force=args.force, progress=not args.no_progress)
+    import jax
+
+    if jax.process_index() != 0:  # several processes: the first reports
+        return 0
     _print_seeds(result.summary)
     print(f"wrote {args.out}/summary.json")
     return 0
@@ -482,6 +509,21 @@ def _finetune(args) -> int:
 
     print(f"wrote {args.out}/summary.json, {finetune_curves(result.summary, result.metrics, args.out)}")
     return 0
+
+
+def _join_processes(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize: one JAX program over the devices of several processes (hosts)."""
+    if not coordinator or num_processes is None or process_id is None:
+        raise UserError("--coordinator, --num-processes and --process-id go together, e.g. "
+                        "--coordinator host0:1234 --num-processes 2 --process-id 0")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id {process_id}: must be 0..{num_processes - 1} for --num-processes "
+                        f"{num_processes}")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices talk through gloo
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -25,6 +25,7 @@ from precision_lab.divergence import DivergenceConfig
 from precision_lab.errors import UserError, unknown_choice
 from precision_lab.finetune import FinetuneConfig
 from precision_lab.model.config import ModelConfig, get_model_config
+from precision_lab.model.sharding import mesh_text, parse_mesh
 from precision_lab.optim import OptimConfig
 from precision_lab.policy import PrecisionPolicy, format_policy, get_policy
 
@@ -37,7 +38,9 @@ class TrainConfig:
     runs (vmapped into one program); seed: the first seed (seeds are seed, seed+1, ...);
     chunk_steps: steps per compiled call (lax.scan) between host-side divergence checks and logging;
     eval_every / eval_batches: held-out evaluation cadence and size; checkpoint_every: steps between
-    checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it).
+    checkpoints (0 = only at the end); label: a free-form name for the run (reports match paper rows by it);
+    mesh: run each step over a device mesh, "data=2,expert=4" or a table {data = 2, expert = 4} (batch
+    split over data, experts over expert; dense dispatch; "" = no mesh; see precision_lab/model/sharding.py).
     replicas: R emulated data-parallel replicas: each step's batch is split into R equal shards whose
     gradients are computed separately (vmapped) and summed by a ring all-reduce in the policy's
     `grad_allreduce` format (`precision_lab.ops.ring_allreduce`); batch_size must be a multiple of R.
@@ -57,8 +60,10 @@ class TrainConfig:
     label: str = ""
     replicas: int = 1
     precision_telemetry: bool = False
+    mesh: str = ""
 
     def __post_init__(self):
+        object.__setattr__(self, "mesh", mesh_text(parse_mesh(self.mesh)))  # canonical: "data=2,expert=4"
         for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches", "replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -214,6 +219,8 @@ def _section(name: str, cls: type, values: Mapping[str, Any] | None):
     for key in values:
         if key not in fields:
             raise unknown_choice(f"{name} field", key, sorted(fields))
+    if name == "train" and isinstance(values.get("mesh"), Mapping):  # the TOML table form of train.mesh
+        values["mesh"] = mesh_text(parse_mesh(dict(values["mesh"])))
     values = check_field_types(name, cls, values)
     try:
         return dataclasses.replace(base, **values)
@@ -245,10 +252,30 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
     if "inputs_length" not in spec.get("data", {}):  # the preset's sequence length, unless asked otherwise
         data_fields["inputs_length"] = parts["model"].inputs_length
     parts["data"] = dataclasses.replace(parts["data"], **data_fields)
+    if parts["train"].mesh:
+        parts["model"] = _model_for_mesh(parts["model"], parts["train"], "expert_dispatch" in spec.get("model", {}))
     optim = parts["optim"]
     if optim.schedule == "cosine" and optim.total_steps == 0:
         parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
     return RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
+
+
+def _model_for_mesh(model: ModelConfig, train: TrainConfig, dispatch_given: bool) -> ModelConfig:
+    """Check what a mesh needs of the run (all but the device count, which the trainer checks): experts
+    split evenly over the expert axis, the batch over the data axis, and the dense dispatch (the [E, G, C, D]
+    layout that splits over experts), which a mesh selects unless model.expert_dispatch says otherwise."""
+    sizes = parse_mesh(train.mesh)
+    data, expert = sizes["data"], sizes["expert"]
+    if expert > 1 and (not model.num_experts or model.num_experts % expert):
+        raise UserError(f"train.mesh {train.mesh}: model.num_experts = {model.num_experts} does not split over "
+                        f"expert={expert}; valid: an expert axis that divides {model.num_experts or 'the expert count'}")
+    if train.batch_size % data:
+        raise UserError(f"train.mesh {train.mesh}: train.batch_size = {train.batch_size} does not split over "
+                        f"data={data}; valid: a data axis that divides the batch size")
+    if dispatch_given and model.expert_dispatch != "dense":
+        raise UserError(f"train.mesh {train.mesh}: model.expert_dispatch = {model.expert_dispatch!r} cannot run "
+                        "over a mesh; valid: 'dense' (or leave it unset: a mesh selects it)")
+    return dataclasses.replace(model, expert_dispatch="dense")
 
 
 def validate(spec: Mapping[str, Any]) -> None:

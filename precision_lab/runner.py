@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from precision_lab.config import run_config, validate
-from precision_lab.sweep import RunSpec, SweepSpec, SweepSummary, load_sweep, run_sweep
-from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, train
+from precision_lab.store import canonical_json
+from precision_lab.sweep import Executor, RunSpec, SweepSpec, SweepSummary, expand, load_sweep, run_sweep
+from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, run_mesh, train
 
 # The built-in sweep of `precision-lab run` (shipped inside the package so an installed lab has it).
 QUICKSTART = Path(__file__).with_name("quickstart.toml")
@@ -24,6 +25,7 @@ QUICKSTART = Path(__file__).with_name("quickstart.toml")
 def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = None) -> list[dict]:
     """Train every run of one group (identical configurations, different seeds) in one vmapped program.
     `progress(n)` is called as n more member-steps finish (see `group_steps`)."""
+    enable_compilation_cache()  # also in a worker process of another executor: compile each shape once
     configs = [run_config(r.config) for r in runs]
     run = configs[0]  # the group shares everything but seeds and BATCHABLE_FIELDS (traced hyperparameters)
     result = train(run, seeds=[r.seed for r in runs], hparams=[hparams_of(c) for c in configs],
@@ -90,12 +92,19 @@ def load(path: str | os.PathLike, *, smoke_test: bool = False,
 
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
           resume: bool = True, progress: bool = True, smoke_test: bool = False, force: bool = False,
-          report_names: Mapping[str, Iterable[str]] | None = None) -> SweepSummary:
+          report_names: Mapping[str, Iterable[str]] | None = None, executor: Executor | None = None,
+          run_group: Callable[..., list[dict]] = run_group) -> SweepSummary:
     """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`).
     `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`); a store of another
-    sweep is refused unless `force` (see `check_store`)."""
+    sweep is refused unless `force` (see `check_store`); `executor` runs the groups elsewhere
+    (`precision_lab.executors`; default: in this process); `run_group` trains one group (default: this
+    module's)."""
     spec = load(path, smoke_test=smoke_test, report_names=report_names)
     enable_compilation_cache()
+    if executor is None:  # a train.mesh must fit the devices here: say so before any group trains
+        for config in {canonical_json(r.config): r.config for r in expand(spec)}.values():
+            run_mesh(run_config(config))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
-                     batchable_fields=tuple(BATCHABLE_FIELDS), force=force, group_steps=group_steps)
+                     batchable_fields=tuple(BATCHABLE_FIELDS), force=force, group_steps=group_steps,
+                     executor=executor)

@@ -42,15 +42,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import inspect
 import itertools
 import os
 import re
+import socket
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -572,6 +574,29 @@ def check_store(store: ResultsStore, name: str, *, force: bool = False) -> None:
     else:
         hint = f"it holds another sweep ({theirs!r}); the two would mix their records"
     raise UserError(f"--out {store.path}: {hint}; use another --out, or --force to empty it first")
+GroupTask = Callable[[list[RunSpec]], Any]
+# executor(task, groups) -> (group, task(group)) for each group, as each finishes (any order)
+Executor = Callable[[GroupTask, Iterable[list[RunSpec]]], Iterable[tuple[list[RunSpec], Any]]]
+
+
+def in_process(task: GroupTask, groups: Iterable[list[RunSpec]]) -> Iterator[tuple[list[RunSpec], Any]]:
+    """The default executor: each group in this process, one after the other."""
+    for group in groups:
+        yield group, task(group)
+
+
+def timed_group(run_group: Callable[[list[RunSpec]], list[dict]], group: list[RunSpec]) -> tuple[list, dict]:
+    """`run_group(group)` and the timing that goes into its records, measured where it ran (a module-level
+    function, so a `functools.partial` of it pickles for executors that run groups in other processes)."""
+    t0 = time.perf_counter()
+    results = list(run_group(list(group)))
+    return results, {
+        "group_seconds": time.perf_counter() - t0,
+        "group_runs": len(group),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
 
 
 def run_sweep(
@@ -582,6 +607,7 @@ def run_sweep(
     resume: bool = True,
     progress: bool = True,
     batchable_fields: Iterable[str] = (),
+    executor: Executor | None = None,
     force: bool = False,
     group_steps: Callable[[Sequence[RunSpec]], int] | None = None,
 ) -> SweepSummary:
@@ -596,6 +622,10 @@ def run_sweep(
     Records are stored one by one as each group finishes, so a killed sweep loses at most the groups in
     flight. `shard` is (i, n) or "i/n".
 
+    `executor(task, groups)` runs `task(group)` for each group still missing runs and yields
+    `(group, task(group))` as each finishes, in any order (default `in_process`: one after the other, here).
+    Another executor (precision_lab.executors.ray_executor) may run groups elsewhere, in parallel; only this
+    process writes the store, so workers need no shared file system.
     A store that holds another sweep (another name: also the smoke version of this one) is refused with a
     UserError before anything runs, unless `force`, which empties it first. Extending this sweep (same
     name, more points) is fine. `group_steps(group)` (optional) gives a group's steps per member: the
@@ -627,36 +657,38 @@ def run_sweep(
         total=sum(cost(g) for g in mine), initial=sum(cost(g) for g in mine if not _todo(g, done)), desc=desc,
         unit="step" if group_steps else "run", disable=not progress, file=sys.stderr, dynamic_ncols=True,
     ) as bar:
-        for k, group in enumerate(mine):
-            todo = _todo(group, done)
-            if not todo:
-                continue  # counted in the bar's initial value
-            # Look again: another process (a concurrent resume of this shard) may have stored some since.
-            missing = [r for r in todo if not (resume and store.has(r.run_id))]
-            if not missing:
-                bar.update(cost(group))
-                continue
-            bar.set_postfix_str(f"group {k + 1}/{len(mine)} {missing[0].run_id.rsplit('-s', 1)[0]}", refresh=False)
-            t0 = time.perf_counter()
-            start = bar.n
-            # The whole group runs again even if only some of it is missing (a kill between two of its
-            # records): a vmapped program's numbers may depend on which members it holds (XLA orders batched
-            # reductions by batch size), so only the original membership reproduces the original records.
-            if in_group:
-                results = list(run_group(list(group), progress=bar.update))
-            else:
-                results = list(run_group(list(group)))
-            bar.update(start + cost(group) - bar.n)  # the group is done, whatever it reported
+        missing_ids: dict[str, set[str]] = {}
+        started_at: dict[str, int] = {}
+        live = in_group and executor is None  # the bar advances inside a group only when it runs here
+
+        def pending():  # lazy: the in-process executor asks for the next group only when it is free
+            for k, group in enumerate(mine):
+                todo = _todo(group, done)
+                if not todo:
+                    continue  # counted in the bar's initial value
+                # Look again: another process (a concurrent resume of this shard) may have stored some since.
+                missing = [r for r in todo if not (resume and store.has(r.run_id))]
+                if not missing:
+                    bar.update(cost(group))
+                    continue
+                missing_ids[group[0].group_key] = {r.run_id for r in missing}
+                bar.set_postfix_str(f"group {k + 1}/{len(mine)} {missing[0].run_id.rsplit('-s', 1)[0]}",
+                                    refresh=False)
+                started_at[group[0].group_key] = bar.n
+                # The whole group runs again even if only some of it is missing (a kill between two of its
+                # records): a vmapped program's numbers may depend on which members it holds (XLA orders
+                # batched reductions by batch size), so only the original membership reproduces the original
+                # records.
+                yield list(group)
+
+        task = functools.partial(run_group, progress=bar.update) if live else run_group
+        for group, (results, timing) in (executor or in_process)(functools.partial(timed_group, task), pending()):
+            # the group is done, whatever it reported
+            bar.update(started_at[group[0].group_key] + cost(group) - bar.n if live else cost(group))
             if len(results) != len(group):
                 raise ValueError(f"run_group returned {len(results)} records for {len(group)} runs")
-            timing = {
-                "group_seconds": time.perf_counter() - t0,
-                "group_runs": len(group),
-                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "pid": os.getpid(),
-            }
             groups_run += 1
-            wanted = {r.run_id for r in missing}
+            wanted = missing_ids[group[0].group_key]
             for run, result in zip(group, results):
                 if run.run_id not in wanted:
                     continue

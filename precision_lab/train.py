@@ -16,6 +16,7 @@ divergence are results, recorded per seed, never exceptions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,10 +32,12 @@ import numpy as np
 import optax
 
 from precision_lab import model as stmoe
+from precision_lab.model import sharding
 from precision_lab import ops
 from precision_lab.config import RunConfig
 from precision_lab.data import NUM_SPECIAL, Dataset, make_dataset
 from precision_lab.divergence import DivergenceMonitor, classify_outcome
+from precision_lab.errors import UserError
 from precision_lab.finetune import load_params, save_params, trainable_labels
 from precision_lab.optim import make_optimizer_traced_lr, map_float_leaves
 from precision_lab.policy import PrecisionPolicy
@@ -112,8 +115,53 @@ class Trainer:
             self.optimizer = optax.partition(
                 {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
                 lambda params: trainable_labels(params, run.finetune.trainable))
-        self._chunk = jax.jit(self._chunk_impl, donate_argnums=(0,))
-        self._eval = jax.jit(jax.vmap(self._eval_one, in_axes=(0, 0, None)))
+        self.mesh = run_mesh(run)  # None: one device per vmapped member (member_sharding)
+        self._chunk = jax.jit(self._under_mesh(self._chunk_impl), donate_argnums=(0,))
+        self._eval = jax.jit(self._under_mesh(jax.vmap(self._eval_one, in_axes=(0, 0, None)), replicate_out=True))
+
+    # -- a device mesh (train.mesh) ----------------------------------------------------------------------------
+
+    def _under_mesh(self, fn, replicate_out: bool = False):
+        """`fn`, traced with the mesh active so the model's sharding constraints apply (no mesh: `fn`);
+        `replicate_out`: its result replicated on every device (so every process can read it)."""
+        if self.mesh is None:
+            return fn
+
+        def traced(*args):
+            with sharding.use_mesh(self.mesh):
+                out = fn(*args)
+            if replicate_out:
+                from jax.sharding import NamedSharding, PartitionSpec
+
+                out = jax.lax.with_sharding_constraint(out, NamedSharding(self.mesh, PartitionSpec()))
+            return out
+
+        return traced
+
+    def shardings(self, tree):
+        """Per leaf of a state, key or hyperparameter tree (member axis first): expert weights and their
+        optimizer statistics split over "expert" on the axis after the member axis; everything else
+        replicated."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        experts, e = self.model_cfg.num_experts, self.mesh.shape[sharding.EXPERT]
+
+        def one(path, x):
+            top = getattr(path[0], "name", None) if path else None  # TrainState field
+            split = (top in ("master", "opt_state") and sharding.is_expert_weight(path) and x.ndim >= 2
+                     and x.shape[1] == experts and experts % e == 0)
+            return NamedSharding(self.mesh, PartitionSpec(None, sharding.EXPERT) if split else PartitionSpec())
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def mesh_placement(self):
+        """(place(tree), place_batches(batches)) onto the mesh: state by `shardings`, batches
+        <int32>[k, members, B, L] split over "data" on B."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        batch_spec = NamedSharding(self.mesh, PartitionSpec(None, None, sharding.DATA))
+        return (lambda tree: jax.tree.map(_to_mesh, tree, self.shardings(tree)),
+                lambda batches: jax.tree.map(lambda x: _to_mesh(x, batch_spec), batches))
 
     # -- one seed ------------------------------------------------------------------------------------------
 
@@ -244,7 +292,14 @@ class Trainer:
             return jax.vmap(self.step_one, in_axes=(0, 0, 0, 0, None))(state, batch, seed_keys, hps, step0 + i)
 
         k = jax.tree.leaves(batches)[0].shape[0]
-        return jax.lax.scan(body, state, (batches, jnp.arange(k)))
+        state, metrics = jax.lax.scan(body, state, (batches, jnp.arange(k)))
+        if self.mesh is not None:  # the next chunk gets the state laid out as this one did (no recompile);
+            # the metrics replicated, so every process (several hosts) can read them
+            from jax.sharding import NamedSharding, PartitionSpec
+
+            state = jax.lax.with_sharding_constraint(state, self.shardings(state))
+            metrics = jax.lax.with_sharding_constraint(metrics, NamedSharding(self.mesh, PartitionSpec()))
+        return state, metrics
 
     def init(self, seeds: list[int]):
         seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
@@ -281,6 +336,41 @@ def make_run_dataset(run: RunConfig) -> Dataset:
         return make_dataset(run.data)
     return make_task(run.finetune.task, run.data, inputs_length=run.model.inputs_length,
                      targets_length=run.model.targets_length, vocab_size=run.model.vocab_size)
+
+
+def _to_mesh(x, target):
+    """`x` (an array this process holds whole, the same in every process) laid out as `target`. With
+    several processes (jax.distributed) `device_put` cannot reach other hosts' devices: each process
+    hands over the slices its own devices hold."""
+    if target.is_fully_addressable:
+        return jax.device_put(x, target)
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_to_mesh(jax.random.key_data(x), target),
+                                        impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def _to_host(x) -> np.ndarray:
+    """The whole value of `x` as numpy, also when other processes hold parts of it (then all must call)."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def run_mesh(run: RunConfig):
+    """The (data, expert) Mesh of `run.train.mesh` over the devices JAX sees, or None without a mesh.
+    Its sizes must multiply to the device count (run_config checked everything else)."""
+    sizes = sharding.parse_mesh(run.train.mesh)
+    if not sizes:
+        return None
+    n, have = sizes[sharding.DATA] * sizes[sharding.EXPERT], jax.device_count()
+    if n != have:
+        raise UserError(f"train.mesh {run.train.mesh} needs {n} devices, JAX sees {have} "
+                        f"({jax.default_backend()}); valid: sizes that multiply to {have}")
+    return sharding.make_mesh(sizes[sharding.DATA], sizes[sharding.EXPERT])
 
 
 def member_sharding(num_members: int):
@@ -466,7 +556,11 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     trainer = Trainer(run)
     t0 = time.perf_counter()
     state, seed_keys = trainer.init(seeds)
-    member_devices, place = member_sharding(len(seeds))
+    if trainer.mesh is None:
+        member_devices, place = member_sharding(len(seeds))
+        place_batches = functools.partial(place, axis=1)
+    else:  # every member runs over the whole mesh
+        member_devices, (place, place_batches) = 1, trainer.mesh_placement()
     state, seed_keys, hps = place(state), place(seed_keys), place(hps)
     monitor = DivergenceMonitor(run.divergence, num_seeds=len(seeds))
     # Loss spikes (mean + k sigma) that are not a rule of run.divergence are recorded, not acted on.
@@ -487,7 +581,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     def chunk_batches(start: int):  # [k, members, ...]: a pure function of (seeds, start step)
         nonlocal data_s
         tic = time.perf_counter()
-        b = place(trainer.batches(seeds, start, min(cfg.chunk_steps, cfg.steps - start)), axis=1)
+        b = place_batches(trainer.batches(seeds, start, min(cfg.chunk_steps, cfg.steps - start)))
         data_s += time.perf_counter() - tic
         return b
 
@@ -512,7 +606,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
         spikes.update(step, metrics["loss"], metrics["grad_norm"])
         diverged = np.asarray(monitor.diverged)
         if diverged.any():  # host-side rules freeze the seed from the next step on
-            state = place(state._replace(active=jnp.logical_and(state.active, jnp.asarray(~diverged))))
+            state = place(state._replace(active=np.logical_and(_to_host(state.active), ~diverged)))
         step += k
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append((step, trainer.evaluate(state, seed_keys)))
@@ -543,9 +637,10 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
                                    from_run=run.finetune.from_run, chance_loss=trainer.dataset.chance_loss,
                                    train_examples=trainer.dataset.num_examples("train"),
                                    final_test_loss=[None if not np.isfinite(v) else float(v) for v in final_test])
-    if out_dir is not None:
+    master = jax.tree.map(_to_host, state.master) if out_dir is not None else None  # all processes gather
+    if out_dir is not None and jax.process_index() == 0:  # several processes (hosts): the first writes
         _write_outputs(Path(out_dir), run, summary, metrics)
-        save_params(Path(out_dir), state.master, seeds)
+        save_params(Path(out_dir), master, seeds)
         if ckpt is not None and ckpt.exists():
             shutil.rmtree(ckpt)
     return RunResult(summary, metrics)
@@ -585,6 +680,7 @@ def _summary(run, trainer, seeds, hparams, monitor, spikes, final_eval_batches, 
         "final_train_loss": [float(np.nanmean(metrics["loss"][-10:, i])) if np.isfinite(metrics["loss"][-10:, i]).any()
                              else None for i in range(len(seeds))],
         "backend": jax.default_backend(),
+        "mesh": run.train.mesh,
         "device": str(jax.devices()[0].device_kind),
         "jax_version": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -669,11 +765,13 @@ def _json_safe(v):
 
 def _save_checkpoint(path: Path, run, seeds, hparams, state, monitor, spikes, history, evals, step) -> None:
     """Write the whole loop state atomically: a temp folder renamed over the old checkpoint."""
+    leaves = [_to_host(x) for x in jax.tree.leaves(state)]  # every process takes part in the gathers
+    if jax.process_index() != 0:
+        return
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    leaves = jax.tree.leaves(jax.device_get(state))
     np.savez(tmp / "state.npz", *[np.asarray(x) for x in leaves])
     np.savez(tmp / "history.npz", **{k: np.concatenate(v, axis=0) for k, v in history.items()})
     meta = dict(step=step, seeds=seeds, hparams=hparams, fingerprint=run.fingerprint(), monitor=monitor.to_json(),

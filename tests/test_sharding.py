@@ -60,10 +60,25 @@ def test_sharded_forward_and_grad_match_single_device(setup, policy_name):
             np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=1e-5 * scale + 1e-12)
 
 
-def test_mesh_that_cannot_split_the_groups_is_an_error(setup):
+def test_groups_that_do_not_split_over_the_mesh_fall_back_to_fewer_axes(setup):
+    """group_size 512: 2 encoder groups and 1 decoder group cannot split over 8 devices; they split over
+    "data" (2) and are replicated, a layout choice only: routing and losses as on one device."""
     mesh, batch = setup
-    cfg = dataclasses.replace(CFG, group_size=512)  # 2 encoder groups cannot split over 8 devices
-    params, state = init(jax.random.PRNGKey(0), cfg, get_policy("fp32"))
-    f = sharding.make_sharded_apply(mesh, cfg=cfg, policy=get_policy("fp32"), train=False)
-    with pytest.raises(UserError, match="groups axis"):
-        f(*sharding.shard(params, state, batch, mesh), None)
+    cfg = dataclasses.replace(CFG, group_size=512)
+    policy = get_policy("fp32")
+    params, state = init(jax.random.PRNGKey(0), cfg, policy)
+    a = jax.jit(lambda p: apply(p, state, batch, cfg=cfg, policy=policy, train=False))(params)
+    f = sharding.make_sharded_apply(mesh, cfg=cfg, policy=policy, train=False)
+    b = f(*sharding.shard(params, state, batch, mesh), None)
+    for ia, ib in zip(a.expert_index, b.expert_index):
+        np.testing.assert_array_equal(np.asarray(ia), np.asarray(ib))
+    np.testing.assert_allclose(float(b.loss), float(a.loss), rtol=1e-5)
+
+
+def test_experts_that_do_not_split_over_the_expert_axis_are_an_error(setup):
+    _, batch = setup
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:3]).reshape(1, 3), (sharding.DATA, sharding.EXPERT))
+    params, state = init(jax.random.PRNGKey(0), CFG, get_policy("fp32"))  # 8 experts over 3 devices
+    f = sharding.make_sharded_apply(mesh, cfg=CFG, policy=get_policy("fp32"), train=False)
+    with pytest.raises(UserError, match="8 experts do not split over mesh axis expert of 3 devices"):
+        f(params, state, batch, None)

@@ -13,10 +13,15 @@ Layout (as in flaxformer / GShard):
     slicing rather than a literal all-to-all op (same values; TPU/GPU typically emit all-to-all).
 
 The constraints are applied by `constrain(x, kind)` calls inside the MoE layer; they are no-ops unless the
-call happens while tracing under `make_sharded_apply` (a mesh is active only during that trace, so a jitted
-single-device `apply` is never affected). The model's math does not depend on the mesh: the number of
-groups comes from cfg.group_size alone, and a mesh that cannot split it evenly is an error, not a silent
-change of routing.
+call happens while tracing under `make_sharded_apply` or `use_mesh` (a mesh is active only during that
+trace, so a jitted single-device `apply` is never affected). The model's math does not depend on the mesh:
+the number of groups comes from cfg.group_size alone. When the groups do not split over data x expert
+devices (the tiny preset's decoder has one group per batch), they are split over the mesh axes that divide
+them (data, else expert, else none: replicated), a layout choice that changes no routing decision. The
+expert axis of the weights must split evenly (num_experts divisible by the expert axis): that is an error.
+
+A whole training run uses a mesh through `train.mesh` ("data=2,expert=4", see `parse_mesh`), which the
+trainer (precision_lab/train.py) traces its step under.
 
 Equality with the single-device run: the same numbers are computed, but not always summed in the same order.
   * routing decisions are identical (each group is routed on one device from the same logits);
@@ -49,6 +54,43 @@ _SPECS = {
 _ACTIVE: list[Mesh] = []  # the mesh of the trace in progress (a stack: traces do not nest in practice)
 
 
+AXES = (DATA, EXPERT)
+
+
+def parse_mesh(value) -> dict[str, int]:
+    """A mesh as axis sizes: "data=2,expert=4", a table {data = 2, expert = 4}, or "" / {} for none.
+    Missing axes are 1. UserError (one line, the valid axis names) for anything else."""
+    example = 'valid: "data=D,expert=E" or a table {data = D, expert = E} with positive integers'
+    if isinstance(value, str):
+        items = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, eq, size = part.partition("=")
+            if not eq:
+                raise UserError(f"train.mesh {value!r}: {part!r} is not AXIS=SIZE; {example}")
+            items.append((name.strip(), size.strip()))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    else:
+        raise UserError(f"train.mesh {value!r}: not a mesh; {example}")
+    sizes = {}
+    for name, size in items:
+        if name not in AXES:
+            from precision_lab.errors import unknown_choice
+
+            raise UserError(f"train.mesh: {unknown_choice('mesh axis', name, AXES)}")
+        if isinstance(size, str) and size.isdigit():
+            size = int(size)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1 or name in sizes:
+            raise UserError(f"train.mesh {value!r}: {name}={size!r} is not a positive size given once; {example}")
+        sizes[name] = size
+    return {a: sizes.get(a, 1) for a in AXES} if sizes else {}
+
+
+def mesh_text(sizes: dict[str, int]) -> str:
+    """The canonical string of `parse_mesh`'s result ("" for no mesh)."""
+    return ",".join(f"{a}={sizes[a]}" for a in AXES) if sizes else ""
+
+
 def make_mesh(data: int, expert: int, devices=None) -> Mesh:
     """A (data, expert) mesh over the first data*expert devices."""
     devices = list(jax.devices() if devices is None else devices)
@@ -58,7 +100,8 @@ def make_mesh(data: int, expert: int, devices=None) -> Mesh:
 
 
 @contextlib.contextmanager
-def _use_mesh(mesh: Mesh):
+def use_mesh(mesh: Mesh):
+    """While tracing inside this context, the model's `constrain` calls lay values out over `mesh`."""
     _ACTIVE.append(mesh)
     try:
         yield mesh
@@ -66,22 +109,28 @@ def _use_mesh(mesh: Mesh):
         _ACTIVE.pop()
 
 
+
 def constrain(x, kind: str):
-    """Annotate `x` with the layout `kind` ("groups" or "experts") when a mesh is active; else return x."""
+    """Annotate `x` with the layout `kind` ("groups" or "experts") when a mesh is active; else return x.
+
+    A dimension that the spec's mesh axes do not divide is split over the ones that do (or replicated),
+    except the experts' own axis, which must split evenly (UserError)."""
     if not _ACTIVE:
         return x
     mesh = _ACTIVE[-1]
-    spec = _SPECS[kind]
-    for dim, axes in zip(x.shape, spec):
+    spec = []
+    for i, (dim, axes) in enumerate(zip(x.shape, _SPECS[kind])):
         names = axes if isinstance(axes, tuple) else (axes,)
-        parts = math.prod(mesh.shape[a] for a in names)
-        if dim % parts:
-            raise UserError(f"{kind} axis of size {dim} does not split over mesh axes {names} ({parts} devices); "
-                            "choose group_size / batch / num_experts so it divides")
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        fits = [c for c in (names, *((a,) for a in names)) if dim % math.prod(mesh.shape[a] for a in c) == 0]
+        if kind == "experts" and i == 0 and names not in fits:
+            raise UserError(f"{dim} experts do not split over mesh axis {names[0]} of {mesh.shape[names[0]]} "
+                            "devices; valid: an expert axis that divides model.num_experts")
+        spec.append((fits[0] if len(fits[0]) > 1 else fits[0][0]) if fits else None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
-def _is_expert_weight(path) -> bool:
+def is_expert_weight(path) -> bool:
+    """A leaf under a sparse layer's "moe" sublayer that is not its router (an [E, ...] expert weight)."""
     keys = [getattr(k, "key", None) for k in path]
     return "moe" in keys and keys[-1] != "router"
 
@@ -89,7 +138,7 @@ def _is_expert_weight(path) -> bool:
 def param_shardings(params, mesh: Mesh):
     """NamedSharding per leaf: expert weights split over "expert" on axis 0, the rest replicated."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, P(EXPERT) if _is_expert_weight(path) else P()), params)
+        lambda path, _: NamedSharding(mesh, P(EXPERT) if is_expert_weight(path) else P()), params)
 
 
 def batch_shardings(batch, mesh: Mesh):
@@ -117,7 +166,7 @@ def make_sharded_apply(mesh: Mesh, *, cfg, policy, train: bool, return_logits: b
                         f"over experts), got {cfg.expert_dispatch!r}; valid: 'dense'")
 
     def sharded_apply(params, scale_state, batch, key):
-        with _use_mesh(mesh):
+        with use_mesh(mesh):
             return transformer.apply(params, scale_state, batch, cfg=cfg, policy=policy, train=train, key=key,
                                      return_logits=return_logits)
 
