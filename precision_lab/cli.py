@@ -279,7 +279,7 @@ def _add_report(p):
     p.add_argument("dir", help="a sweep's results store")
     p.add_argument("--figures", default=None, help="folder for the figures (default: DIR/figures)")
     p.add_argument("--paired-test", default="t", choices=("t", "wilcoxon"),
-                   help="test of the paired-by-seed comparisons: paired t (default) or Wilcoxon signed-rank")
+                   help="test of the paired-by-seed comparisons: t = paired t, wilcoxon = Wilcoxon signed-rank")
 
 
 @command("report", "write DIR/report.md: tables beside the paper's numbers, figures, environment",
@@ -440,10 +440,14 @@ def _train(args) -> int:
 
 def _print_seeds(s: dict) -> None:
     print(f"backend {s['backend']}; policy {s['policy']}")
+    # summaries written before the three outcomes existed have only `diverged`
+    outcomes = s.get("outcome") or ["diverged" if d else "stable" for d in s["diverged"]]
     for i, seed in enumerate(s["seeds"]):
-        status = {"diverged": f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})",
-                  "failed_to_learn": f"failed to learn (eval loss not below the unigram loss {s['unigram_loss']:.4f})",
-                  "stable": "stable"}[s["outcome"][i]]
+        status = outcomes[i]
+        if status == "diverged":
+            status = f"diverged at step {s['divergence_step'][i]} ({s['divergence_rule'][i]})"
+        elif status == "failed_to_learn":
+            status = f"failed to learn (eval loss not below the unigram loss {s['unigram_loss']:.4f})"
         loss = s["final_eval_loss"][i]
         print(f"seed {seed}: eval loss {loss if loss is None else f'{loss:.4f}'}, {status}")
 
