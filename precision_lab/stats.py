@@ -182,6 +182,17 @@ def paired_t_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> fl
     return float(sps.nct.sf(crit, df, abs(nc)) + sps.nct.sf(crit, df, -abs(nc)))
 
 
+def _bisect_first(reaches, lo: int, hi: int) -> int:
+    """The smallest n in (lo, hi] with reaches(n), given reaches(hi) and not reaches(lo)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def paired_t_seeds_for_power(effect: float, sd: float, power: float = POWER, alpha: float = ALPHA) -> int:
     """Smallest number of pairs (>= 2) whose paired t test reaches `power`; MAX_SEEDS + 1 if none <= MAX_SEEDS.
 
@@ -192,13 +203,7 @@ def paired_t_seeds_for_power(effect: float, sd: float, power: float = POWER, alp
     lo, hi = 2, MAX_SEEDS  # power(hi) >= power
     if paired_t_power(effect, sd, lo, alpha) >= power:
         return lo
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if paired_t_power(effect, sd, mid, alpha) >= power:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _bisect_first(lambda n: paired_t_power(effect, sd, n, alpha) >= power, lo, hi)
 
 
 # -- fractions stable ----------------------------------------------------------------------------------------
@@ -274,13 +279,7 @@ def fisher_seeds_for_power(p1: float, p2: float, power: float = POWER, alpha: fl
         if hi >= MAX_SEEDS:
             return MAX_SEEDS + 1
         lo, hi = hi, min(2 * hi, MAX_SEEDS)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fisher_power(p1, p2, mid, mid, alpha) >= power:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    return _bisect_first(lambda n: fisher_power(p1, p2, n, n, alpha) >= power, lo, hi)
 
 
 # -- training budget and noise -------------------------------------------------------------------------------
