@@ -490,6 +490,8 @@ def _finetune(args) -> int:
     if args.seeds is not None and not 1 <= args.seeds <= len(pretrained_seeds):
         raise UserError(f"--seeds must be in [1, {len(pretrained_seeds)}] (the pretrained run's seeds), got {args.seeds}")
     seeds = pretrained_seeds[: args.seeds or len(pretrained_seeds)]
+    if not 1 <= args.batch_size <= 1024:  # validation batches are drawn from the task's 1,024 examples
+        raise UserError(f"--batch-size must be in [1, 1024], got {args.batch_size}")
     spec["train"] = {**spec["train"], "steps": args.steps, "batch_size": args.batch_size, "seeds": len(seeds),
                      "eval_every": FINETUNE_DEFAULTS["eval_every"], "eval_batches": 1024 // args.batch_size,
                      "checkpoint_every": 0}

@@ -69,6 +69,7 @@ def test_finetune_refuses_what_does_not_fit(pre, tmp_path, capsys):
         (["--task", "reverse-small", "--set", "model.d_model=48"], "shapes do not fit"),
         (["--task", "revrse-small"], "valid choices: langid-large, langid-small, reverse-large, reverse-small"),
         (["--task", "reverse-small", "--seeds", "3"], "--seeds must be in [1, 2]"),
+        (["--task", "reverse-small", "--batch-size", "0"], "--batch-size must be in [1, 1024]"),
     ]
     for extra, message in cases:
         assert cli.main([*base, *extra]) == 2
