@@ -20,6 +20,16 @@ def fmt_vs_fp32(r: dict) -> str:
     return f"{fmt_ms(r)} | {r['ratio_to_fp32_median']:.2f} ({lo:.2f}–{hi:.2f}) | {r['compile_s']:.1f}"
 
 
+def ratio_table(title: str, heads: list[str], reference: str, rows) -> None:
+    """One '### title' table of ms/step and the ratio to `reference` per row; rows are (cells, result)."""
+    print(f"### {title}\n")
+    print("| " + " | ".join(heads) + f" | ms/step median (min–max) | ratio to {reference} median (min–max) | compile s |")
+    print("| --- |" + " --- |" * (len(heads) + 2))
+    for cells, r in rows:
+        print("| " + " | ".join(cells) + f" | {fmt_vs_fp32(r)} |")
+    print()
+
+
 def main(path: str) -> int:
     last, hf_runs = {}, {}
     for line in open(path):
@@ -83,38 +93,21 @@ def main(path: str) -> int:
         print(f"\n8 seeds / 1 seed per step: **{d['cost_8_over_1']:.2f}**\n")
     if "telemetry_cost" in last:
         d = last["telemetry_cost"]
-        print("### What the per-step telemetry costs (fp32; ratio to the full step in the same rep)\n")
-        print("| config | program | ms/step median (min–max) | ratio to full median (min–max) | compile s |")
-        print("| --- | --- | --- | --- | --- |")
-        for cfg, res in d["configs"].items():
-            for name, r in res.items():
-                print(f"| {cfg} | {name} | {fmt_vs_fp32(r)} |")
-        print()
+        ratio_table("What the per-step telemetry costs (fp32; ratio to the full step in the same rep)",
+                    ["config", "program"], "full",
+                    [((cfg, name), r) for cfg, res in d["configs"].items() for name, r in res.items()])
     if "policy_cost" in last:
         d = last["policy_cost"]
-        print("### Cost of faithful simulation (ratio to fp32 in the same rep)\n")
-        print("| config | policy | ms/step median (min–max) | ratio to fp32 median (min–max) | compile s |")
-        print("| --- | --- | --- | --- | --- |")
-        for cfg, res in d["configs"].items():
-            for pol, r in res.items():
-                print(f"| {cfg} | {pol} | {fmt_vs_fp32(r)} |")
-        print()
+        ratio_table("Cost of faithful simulation (ratio to fp32 in the same rep)", ["config", "policy"], "fp32",
+                    [((cfg, pol), r) for cfg, res in d["configs"].items() for pol, r in res.items()])
     if "emulation_gain" in last:
         d = last["emulation_gain"]
-        print("### Emulation speed-ups of this round, before/after in one run (matched configuration)\n")
-        print("| program | ms/step median (min–max) | ratio to fp32 median (min–max) | compile s |")
-        print("| --- | --- | --- | --- |")
-        for name, r in d["programs"].items():
-            print(f"| {name} | {fmt_vs_fp32(r)} |")
-        print()
+        ratio_table("Emulation speed-ups of this round, before/after in one run (matched configuration)",
+                    ["program"], "fp32", [((name,), r) for name, r in d["programs"].items()])
     if "accumulator_cost" in last:
         d = last["accumulator_cost"]
-        print(f"### Matmul accumulator model, {d['config']} (ratio to fp32 in the same rep)\n")
-        print("| policy | ms/step median (min–max) | ratio to fp32 median (min–max) | compile s |")
-        print("| --- | --- | --- | --- |")
-        for name, r in d["programs"].items():
-            print(f"| {name} | {fmt_vs_fp32(r)} |")
-        print()
+        ratio_table(f"Matmul accumulator model, {d['config']} (ratio to fp32 in the same rep)",
+                    ["policy"], "fp32", [((name,), r) for name, r in d["programs"].items()])
     if "vmapped_seeds" in last:
         d = last["vmapped_seeds"]
         print("### Vmapped seeds (fp32)\n")
