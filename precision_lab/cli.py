@@ -233,6 +233,10 @@ def _add_sweep(p):
     p.add_argument("--force", action="store_true",
                    help="empty an --out store that holds another sweep (or the smoke/full version) first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--pretrained", default=None, metavar="DIR",
+                   help="where fine-tuning runs with a pretraining sweep point (finetune.pretrain) keep their "
+                        "pretrained runs, content-addressed; give several sweeps one DIR to pretrain once "
+                        "(default: OUT/pretrained)")
     p.add_argument("--executor", default="inprocess", choices=("inprocess", "ray"),
                    help="where groups run: inprocess (here, one after the other) or ray (one Ray task per "
                         "group, in parallel; needs precision-lab[ray])")
@@ -250,9 +254,11 @@ def _sweep(args) -> int:
     from precision_lab.runner import sweep
 
     writable_folder(args.out)
+    if args.pretrained is not None:
+        writable_folder(args.pretrained, "--pretrained")
     executor = make_executor(args.executor, address=args.address, num_cpus=args.cpus_per_task)
     summary = sweep(args.file, args.out, shard=args.shard, progress=not args.no_progress, smoke_test=args.smoke,
-                    force=args.force, report_names=_report_names(), executor=executor)
+                    force=args.force, report_names=_report_names(), executor=executor, pretrained=args.pretrained)
     print(f"{summary.name}: {summary.computed} runs computed, {summary.skipped} already stored, "
           f"shard {summary.shard[0]}/{summary.shard[1]} of {summary.total_runs} runs; store: {args.out}")
     return 0

@@ -257,7 +257,15 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
     optim = parts["optim"]
     if optim.schedule == "cosine" and optim.total_steps == 0:
         parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
-    return RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
+    run = RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
+    if run.finetune.pretrain:  # a pretraining sweep point: checked now, not when its fine-tuning group starts
+        from precision_lab.finetune import pretraining_spec
+
+        try:
+            run_config(pretraining_spec(run.to_dict()))
+        except UserError as err:
+            raise UserError(f"finetune.pretrain: {err}") from None
+    return run
 
 
 def _model_for_mesh(model: ModelConfig, train: TrainConfig, dispatch_given: bool) -> ModelConfig:

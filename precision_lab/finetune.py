@@ -13,11 +13,20 @@ Parameter subsets (ST-MoE section 4.2, Table 6), by the parameter tree's names:
   ffn        only the dense (non-MoE) feed-forward layers, as ST-MoE's "FFN" row.
 Frozen parameters get a zero update through optax (`optax.partition` with `optax.set_to_zero`), so they
 keep no optimiser state; `trainable_labels` decides the partition.
+
+Where the pretrained parameters come from: `from_run` (a folder, as `precision-lab finetune --from` takes)
+or `pretrain`, a pretraining sweep point: the pretraining run is this run's own model, data, policy and
+divergence rules (without the batchable loss coefficients, so every member of a vmapped group shares it),
+with `pretrain` laid over them section by section; its `train` and `optim` come from `pretrain` alone (their
+defaults otherwise), so a fine-tuning lr or batch-size axis never changes the pretraining. `pretraining_spec`
+builds it; the sweep runner trains each distinct point once per seed list, content-addressed by its
+fingerprint, and fine-tunes every run that names it from there (precision_lab.runner).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -27,6 +36,11 @@ from precision_lab.errors import UserError, unknown_choice
 
 TRAINABLE: tuple[str, ...] = ("all", "non_moe", "moe", "attention", "ffn")
 PARAMS_FILE = "params.npz"
+# sections a pretraining point may set; its data is the fine-tuning run's (the task is built from its languages)
+PRETRAIN_SECTIONS: tuple[str, ...] = ("model", "train", "optim", "divergence", "policy")
+# model fields a vmapped group may vary (traced loss coefficients: precision_lab.train.BATCHABLE_FIELDS): the
+# pretraining point does not inherit them, so all members of a group share one pretraining
+_GROUP_VARYING_MODEL_FIELDS = ("load_balance_coef", "router_z_loss_coef", "output_z_loss_coef")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,25 +51,60 @@ class FinetuneConfig:
       from_run: the output folder of a finished `precision-lab train` run (holds params.npz).
       task: a built-in task of precision_lab.tasks (e.g. "langid-small").
       trainable: which parameters move: all | non_moe | moe | attention | ffn.
+      pretrain: a pretraining sweep point instead of from_run: sections (model, train, optim, divergence,
+        policy) laid over this run's own model, policy and divergence rules (see the module docstring).
     """
 
     from_run: str = ""
     task: str = ""
     trainable: str = "all"
+    pretrain: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.trainable not in TRAINABLE:
             raise unknown_choice("finetune.trainable", self.trainable, TRAINABLE)
+        if not isinstance(self.pretrain, Mapping):
+            raise UserError(f"finetune.pretrain must be a table of sections ({', '.join(PRETRAIN_SECTIONS)}), "
+                            f"got {self.pretrain!r}")
+        for key, value in self.pretrain.items():
+            if key not in PRETRAIN_SECTIONS:
+                raise unknown_choice("finetune.pretrain section", key, PRETRAIN_SECTIONS)
+            if key != "policy" and not isinstance(value, Mapping):
+                raise UserError(f"finetune.pretrain.{key} must be a table of {key} fields, got {value!r}")
         if self.task:
             from precision_lab.tasks import check_task
 
             check_task(self.task)
-            if not self.from_run:
-                raise UserError("finetune.from_run is required with finetune.task (a `precision-lab train` --out folder)")
+            if not self.from_run and not self.pretrain:
+                raise UserError("finetune.task needs finetune.from_run (a `precision-lab train` --out folder) or "
+                                "finetune.pretrain (a pretraining sweep point)")
+        if self.from_run and self.pretrain:
+            raise UserError("finetune.from_run and finetune.pretrain both name the pretrained parameters; give one")
+
+    def __hash__(self):  # the pretrain table is a dict: hash its canonical JSON
+        import json
+
+        return hash((self.from_run, self.task, self.trainable, json.dumps(self.pretrain, sort_keys=True)))
 
     @property
     def active(self) -> bool:
         return bool(self.task)
+
+
+def pretraining_spec(resolved: Mapping) -> dict:
+    """The run-config spec of the pretraining point of a fine-tuning run, from that run's resolved
+    configuration (`RunConfig.to_dict()`): its model (less the loss coefficients a group may vary), data,
+    policy and divergence rules, with `finetune.pretrain` laid over them section by section; `train` and
+    `optim` from `finetune.pretrain` only; no finetune section."""
+    pretrain = resolved["finetune"]["pretrain"]
+    model = {k: v for k, v in resolved["model"].items() if k not in _GROUP_VARYING_MODEL_FIELDS}
+    spec = {"model": {**model, **pretrain.get("model", {})}, "data": dict(resolved["data"]),
+            "divergence": {**resolved["divergence"], **pretrain.get("divergence", {})},
+            "policy": pretrain.get("policy", resolved["policy"])}
+    for section in ("train", "optim"):
+        if section in pretrain:
+            spec[section] = dict(pretrain[section])
+    return spec
 
 
 def _names(path) -> list[str]:

@@ -7,13 +7,18 @@ This is where `sweep` (expansion, store, resume) meets `train`; `sweep.py` itsel
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import inspect
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from precision_lab.config import run_config, validate
+from precision_lab.config import RunConfig, run_config, validate
+from precision_lab.errors import UserError
 from precision_lab.store import canonical_json
 from precision_lab.sweep import Executor, RunSpec, SweepSpec, SweepSummary, expand, load_sweep, run_sweep
 from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, run_mesh, train
@@ -22,14 +27,65 @@ from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hpar
 QUICKSTART = Path(__file__).with_name("quickstart.toml")
 
 
-def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = None) -> list[dict]:
+def pretrained_point(run: RunConfig, seeds: list[int], pretrained_dir: str | os.PathLike) -> Path:
+    """The `precision-lab train` folder of fine-tuning run `run`'s pretraining sweep point
+    (`finetune.pretrain`, see precision_lab.finetune) for `seeds`, trained now if it is not there yet.
+
+    Content-addressed: PRETRAINED_DIR/<fingerprint of the pretraining config>-s<seeds>, so every fine-tuning
+    run (of this sweep or another sweep given the same --pretrained folder) that names the same point and
+    seeds reuses one training. It trains into NAME.partial (checkpointed, so a killed sweep resumes it
+    bit-identically) under an exclusive lock (shards wait for each other instead of training it twice),
+    then renames it into place."""
+    import fcntl
+    import sys
+
+    import jax
+
+    from precision_lab.finetune import PARAMS_FILE, pretraining_spec
+    from precision_lab.model import init as model_init
+
+    pre = run_config(pretraining_spec(run.to_dict()))
+    shapes = [jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda k: model_init(k, c.model, c.policy)[0],
+                                                              jax.random.key(0))) for c in (pre, run)]
+    if shapes[0] != shapes[1]:
+        raise UserError("finetune.pretrain: its model's parameter shapes differ from the fine-tuning model's; "
+                        "set only fields that keep the shapes (capacity factors, loss coefficients, dropout)")
+    seed_text = "-".join(map(str, seeds)) if len(seeds) <= 12 else hashlib.sha256(canonical_json(seeds).encode()).hexdigest()[:12]
+    root = Path(pretrained_dir)
+    final = root / f"{pre.fingerprint()}-s{seed_text}"
+    if (final / PARAMS_FILE).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when this process ends, however it ends
+        if not (final / PARAMS_FILE).is_file():
+            partial = root / f"{final.name}.partial"
+            print(f"pretraining {final} ({len(seeds)} seeds x {pre.train.steps} steps) for fine-tuning",
+                  file=sys.stderr, flush=True)
+            train(pre, seeds=list(seeds), out_dir=partial, resume=True, progress=False)
+            partial.rename(final)
+    return final
+
+
+def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = None,
+              pretrained_dir: str | os.PathLike | None = None) -> list[dict]:
     """Train every run of one group (identical configurations, different seeds) in one vmapped program.
-    `progress(n)` is called as n more member-steps finish (see `group_steps`)."""
+    `progress(n)` is called as n more member-steps finish (see `group_steps`). Fine-tuning runs that name a
+    pretraining sweep point (`finetune.pretrain`) start from its folder under `pretrained_dir`, trained
+    first where missing (`pretrained_point`)."""
     enable_compilation_cache()  # also in a worker process of another executor: compile each shape once
     configs = [run_config(r.config) for r in runs]
+    seeds = [r.seed for r in runs]
+    pretrained = None
+    if configs[0].finetune.pretrain:  # every member shares it: the point ignores the batchable fields
+        if pretrained_dir is None:
+            raise UserError("finetune.pretrain needs a folder for the pretrained runs (sweep --pretrained DIR)")
+        pretrained = pretrained_point(configs[0], sorted(set(seeds)), pretrained_dir)
+        configs = [dataclasses.replace(c, finetune=dataclasses.replace(c.finetune, from_run=str(pretrained),
+                                                                       pretrain={}))
+                   for c in configs]
     run = configs[0]  # the group shares everything but seeds and BATCHABLE_FIELDS (traced hyperparameters)
-    result = train(run, seeds=[r.seed for r in runs], hparams=[hparams_of(c) for c in configs],
-                   progress=progress or False)
+    result = train(run, seeds=seeds, hparams=[hparams_of(c) for c in configs], progress=progress or False)
     s = result.summary
     records = []
     for i, _ in enumerate(runs):
@@ -47,6 +103,10 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
         }
         if "finetune" in s:  # a fine-tuning run: its task's test-split loss
             per_seed["final_test_loss"] = s["finetune"]["final_test_loss"][i]
+        if pretrained is not None:  # and where it started: the pretraining point's own final eval loss
+            pre = json.loads((pretrained / "summary.json").read_text())
+            per_seed["pretrained_run"] = pretrained.name
+            per_seed["pretrain_final_eval_loss"] = pre["final_eval_loss"][pre["seeds"].index(runs[i].seed)]
         shared = {k: s.get(k) for k in ("best_loss", "best_loss_stderr", "unigram_loss", "entropy_rate", "backend",
                                         "device", "jax_version", "xla_flags", "policy_resolved")}
         shared["moe_layer_names"] = list(run.model.moe_layer_names())
@@ -72,6 +132,10 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     base = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.base.items()}
     for section, fields in SMOKE_BASE.items():
         base[section] = {**base.get(section, {}), **fields}
+    pretrain = base.get("finetune", {}).get("pretrain")
+    if pretrain:  # a pretraining sweep point trains a few steps too (its model is the smoke model already)
+        base["finetune"] = {**base["finetune"], "pretrain": {**pretrain, "train": {**pretrain.get("train", {}),
+                                                                                   **SMOKE_BASE["train"]}}}
     axes = tuple(dataclasses.replace(a, points=a.points[: 2 if set(a.fields) <= set(BATCHABLE_FIELDS) else 1])
                  for a in spec.axes)
     return dataclasses.replace(spec, name=spec.name + "_smoke", base=base, axes=axes, seeds=spec.seeds[:2])
@@ -93,18 +157,22 @@ def load(path: str | os.PathLike, *, smoke_test: bool = False,
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, shard: str | tuple[int, int] = (0, 1),
           resume: bool = True, progress: bool = True, smoke_test: bool = False, force: bool = False,
           report_names: Mapping[str, Iterable[str]] | None = None, executor: Executor | None = None,
-          run_group: Callable[..., list[dict]] = run_group) -> SweepSummary:
+          run_group: Callable[..., list[dict]] = run_group,
+          pretrained: str | os.PathLike | None = None) -> SweepSummary:
     """Run the sweep TOML at `path` into the results store at `out_dir` (see `precision_lab.sweep`).
     `smoke_test` runs the seconds-long smoke version of the same sweep (see `smoke`); a store of another
     sweep is refused unless `force` (see `check_store`); `executor` runs the groups elsewhere
     (`precision_lab.executors`; default: in this process); `run_group` trains one group (default: this
-    module's)."""
+    module's). Fine-tuning runs with a pretraining sweep point (`finetune.pretrain`) pretrain into
+    `pretrained` (default OUT_DIR/pretrained; give several sweeps one folder to share their pretraining)."""
     spec = load(path, smoke_test=smoke_test, report_names=report_names)
     enable_compilation_cache()
     if executor is None:  # a train.mesh must fit the devices here: say so before any group trains
         for config in {canonical_json(r.config): r.config for r in expand(spec)}.values():
             run_mesh(run_config(config))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if "pretrained_dir" in inspect.signature(run_group).parameters:
+        run_group = functools.partial(run_group, pretrained_dir=str(Path(pretrained or Path(out_dir) / "pretrained").resolve()))
     return run_sweep(spec, out_dir, run_group, shard=shard, resume=resume, progress=progress,
                      batchable_fields=tuple(BATCHABLE_FIELDS), force=force, group_steps=group_steps,
                      executor=executor)
