@@ -447,12 +447,79 @@ def differences_figure(configs, out_dir, stem):
     return save(fig, out_dir, stem)
 
 
+def finetune_curves_figure(configs, out_dir, stem):
+    """Fine-tuning curves of a sweep, one panel per task: per configuration the training cross entropy (thin,
+    mean over stable seeds, 10-step running mean) and the validation loss at each evaluation (thick, mean
+    with its 95% CI band across seeds). Where validation turns up while training still falls, it overfits."""
+    import numpy as np
+
+    from precision_lab.report import finetune_task
+    from precision_lab.stats import mean_interval
+
+    tasks = list(dict.fromkeys(finetune_task(c) for c in configs))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.2), squeeze=False)
+    colors = _colors(c.label for c in configs)
+    for ax, task in zip(axes[0], tasks):
+        for c in [c for c in configs if finetune_task(c) == task]:
+            keep = [(r, m) for r, m, o in zip(c.records, c.metrics, c.outcomes) if o == "stable"]
+            color = colors[c.label]
+            ce = [np.asarray(m["ce"], float) for _, m in keep if "ce" in m]
+            if ce:
+                mean = np.nanmean(np.stack(ce), axis=0)
+                smooth = np.convolve(mean, np.ones(10) / 10, mode="valid") if mean.size >= 10 else mean
+                ax.plot(np.arange(smooth.size) + (mean.size - smooth.size) + 1, smooth, color=color, lw=0.9,
+                        alpha=0.6)
+            steps = sorted({e["step"] for r, _ in keep for e in r["result"].get("eval_history", [])})
+            bands = [mean_interval([e["loss"] for r, _ in keep for e in r["result"]["eval_history"]
+                                    if e["step"] == s and e["loss"] is not None]) for s in steps]
+            if steps:
+                ax.plot(steps, [b.mean for b in bands], color=color, lw=2, marker="o", ms=3,
+                        label=f"{c.label} (validation; thin: train)")
+                ax.fill_between(steps, [b.ci_lo for b in bands], [b.ci_hi for b in bands], color=color, alpha=0.2)
+        best = next((r["env"].get("best_loss") for c in configs if finetune_task(c) == task for r in c.records), None)
+        if best is not None:
+            ax.axhline(best, color="k", ls=":", lw=1, label="Bayes-optimal")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("cross entropy (nats / target token)")
+        ax.set_title(f"{task}: train (thin) and validation (95% CI band)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def finetune_grid_figure(configs, out_dir, stem):
+    """Test loss against learning rate, one line per batch size, one panel per arm (sparse, dense): mean over
+    stable seeds with 95% CI error bars (ST-MoE Table 20's grid)."""
+    from precision_lab.report import finetune_values, router_kind
+    from precision_lab.stats import mean_interval
+
+    arms = [(k, a) for k, a in (("learned", "sparse"), ("dense", "dense")) if any(router_kind(c) == k for c in configs)]
+    fig, axes = plt.subplots(1, max(len(arms), 1), figsize=(5.5 * max(len(arms), 1), 4.2), squeeze=False, sharey=True)
+    for ax, (kind, arm) in zip(axes[0], arms):
+        mine = [c for c in configs if router_kind(c) == kind]
+        for b in sorted({c.value("train.batch_size") for c in mine}):
+            line = sorted((c for c in mine if c.value("train.batch_size") == b), key=lambda c: c.value("optim.lr"))
+            ms = [mean_interval(list(finetune_values(c)["test"].values())) for c in line]
+            lrs = [c.value("optim.lr") for c in line]
+            ax.errorbar(lrs, [m.mean for m in ms], yerr=[[m.mean - m.ci_lo for m in ms], [m.ci_hi - m.mean for m in ms]],
+                        marker="o", capsize=3, label=f"batch {b}")
+        ax.set_xscale("log")
+        ax.set_xlabel("fine-tuning learning rate")
+        ax.set_ylabel("test loss (nats / target token; mean, 95% CI)")
+        ax.set_title(f"{arm}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return save(fig, out_dir, stem)
+
+
 SWEEP_FIGURES = {
     **{name: curve_figure(name) for name in CURVES},
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
     "differences": differences_figure,
+    "finetune_curves": finetune_curves_figure,
+    "finetune_grid": finetune_grid_figure,
 }
 
 

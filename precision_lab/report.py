@@ -601,6 +601,235 @@ def table_budget(configs) -> str:
             + "\n".join(out))
 
 
+# -- fine-tuning (ST-MoE section 4; PAPER.md section 8) ----------------------------------------------------------
+
+FINETUNE_NOTE = ("Fine-tuning quality is the cross entropy of the task's held-out TEST split (1,024 examples, used "
+                 "for nothing else) at the last step, in nats per target token (lower is better); validation "
+                 "curves pick nothing. SuperGLUE scores (the paper's) and these losses are different measures: "
+                 "compare directions and orderings.")
+
+
+def finetune_values(c: ConfigResult) -> dict[str, dict[int, float]]:
+    """Per quantity, {seed: value} over the stable seeds of a fine-tuning configuration:
+    test (final test loss), val (final validation loss), train (training cross entropy, mean of the last 10
+    steps), best_val and best_step (the lowest validation loss and its step), rise (final validation - best:
+    how far validation climbed back, the overfitting), gap (final validation - final training), pretrain (the
+    pretraining point's final eval loss)."""
+    out: dict[str, dict[int, float]] = {k: {} for k in ("test", "val", "train", "best_val", "best_step", "rise",
+                                                        "gap", "pretrain")}
+    for r, m, o in zip(c.records, c.metrics, c.outcomes):
+        if o != "stable":
+            continue
+        res, seed = r["result"], r["seed"]
+        hist = [(e["step"], e["loss"]) for e in res.get("eval_history", []) if e["loss"] is not None]
+        val = res.get("final_eval_loss")
+        ce = np.asarray(m.get("ce", []), float)
+        train = float(np.nanmean(ce[-10:])) if ce.size and np.isfinite(ce[-10:]).any() else None
+        for key, v in (("test", res.get("final_test_loss")), ("val", val), ("train", train),
+                       ("pretrain", res.get("pretrain_final_eval_loss"))):
+            if v is not None and math.isfinite(v):
+                out[key][seed] = float(v)
+        if hist:
+            step, best = min(hist, key=lambda h: h[1])
+            out["best_val"][seed], out["best_step"][seed] = best, float(step)
+            if val is not None:
+                out["rise"][seed] = val - best
+        if val is not None and train is not None:
+            out["gap"][seed] = val - train
+    return out
+
+
+def _mi_cell(values, digits: int = 3) -> str:
+    m = stats.mean_interval(list(values))
+    if m.n == 0:
+        return "-"
+    if m.n == 1:
+        return f"{m.mean:.{digits}f}"
+    return f"{m.mean:.{digits}f} +- {m.sd:.{digits}f}"
+
+
+def _pd_cells(d: stats.PairedDifference, digits: int = 3) -> str:
+    """"mean [95% CI] (n) | p | seeds for 80% power" of a paired difference."""
+    if d.n < 2:
+        return f" {_diff_cell(d)} | - | - |"
+    return (f" {d.mean:+.{digits}f} [{d.ci_lo:+.{digits}f}, {d.ci_hi:+.{digits}f}] (n={d.n}) | {_p(d.p_value)} | "
+            f"{_seeds(d.seeds_for_power)} |")
+
+
+def finetune_task(c: ConfigResult) -> str:
+    return str(c.value("finetune.task", "") or "-")
+
+
+def table_finetune(configs) -> str:
+    """Every fine-tuning configuration: train, validation and test loss, best validation step, overfitting."""
+    base = baseline_of(configs)
+    bv = finetune_values(base) if base else {}
+    out = ["| configuration | task | trainable | stable / diverged / failed to learn | pretrained eval loss | "
+           "train CE (last 10 steps) | validation loss (final) | test loss | best validation loss (at step) | "
+           "validation rise since best | validation - train gap | test loss - baseline's, mean [95% CI] "
+           f"(paired by seed) | p ({_test_name(configs)}) | seeds for 80% power |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        v = finetune_values(c)
+        best = f"{_mi_cell(v['best_val'].values())} ({_mi_cell(v['best_step'].values(), 0)})"
+        cmp = " baseline | - | - |" if c is base else _pd_cells(stats.paired_difference(
+            v["test"], bv.get("test", {}), test=c.paired_test))
+        out.append(f"| {c.label} | {finetune_task(c)} | {c.value('finetune.trainable', '-')} | {_outcome_cell(c)} | "
+                   f"{_mi_cell(v['pretrain'].values())} | {_mi_cell(v['train'].values())} | "
+                   f"{_mi_cell(v['val'].values())} | {_mi_cell(v['test'].values())} | {best} | "
+                   f"{_mi_cell(v['rise'].values())} | {_mi_cell(v['gap'].values())} |" + cmp)
+    return (FINETUNE_NOTE + " Values are mean +- SD over stable seeds; the failed-to-learn reference of a task "
+            "is its chance loss (the label or token prior).\n\n" + "\n".join(out))
+
+
+def table_finetune_overfitting(configs) -> str:
+    """Sparse minus FLOP-matched dense, per task, paired by seed (ST-MoE Figure 3)."""
+    paper = {"langid-small": "sparse overfits sooner (CB, 250 examples): earlier best step, larger rise",
+             "langid-large": "no difference (ReCoRD, 138k examples)"}
+    out = ["| task | quantity | sparse, mean +- SD | dense, mean +- SD | sparse - dense, mean [95% CI] (paired by "
+           f"seed) | p ({_test_name(configs)}) | seeds for 80% power | paper (ST-MoE Fig. 3) |",
+           "|---|---|---|---|---|---|---|---|"]
+    names = {"best_step": "best validation step", "rise": "validation rise since best", "gap": "validation - train gap",
+             "best_val": "best validation loss", "test": "test loss (final)", "pretrain": "pretrained eval loss"}
+    for task in dict.fromkeys(finetune_task(c) for c in configs):
+        here = [c for c in configs if finetune_task(c) == task]
+        sparse = next((c for c in here if router_kind(c) == "learned"), None)
+        dense = next((c for c in here if router_kind(c) == "dense"), None)
+        if sparse is None or dense is None:
+            out.append(f"| {task} | needs a sparse and a dense (model.num_experts = 0) row |" + " - |" * 6)
+            continue
+        sv, dv = finetune_values(sparse), finetune_values(dense)
+        for key, name in names.items():
+            digits = 0 if key == "best_step" else 3
+            d = stats.paired_difference(sv[key], dv[key], test=sparse.paired_test)
+            out.append(f"| {task} | {name} | {_mi_cell(sv[key].values(), digits)} | {_mi_cell(dv[key].values(), digits)} "
+                       f"|" + _pd_cells(d, digits) + f" {paper.get(task, '-') if key in ('best_step', 'rise') else '-'} |")
+    return (FINETUNE_NOTE + " Overfitting: the step of the lowest validation loss (earlier = sooner) and how far "
+            "validation climbed back from it by the end (rise).\n\n" + "\n".join(out))
+
+
+def _grid(configs, kind: str) -> dict[tuple[int, float], ConfigResult]:
+    return {(c.value("train.batch_size"), c.value("optim.lr")): c for c in configs if router_kind(c) == kind}
+
+
+def _average_over(grid: dict, fixed: int, value, key: str = "test") -> dict[int, float]:
+    """{seed: mean over the other axis of the grid} at grid axis `fixed` (0: batch size, 1: lr) = `value`,
+    over seeds present in every cell of that row or column."""
+    cells = [finetune_values(c)[key] for k, c in grid.items() if k[fixed] == value]
+    seeds = set.intersection(*(set(v) for v in cells)) if cells else set()
+    return {s: float(np.mean([v[s] for v in cells])) for s in sorted(seeds)}
+
+
+def table_finetune_hparams(configs) -> str:
+    """Batch size x learning rate, per arm: row and column averages with CIs and the preference of each arm,
+    not best cells (ST-MoE Table 20)."""
+    out = []
+    prefs: dict[str, dict[str, dict[int, float]]] = {}
+    for kind, arm in (("learned", "sparse"), ("dense", "dense")):
+        grid = _grid(configs, kind)
+        if not grid:
+            continue
+        batches = sorted({k[0] for k in grid})
+        lrs = sorted({k[1] for k in grid})
+        out += [f"**{arm}**: test loss, mean +- SD over stable seeds, per cell; last column and row: the average "
+                "over the other axis, mean [95% CI] across seeds\n",
+                "| batch size \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " | average over lr |",
+                "|---|" + "---|" * (len(lrs) + 1)]
+        for b in batches:
+            cells = [_mi_cell(finetune_values(grid[(b, lr)])["test"].values()) if (b, lr) in grid else "not run"
+                     for lr in lrs]
+            out.append(f"| {b} | " + " | ".join(cells) + f" | {_ci_cell(_average_over(grid, 0, b))} |")
+        out.append("| average over batch size | " + " | ".join(_ci_cell(_average_over(grid, 1, lr)) for lr in lrs)
+                   + " | |")
+        out.append("")
+        small, large = _average_over(grid, 0, batches[0]), _average_over(grid, 0, batches[-1])
+        high, low = _average_over(grid, 1, lrs[-1]), _average_over(grid, 1, lrs[0])
+        db = {s: small[s] - large[s] for s in set(small) & set(large)}
+        dl = {s: high[s] - low[s] for s in set(high) & set(low)}
+        prefs[arm] = {"batch": db, "lr": dl}
+        for name, d in ((f"batch {batches[0]} - batch {batches[-1]} (negative: prefers the smaller batch)", db),
+                        (f"lr {lrs[-1]:g} - lr {lrs[0]:g} (negative: prefers the higher lr)", dl)):
+            pd = stats.paired_difference(d, {s: 0.0 for s in d}, test=configs[0].paired_test)
+            out.append(f"- {arm}, {name}:" + _pd_cells(pd).replace(" |", ";").rstrip(";"))
+        out.append("")
+    if {"sparse", "dense"} <= set(prefs):
+        out.append("Sparse preference minus dense preference, paired by seed (the paper: sparse prefers smaller "
+                   "batches and higher lr than dense, so both differences negative):\n")
+        out.append(f"| preference | sparse - dense, mean [95% CI] | p ({_test_name(configs)}) | seeds for 80% power |")
+        out.append("|---|---|---|---|")
+        for key, name in (("batch", "smaller batch (loss at small - at large batch)"),
+                          ("lr", "higher lr (loss at high - at low lr)")):
+            d = stats.paired_difference(prefs["sparse"][key], prefs["dense"][key], test=configs[0].paired_test)
+            out.append(f"| {name} |" + _pd_cells(d))
+    paper = ("ST-MoE Table 20 (PAPER.md section 8): averaged over the grid, sparse models prefer a higher lr (1e-3) "
+             "and smaller batches (65k tokens), dense models the opposite (lr 1e-4, 262k tokens); the paper's "
+             "cells are single runs (its best single sparse cell is lr 1e-3 at batch 1M), so the lab reports "
+             "averages over rows and columns, not best cells.")
+    return paper + " " + FINETUNE_NOTE + "\n\n" + "\n".join(out)
+
+
+def _ci_cell(values: dict[int, float]) -> str:
+    m = stats.mean_interval(list(values.values()))
+    if m.n == 0:
+        return "-"
+    return f"{m.mean:.3f}" if m.n == 1 else f"{m.mean:.3f} [{m.ci_lo:.3f}, {m.ci_hi:.3f}]"
+
+
+TRAINABLE_PAPER = {"all": "reference", "non_moe": "about as good as all", "moe": "much worse",
+                   "attention": "- (not in PAPER.md)", "ffn": "as good as all"}
+
+
+def table_finetune_trainable(configs) -> str:
+    """Which parameters to fine-tune (ST-MoE Table 6), each subset against `all`, paired by seed."""
+    ref = next((c for c in configs if c.value("finetune.trainable") == "all"), None)
+    rv = finetune_values(ref)["test"] if ref else {}
+    out = ["| parameters updated | paper (ST-MoE Table 6, SuperGLUE) | lab configuration | stable / diverged / "
+           "failed to learn | test loss, mean +- SD | test loss - all's, mean [95% CI] (paired by seed) | "
+           f"p ({_test_name(configs)}) | seeds for 80% power |", "|---|---|---|---|---|---|---|---|"]
+    for which, paper in TRAINABLE_PAPER.items():
+        rows = [c for c in configs if c.value("finetune.trainable") == which]
+        if not rows:
+            out.append(f"| {which} | {paper} | not run | - | - | - | - | - |")
+        for c in rows:
+            v = finetune_values(c)["test"]
+            cmp = " reference | - | - |" if c is ref else _pd_cells(stats.paired_difference(v, rv, test=c.paired_test))
+            out.append(f"| {which} | {paper} | {c.label} | {_outcome_cell(c)} | {_mi_cell(v.values())} |" + cmp)
+    return (FINETUNE_NOTE + " Frozen parameters get a zero update through optax (no optimiser state).\n\n"
+            + "\n".join(out))
+
+
+def table_finetune_capacity(configs) -> str:
+    """Train capacity factor x load-balancing loss during fine-tuning (ST-MoE Table 5)."""
+    base = next((c for c in configs if c.value("train.label") == "baseline"), None) or max(
+        configs, key=lambda c: (c.value("model.train_capacity_factor", 0), c.value("model.load_balance_coef", 0)))
+    bv = finetune_values(base)["test"]
+    out = ["| train CF | load-balancing loss (c_B) | dropped tokens (train, final; mean over sparse layers) | "
+           "stable / diverged / failed to learn | test loss, mean +- SD | test loss - baseline's, mean [95% CI] "
+           f"(paired by seed) | p ({_test_name(configs)}) | seeds for 80% power |", "|---|---|---|---|---|---|---|---|"]
+    by_cf: dict[float, dict[bool, ConfigResult]] = {}
+    for c in sorted(configs, key=lambda c: (-c.value("model.train_capacity_factor", 0),
+                                            -c.value("model.load_balance_coef", 0))):
+        cf, coef = c.value("model.train_capacity_factor"), c.value("model.load_balance_coef")
+        by_cf.setdefault(cf, {})[bool(coef)] = c
+        v = finetune_values(c)["test"]
+        cmp = " baseline | - | - |" if c is base else _pd_cells(stats.paired_difference(v, bv, test=c.paired_test))
+        dropped = _final(c, "router_dropped_token_fraction", np.nanmean)
+        out.append(f"| {cf:g} | {'on' if coef else 'off'} ({coef:g}) | {_fmt(dropped)} | {_outcome_cell(c)} | "
+                   f"{_mi_cell(v.values())} |" + cmp)
+    out += ["", "The load-balancing loss during fine-tuning, at each train CF (without minus with: positive = the "
+            "loss helps):", "", f"| train CF | test loss without - with, mean [95% CI] | p ({_test_name(configs)}) | "
+            "seeds for 80% power |", "|---|---|---|---|"]
+    for cf, pair in by_cf.items():
+        if True in pair and False in pair:
+            d = stats.paired_difference(finetune_values(pair[False])["test"], finetune_values(pair[True])["test"],
+                                        test=pair[True].paired_test)
+            out.append(f"| {cf:g} |" + _pd_cells(d))
+    paper = ("ST-MoE Table 5 (PAPER.md section 8): dropping up to about 10-15% of tokens during fine-tuning barely "
+             "hurts, and the auxiliary load-balancing loss helps fine-tuning. ST-MoE counts dropped TOKENS (no "
+             "expert processed them), as this table does; padding takes no capacity and is not counted.")
+    return paper + " " + FINETUNE_NOTE + "\n\n" + "\n".join(out)
+
+
 TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "summary": table_summary,
     "stability": table_stability,
@@ -613,6 +842,11 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "backends": table_backends,
     "precondition": table_precondition,
     "budget": table_budget,
+    "finetune": table_finetune,
+    "finetune_overfitting": table_finetune_overfitting,
+    "finetune_hparams": table_finetune_hparams,
+    "finetune_trainable": table_finetune_trainable,
+    "finetune_capacity": table_finetune_capacity,
 }
 
 

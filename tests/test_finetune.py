@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -148,3 +149,131 @@ def test_langid_task_labels_the_latent_language_and_has_an_exact_bayes_loss():
     with pytest.raises(UserError, match="several languages"):
         make_task("langid-small", DataConfig(kind="synthetic", vocab_size=128, num_sentinels=16),
                   inputs_length=64, targets_length=14, vocab_size=128)
+
+
+# -- a pretraining sweep point (finetune.pretrain): pretrained once, shared, from a fresh store ------------------
+
+PRETRAIN_SWEEP = """name = "{name}"
+description = "fine-tuning from a pretraining sweep point"
+seeds = 2
+[base]
+model = {{ d_model = 32, d_ff = 64, num_heads = 2, num_experts = 4 }}
+train = {{ steps = 2, batch_size = 8, chunk_steps = 2, eval_every = 0, eval_batches = 1, checkpoint_every = 0 }}
+optim = {{ name = "adamw", lr = 1e-3, schedule = "constant", warmup_steps = 0 }}
+finetune = {{ task = "langid-small", pretrain = {{ train = {{ steps = 4, batch_size = 8, chunk_steps = 2, eval_every = 0, eval_batches = 1, checkpoint_every = 2 }} }} }}
+[[axes]]
+field = "{field}"
+values = {values}
+"""
+
+
+def test_a_sweep_pretrains_its_point_once_and_another_sweep_reuses_it(tmp_path):
+    from precision_lab.runner import sweep
+    from precision_lab.store import ResultsStore
+
+    shared = tmp_path / "pretrained"
+    first = tmp_path / "a.toml"  # lr and c_B are batchable: both points share one group and one pretraining
+    first.write_text(PRETRAIN_SWEEP.format(name="a", field="model.load_balance_coef", values="[1e-2, 0.0]"))
+    sweep(first, tmp_path / "store_a", progress=False, pretrained=shared)
+    points = [p for p in shared.iterdir() if p.is_dir()]
+    assert len(points) == 1 and (points[0] / "params.npz").is_file(), list(shared.iterdir())
+    config = json.loads((points[0] / "config.json").read_text())
+    assert "finetune" not in config and config["train"]["steps"] == 4  # the pretrain table's train, not ours
+    assert config["model"]["load_balance_coef"] == 1e-2  # the group's varying c_B is not inherited
+    records = ResultsStore(tmp_path / "store_a").records()
+    assert len(records) == 4 and {r["result"]["pretrained_run"] for r in records} == {points[0].name}
+    assert all(np.isfinite(r["result"]["pretrain_final_eval_loss"]) for r in records)
+    stamp = (points[0] / "params.npz").stat().st_mtime_ns
+
+    second = tmp_path / "b.toml"  # another sweep, another axis: the same point, reused, not retrained
+    second.write_text(PRETRAIN_SWEEP.format(name="b", field="finetune.trainable", values='["non_moe"]'))
+    sweep(second, tmp_path / "store_b", progress=False, pretrained=shared)
+    assert [p for p in shared.iterdir() if p.is_dir()] == points
+    assert (points[0] / "params.npz").stat().st_mtime_ns == stamp
+    assert {r["result"]["pretrained_run"] for r in ResultsStore(tmp_path / "store_b").records()} == {points[0].name}
+
+
+def test_a_pretraining_point_that_cannot_work_is_one_line(tmp_path):
+    from precision_lab.runner import pretrained_point
+
+    base = {"model": {"d_model": 32, "d_ff": 64, "num_heads": 2, "num_experts": 4}}
+    cases = [
+        ({"task": "langid-small", "pretrain": {"data": {"seed": 3}}}, "valid choices: divergence, model, optim"),
+        ({"task": "langid-small", "pretrain": {"train": {"steps": 0}}}, "finetune.pretrain: train.steps must be"),
+        ({"task": "langid-small", "pretrain": {"train": {"stpes": 4}}}, "train field 'stpes'"),
+        ({"task": "langid-small", "from_run": "x", "pretrain": {"train": {}}}, "give one"),
+        ({"task": "langid-small"}, "finetune.from_run (a `precision-lab train` --out folder) or finetune.pretrain"),
+    ]
+    for finetune, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            run_config({**base, "finetune": finetune})
+    wider = run_config({**base, "finetune": {"task": "langid-small", "pretrain": {"model": {"d_model": 48}}}})
+    with pytest.raises(UserError, match="parameter shapes differ"):
+        pretrained_point(wider, [0], tmp_path)  # refused before any training
+    assert not any(tmp_path.iterdir())
+
+
+# -- fine-tuning report tables (synthetic records: no training) ------------------------------------------------------
+
+
+def _ft_config(label, *, task="langid-small", experts=8, trainable="all", batch=16, lr=1e-3, cf=1.25, coef=1e-2,
+               test=(), history=()):
+    """A ConfigResult of a fine-tuning configuration with per-seed test losses and validation histories."""
+    from precision_lab.report import ConfigResult
+
+    resolved = {"model": {"num_experts": experts, "train_capacity_factor": cf, "load_balance_coef": coef},
+                "finetune": {"task": task, "trainable": trainable}, "train": {"batch_size": batch, "steps": 100},
+                "optim": {"lr": lr}}
+    records, metrics = [], []
+    for seed, t in enumerate(test):
+        hist = history[seed] if history else [(100, t)]
+        records.append({"seed": seed, "resolved": resolved, "env": {"unigram_loss": 5.0},
+                        "result": {"diverged": False, "outcome": "stable", "final_eval_loss": hist[-1][1],
+                                   "final_test_loss": t, "eval_history": [{"step": s, "loss": l} for s, l in hist],
+                                   "divergence_step": None, "divergence_rule": None, "quality_gap": None}})
+        metrics.append({"ce": np.full(100, 0.1), "router_dropped_token_fraction": np.full((100, 2), 0.125)})
+    return ConfigResult(label=label, overrides={}, config={}, records=records, metrics=metrics)
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # zero-spread differences
+def test_finetune_tables_pair_by_seed():
+    from precision_lab import report
+
+    # overfitting: sparse's validation minimum at step 50, dense's at 100 (even seeds) or 80 (odd): -50 / -30
+    rise = lambda s, best_at: [(25, 1.0), (50, 0.8 if best_at == 50 else 0.9), (80, 0.7 if best_at == 80 else 0.85),
+                               (100, 0.6 if best_at == 100 else 0.9 + 0.01 * s)]
+    sparse = _ft_config("sparse", test=[1.0] * 6, history=[rise(s, 50) for s in range(6)])
+    dense = _ft_config("dense", experts=0, test=[1.0] * 6, history=[rise(s, 100 if s % 2 == 0 else 80) for s in range(6)])
+    table = report.table_finetune_overfitting([sparse, dense])
+    row = next(line for line in table.splitlines() if "best validation step" in line)
+    assert "| -40 [" in row and "(n=6)" in row, row
+
+    # hparams: sparse gains 0.1 (+0.01 on odd seeds) from the small batch, dense loses 0.1: sparse - dense -0.205
+    cells = []
+    for experts, sign in ((8, -1), (0, +1)):
+        for batch in (8, 32):
+            for lr in (3e-4, 3e-3):
+                test = [1.0 + 0.01 * s + (batch == 8) * sign * (0.1 + 0.01 * (s % 2) * (sign < 0))
+                        + (lr == 3e-3) * sign * 0.2 for s in range(6)]
+                cells.append(_ft_config(f"{experts},{batch},{lr}", experts=experts, batch=batch, lr=lr, test=test))
+    table = report.table_finetune_hparams(cells)
+    row = next(line for line in table.splitlines() if line.startswith("| smaller batch"))
+    assert "| -0.205 [" in row, row
+    row = next(line for line in table.splitlines() if line.startswith("| higher lr"))
+    assert "| -0.400 [" in row, row
+
+    # trainable: moe-only 0.3 worse than all (+0.01 on odd seeds)
+    subsets = [_ft_config(w, trainable=w, test=[1.0 + 0.01 * s + (w == "moe") * (0.3 + 0.01 * (s % 2))
+                                                + (w == "non_moe") * 0.002 * (s % 3) for s in range(6)])
+               for w in ("all", "non_moe", "moe")]
+    table = report.table_finetune_trainable(subsets)
+    assert "| moe | much worse | moe | 6 / 0 / 0 | 1.330 +- 0.021 | +0.305 [" in table, table
+    assert "| ffn | as good as all | not run |" in table
+
+    # capacity: the baseline is the largest CF with the load-balancing loss; without it 0.05 worse at CF 0.25
+    grid = [_ft_config(f"{cf},{coef}", cf=cf, coef=coef, test=[1.0 + 0.01 * s + (cf < 1 and not coef) * (0.05 + 0.01 * (s % 2))
+                                                               for s in range(6)])
+            for cf in (2.0, 0.25) for coef in (1e-2, 0.0)]
+    table = report.table_finetune_capacity(grid)
+    assert "| 2 | on (0.01) | 0.125 | 6 / 0 / 0 | 1.025 +- 0.019 | baseline |" in table, table
+    assert "| 0.25 | +0.055 [" in table and "| 2 | +0.000" in table, table
