@@ -913,7 +913,8 @@ def write_report(out_dir: str | Path, fig_dir: str | Path | None = None, *, pair
         stderr = runs[0]["env"].get("best_loss_stderr")
         lines += [f"Best possible loss of the synthetic data on this objective (Bayes predictor): {best:.4f}"
                   + (f" +- {stderr:.4f} (Monte Carlo standard error)" if stderr else "")
-                  + f" nats/token (entropy rate {runs[0]['env'].get('entropy_rate', float('nan')):.4f}).", ""]
+                  + " nats/token" + ("" if runs[0]["env"].get("entropy_rate") is None else  # a fine-tuning task has none
+                                       f" (entropy rate {runs[0]['env']['entropy_rate']:.4f})") + ".", ""]
     unigram = sorted({round(r["env"]["unigram_loss"], 4) for r in runs if r["env"].get("unigram_loss") is not None})
     base = baseline_of(configs)
     lines += [

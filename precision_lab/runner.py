@@ -62,6 +62,9 @@ def pretrained_point(run: RunConfig, seeds: list[int], pretrained_dir: str | os.
             partial = root / f"{final.name}.partial"
             print(f"pretraining {final} ({len(seeds)} seeds x {pre.train.steps} steps) for fine-tuning",
                   file=sys.stderr, flush=True)
+            if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):  # its config.json then names them,
+                # so `precision-lab finetune --from` the folder finds every seed (the fingerprint ignores seeds)
+                pre = dataclasses.replace(pre, train=dataclasses.replace(pre.train, seed=seeds[0], seeds=len(seeds)))
             train(pre, seeds=list(seeds), out_dir=partial, resume=True, progress=False)
             partial.rename(final)
     return final

@@ -153,14 +153,15 @@ def test_langid_task_labels_the_latent_language_and_has_an_exact_bayes_loss():
 
 # -- a pretraining sweep point (finetune.pretrain): pretrained once, shared, from a fresh store ------------------
 
+# the programs of the `pre` fixture and of test_a_sweep_fine_tunes_from_a_pretrained_run (same shapes, optimiser,
+# members): the compilation cache serves them, so this test costs little more than its data
 PRETRAIN_SWEEP = """name = "{name}"
 description = "fine-tuning from a pretraining sweep point"
 seeds = 2
 [base]
 model = {{ d_model = 32, d_ff = 64, num_heads = 2, num_experts = 4 }}
 train = {{ steps = 2, batch_size = 8, chunk_steps = 2, eval_every = 0, eval_batches = 1, checkpoint_every = 0 }}
-optim = {{ name = "adamw", lr = 1e-3, schedule = "constant", warmup_steps = 0 }}
-finetune = {{ task = "langid-small", pretrain = {{ train = {{ steps = 4, batch_size = 8, chunk_steps = 2, eval_every = 0, eval_batches = 1, checkpoint_every = 2 }} }} }}
+finetune = {{ task = "langid-small", trainable = "non_moe", pretrain = {{ train = {{ steps = 4, chunk_steps = 2, eval_every = 0, eval_batches = 1, checkpoint_every = 2 }} }} }}
 [[axes]]
 field = "{field}"
 values = {values}
@@ -172,25 +173,29 @@ def test_a_sweep_pretrains_its_point_once_and_another_sweep_reuses_it(tmp_path):
     from precision_lab.store import ResultsStore
 
     shared = tmp_path / "pretrained"
-    first = tmp_path / "a.toml"  # lr and c_B are batchable: both points share one group and one pretraining
-    first.write_text(PRETRAIN_SWEEP.format(name="a", field="model.load_balance_coef", values="[1e-2, 0.0]"))
+    first = tmp_path / "a.toml"
+    first.write_text(PRETRAIN_SWEEP.format(name="a", field="model.load_balance_coef", values="[0.0]"))
     sweep(first, tmp_path / "store_a", progress=False, pretrained=shared)
     points = [p for p in shared.iterdir() if p.is_dir()]
     assert len(points) == 1 and (points[0] / "params.npz").is_file(), list(shared.iterdir())
     config = json.loads((points[0] / "config.json").read_text())
     assert "finetune" not in config and config["train"]["steps"] == 4  # the pretrain table's train, not ours
-    assert config["model"]["load_balance_coef"] == 1e-2  # the group's varying c_B is not inherited
+    assert (config["train"]["seed"], config["train"]["seeds"]) == (0, 2)  # `finetune --from` finds both seeds
+    assert config["model"]["load_balance_coef"] == 1e-2  # c_B (a group may vary it) is not inherited
     records = ResultsStore(tmp_path / "store_a").records()
-    assert len(records) == 4 and {r["result"]["pretrained_run"] for r in records} == {points[0].name}
+    assert len(records) == 2 and {r["result"]["pretrained_run"] for r in records} == {points[0].name}
     assert all(np.isfinite(r["result"]["pretrain_final_eval_loss"]) for r in records)
     stamp = (points[0] / "params.npz").stat().st_mtime_ns
 
-    second = tmp_path / "b.toml"  # another sweep, another axis: the same point, reused, not retrained
-    second.write_text(PRETRAIN_SWEEP.format(name="b", field="finetune.trainable", values='["non_moe"]'))
-    sweep(second, tmp_path / "store_b", progress=False, pretrained=shared)
-    assert [p for p in shared.iterdir() if p.is_dir()] == points
-    assert (points[0] / "params.npz").stat().st_mtime_ns == stamp
-    assert {r["result"]["pretrained_run"] for r in ResultsStore(tmp_path / "store_b").records()} == {points[0].name}
+    # another sweep, another axis (here its run config): the same point, found, not retrained
+    from precision_lab.runner import load, pretrained_point
+    from precision_lab.sweep import expand
+
+    second = tmp_path / "b.toml"
+    second.write_text(PRETRAIN_SWEEP.format(name="b", field="finetune.trainable", values='["all"]'))
+    run = run_config(expand(load(second))[0].config)
+    assert pretrained_point(run, [0, 1], shared) == points[0]
+    assert (points[0] / "params.npz").stat().st_mtime_ns == stamp and [p for p in shared.iterdir() if p.is_dir()] == points
 
 
 def test_a_pretraining_point_that_cannot_work_is_one_line(tmp_path):
