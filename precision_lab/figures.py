@@ -458,7 +458,7 @@ def differences_figure(configs, out_dir, stem):
 
 def finetune_curves_figure(configs, out_dir, stem):
     """Fine-tuning curves of a sweep, one panel per task: per configuration the training cross entropy (thin,
-    mean over stable seeds, 10-step running mean) and the validation loss at each evaluation (thick, mean
+    mean over the seeds that did not diverge, 10-step running mean) and the validation loss at each evaluation (thick, mean
     with its 95% CI band across seeds). Where validation turns up while training still falls, it overfits."""
     import numpy as np
 
@@ -467,11 +467,12 @@ def finetune_curves_figure(configs, out_dir, stem):
 
     tasks = list(dict.fromkeys(finetune_task(c) for c in configs))
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.2), squeeze=False)
-    colors = _colors(c.label for c in configs)
+    arm = lambda c: ", ".join(p for p in c.label.split(", ") if not p.startswith("task="))  # one colour per arm
+    colors = _colors(arm(c) for c in configs)
     for ax, task in zip(axes[0], tasks):
         for c in [c for c in configs if finetune_task(c) == task]:
-            keep = [(r, m) for r, m, o in zip(c.records, c.metrics, c.outcomes) if o == "stable"]
-            color = colors[c.label]
+            keep = [(r, m) for r, m in zip(c.records, c.metrics) if not r["result"]["diverged"]]  # as the tables
+            color = colors[arm(c)]
             ce = [np.asarray(m["ce"], float) for _, m in keep if "ce" in m]
             if ce:
                 mean = np.nanmean(np.stack(ce), axis=0)
@@ -498,7 +499,7 @@ def finetune_curves_figure(configs, out_dir, stem):
 
 def finetune_grid_figure(configs, out_dir, stem):
     """Test loss against learning rate, one line per batch size, one panel per arm (sparse, dense): mean over
-    stable seeds with 95% CI error bars (ST-MoE Table 20's grid)."""
+    the seeds that did not diverge, with 95% CI error bars (ST-MoE Table 20's grid)."""
     from precision_lab.report import finetune_values, router_kind
     from precision_lab.stats import mean_interval
 

@@ -688,20 +688,23 @@ def table_budget(configs) -> str:
 
 FINETUNE_NOTE = ("Fine-tuning quality is the cross entropy of the task's held-out TEST split (1,024 examples, used "
                  "for nothing else) at the last step, in nats per target token (lower is better); validation "
-                 "curves pick nothing. SuperGLUE scores (the paper's) and these losses are different measures: "
-                 "compare directions and orderings.")
+                 "curves pick nothing. Fine-tuning tables use every seed that did not diverge, failed-to-learn "
+                 "ones included (see the finetune table), paired by seed. SuperGLUE scores (the paper's) and "
+                 "these losses are different measures: compare directions and orderings.")
 
 
 def finetune_values(c: ConfigResult) -> dict[str, dict[int, float]]:
-    """Per quantity, {seed: value} over the stable seeds of a fine-tuning configuration:
+    """Per quantity, {seed: value} over the seeds of a fine-tuning configuration that did not diverge (stable
+    or failed to learn: a run that learns and then overfits can end above the task's chance loss, and
+    leaving it out would hide exactly the overfitting these tables measure):
     test (final test loss), val (final validation loss), train (training cross entropy, mean of the last 10
     steps), best_val and best_step (the lowest validation loss and its step), rise (final validation - best:
     how far validation climbed back, the overfitting), gap (final validation - final training), pretrain (the
     pretraining point's final eval loss)."""
     out: dict[str, dict[int, float]] = {k: {} for k in ("test", "val", "train", "best_val", "best_step", "rise",
                                                         "gap", "pretrain")}
-    for r, m, o in zip(c.records, c.metrics, c.outcomes):
-        if o != "stable":
+    for r, m in zip(c.records, c.metrics):
+        if r["result"]["diverged"]:
             continue
         res, seed = r["result"], r["seed"]
         hist = [(e["step"], e["loss"]) for e in res.get("eval_history", []) if e["loss"] is not None]
@@ -761,8 +764,9 @@ def table_finetune(configs) -> str:
                    f"{_mi_cell(v['pretrain'].values())} | {_mi_cell(v['train'].values())} | "
                    f"{_mi_cell(v['val'].values())} | {_mi_cell(v['test'].values())} | {best} | "
                    f"{_mi_cell(v['rise'].values())} | {_mi_cell(v['gap'].values())} |" + cmp)
-    return (FINETUNE_NOTE + " Values are mean +- SD over stable seeds; the failed-to-learn reference of a task "
-            "is its chance loss (the label or token prior).\n\n" + "\n".join(out))
+    return (FINETUNE_NOTE + " Values are mean +- SD over the seeds that did not diverge, failed-to-learn ones "
+            "included (final validation loss at or above the task's chance loss, the label or token prior: a run "
+            "that overfits can end there after learning).\n\n" + "\n".join(out))
 
 
 def table_finetune_overfitting(configs) -> str:
@@ -814,7 +818,7 @@ def table_finetune_hparams(configs) -> str:
             continue
         batches = sorted({k[0] for k in grid})
         lrs = sorted({k[1] for k in grid})
-        out += [f"**{arm}**: test loss, mean +- SD over stable seeds, per cell; last column and row: the average "
+        out += [f"**{arm}**: test loss, mean +- SD over seeds not diverged, per cell; last column and row: the average "
                 "over the other axis, mean [95% CI] across seeds\n",
                 "| batch size \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " | average over lr |",
                 "|---|" + "---|" * (len(lrs) + 1)]

@@ -249,6 +249,7 @@ def test_finetune_tables_pair_by_seed():
                                (100, 0.6 if best_at == 100 else 0.9 + 0.01 * s)]
     sparse = _ft_config("sparse", test=[1.0] * 6, history=[rise(s, 50) for s in range(6)])
     dense = _ft_config("dense", experts=0, test=[1.0] * 6, history=[rise(s, 100 if s % 2 == 0 else 80) for s in range(6)])
+    sparse.records[0]["result"]["outcome"] = "failed_to_learn"  # overfitted above chance: still counted
     table = report.table_finetune_overfitting([sparse, dense])
     row = next(line for line in table.splitlines() if "best validation step" in line)
     assert "| -40 [" in row and "(n=6)" in row, row
