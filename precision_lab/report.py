@@ -799,7 +799,7 @@ def _grid(configs, kind: str) -> dict[tuple[int, float], ConfigResult]:
     return {(c.value("train.batch_size"), c.value("optim.lr")): c for c in configs if router_kind(c) == kind}
 
 
-def _average_over(grid: dict, fixed: int, value, key: str = "test") -> dict[int, float]:
+def _average_over(grid: dict, fixed: int, value, key: str) -> dict[int, float]:
     """{seed: mean over the other axis of the grid} at grid axis `fixed` (0: batch size, 1: lr) = `value`,
     over seeds present in every cell of that row or column."""
     cells = [finetune_values(c)[key] for k, c in grid.items() if k[fixed] == value]
@@ -810,7 +810,17 @@ def _average_over(grid: dict, fixed: int, value, key: str = "test") -> dict[int,
 def table_finetune_hparams(configs) -> str:
     """Batch size x learning rate, per arm: row and column averages with CIs and the preference of each arm,
     not best cells (ST-MoE Table 20)."""
-    out = []
+    paper = ("ST-MoE Table 20 (PAPER.md section 8): averaged over the grid, sparse models prefer a higher lr (1e-3) "
+             "and smaller batches (65k tokens), dense models the opposite (lr 1e-4, 262k tokens); the paper's "
+             "cells are single runs (its best single sparse cell is lr 1e-3 at batch 1M), so the lab reports "
+             "averages over rows and columns, not best cells.")
+    return paper + " " + FINETUNE_NOTE + "\n\n" + "\n\n".join(
+        _hparams_block(configs, key, name) for key, name in
+        (("test", "test loss (final)"), ("best_val", "best validation loss (the paper's best checkpoint)")))
+
+
+def _hparams_block(configs, key: str, measure: str) -> str:
+    out = [f"### {measure}", ""]
     prefs: dict[str, dict[str, dict[int, float]]] = {}
     for kind, arm in (("learned", "sparse"), ("dense", "dense")):
         grid = _grid(configs, kind)
@@ -818,19 +828,19 @@ def table_finetune_hparams(configs) -> str:
             continue
         batches = sorted({k[0] for k in grid})
         lrs = sorted({k[1] for k in grid})
-        out += [f"**{arm}**: test loss, mean +- SD over seeds not diverged, per cell; last column and row: the average "
+        out += [f"**{arm}**: {measure}, mean +- SD over seeds not diverged, per cell; last column and row: the average "
                 "over the other axis, mean [95% CI] across seeds\n",
                 "| batch size \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " | average over lr |",
                 "|---|" + "---|" * (len(lrs) + 1)]
         for b in batches:
-            cells = [_mi_cell(finetune_values(grid[(b, lr)])["test"].values()) if (b, lr) in grid else "not run"
+            cells = [_mi_cell(finetune_values(grid[(b, lr)])[key].values()) if (b, lr) in grid else "not run"
                      for lr in lrs]
-            out.append(f"| {b} | " + " | ".join(cells) + f" | {_ci_cell(_average_over(grid, 0, b))} |")
-        out.append("| average over batch size | " + " | ".join(_ci_cell(_average_over(grid, 1, lr)) for lr in lrs)
+            out.append(f"| {b} | " + " | ".join(cells) + f" | {_ci_cell(_average_over(grid, 0, b, key))} |")
+        out.append("| average over batch size | " + " | ".join(_ci_cell(_average_over(grid, 1, lr, key)) for lr in lrs)
                    + " | |")
         out.append("")
-        small, large = _average_over(grid, 0, batches[0]), _average_over(grid, 0, batches[-1])
-        high, low = _average_over(grid, 1, lrs[-1]), _average_over(grid, 1, lrs[0])
+        small, large = _average_over(grid, 0, batches[0], key), _average_over(grid, 0, batches[-1], key)
+        high, low = _average_over(grid, 1, lrs[-1], key), _average_over(grid, 1, lrs[0], key)
         db = {s: small[s] - large[s] for s in set(small) & set(large)}
         dl = {s: high[s] - low[s] for s in set(high) & set(low)}
         prefs[arm] = {"batch": db, "lr": dl}
@@ -844,15 +854,11 @@ def table_finetune_hparams(configs) -> str:
                    "batches and higher lr than dense, so both differences negative):\n")
         out.append(f"| preference | sparse - dense, mean [95% CI] | p ({_test_name(configs)}) | seeds for 80% power |")
         out.append("|---|---|---|---|")
-        for key, name in (("batch", "smaller batch (loss at small - at large batch)"),
-                          ("lr", "higher lr (loss at high - at low lr)")):
-            d = stats.paired_difference(prefs["sparse"][key], prefs["dense"][key], test=configs[0].paired_test)
+        for pref, name in (("batch", "smaller batch (loss at small - at large batch)"),
+                           ("lr", "higher lr (loss at high - at low lr)")):
+            d = stats.paired_difference(prefs["sparse"][pref], prefs["dense"][pref], test=configs[0].paired_test)
             out.append(f"| {name} |" + _pd_cells(d))
-    paper = ("ST-MoE Table 20 (PAPER.md section 8): averaged over the grid, sparse models prefer a higher lr (1e-3) "
-             "and smaller batches (65k tokens), dense models the opposite (lr 1e-4, 262k tokens); the paper's "
-             "cells are single runs (its best single sparse cell is lr 1e-3 at batch 1M), so the lab reports "
-             "averages over rows and columns, not best cells.")
-    return paper + " " + FINETUNE_NOTE + "\n\n" + "\n".join(out)
+    return "\n".join(out)
 
 
 def _ci_cell(values: dict[int, float]) -> str:
@@ -870,16 +876,20 @@ def table_finetune_trainable(configs) -> str:
     """Which parameters to fine-tune (ST-MoE Table 6), each subset against `all`, paired by seed."""
     ref = next((c for c in configs if c.value("finetune.trainable") == "all"), None)
     rv = finetune_values(ref)["test"] if ref else {}
+    rb = finetune_values(ref)["best_val"] if ref else {}
     out = ["| parameters updated | paper (ST-MoE Table 6, SuperGLUE) | lab configuration | stable / diverged / "
            "failed to learn | test loss, mean +- SD | test loss - all's, mean [95% CI] (paired by seed) | "
-           f"p ({_test_name(configs)}) | seeds for 80% power |", "|---|---|---|---|---|---|---|---|"]
+           f"p ({_test_name(configs)}) | seeds for 80% power | best validation loss - all's (the paper's best "
+           "checkpoint), mean [95% CI] | p | seeds for 80% power |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for which, paper in TRAINABLE_PAPER.items():
         rows = [c for c in configs if c.value("finetune.trainable") == which]
         if not rows:
-            out.append(f"| {which} | {paper} | not run | - | - | - | - | - |")
+            out.append(f"| {which} | {paper} | not run | - | - | - | - | - | - | - | - |")
         for c in rows:
-            v = finetune_values(c)["test"]
-            cmp = " reference | - | - |" if c is ref else _pd_cells(stats.paired_difference(v, rv, test=c.paired_test))
+            v, b = finetune_values(c)["test"], finetune_values(c)["best_val"]
+            cmp = " reference | - | - | reference | - | - |" if c is ref else (
+                _pd_cells(stats.paired_difference(v, rv, test=c.paired_test))
+                + _pd_cells(stats.paired_difference(b, rb, test=c.paired_test)))
             out.append(f"| {which} | {paper} | {c.label} | {_outcome_cell(c)} | {_mi_cell(v.values())} |" + cmp)
     return (FINETUNE_NOTE + " Frozen parameters get a zero update through optax (no optimiser state).\n\n"
             + "\n".join(out))
@@ -889,28 +899,32 @@ def table_finetune_capacity(configs) -> str:
     """Train capacity factor x load-balancing loss during fine-tuning (ST-MoE Table 5)."""
     base = next((c for c in configs if c.value("train.label") == "baseline"), None) or max(
         configs, key=lambda c: (c.value("model.train_capacity_factor", 0), c.value("model.load_balance_coef", 0)))
-    bv = finetune_values(base)["test"]
+    bv, bb = finetune_values(base)["test"], finetune_values(base)["best_val"]
     out = ["| train CF | load-balancing loss (c_B) | dropped tokens (train, final; mean over sparse layers) | "
            "stable / diverged / failed to learn | test loss, mean +- SD | test loss - baseline's, mean [95% CI] "
-           f"(paired by seed) | p ({_test_name(configs)}) | seeds for 80% power |", "|---|---|---|---|---|---|---|---|"]
+           f"(paired by seed) | p ({_test_name(configs)}) | seeds for 80% power | best validation loss - "
+           "baseline's, mean [95% CI] | p | seeds for 80% power |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by_cf: dict[float, dict[bool, ConfigResult]] = {}
     for c in sorted(configs, key=lambda c: (-c.value("model.train_capacity_factor", 0),
                                             -c.value("model.load_balance_coef", 0))):
         cf, coef = c.value("model.train_capacity_factor"), c.value("model.load_balance_coef")
         by_cf.setdefault(cf, {})[bool(coef)] = c
-        v = finetune_values(c)["test"]
-        cmp = " baseline | - | - |" if c is base else _pd_cells(stats.paired_difference(v, bv, test=c.paired_test))
+        v, b = finetune_values(c)["test"], finetune_values(c)["best_val"]
+        cmp = " baseline | - | - | baseline | - | - |" if c is base else (
+            _pd_cells(stats.paired_difference(v, bv, test=c.paired_test))
+            + _pd_cells(stats.paired_difference(b, bb, test=c.paired_test)))
         dropped = _final(c, "router_dropped_token_fraction", np.nanmean)
         out.append(f"| {cf:g} | {'on' if coef else 'off'} ({coef:g}) | {_fmt(dropped)} | {_outcome_cell(c)} | "
                    f"{_mi_cell(v.values())} |" + cmp)
     out += ["", "The load-balancing loss during fine-tuning, at each train CF (without minus with: positive = the "
             "loss helps):", "", f"| train CF | test loss without - with, mean [95% CI] | p ({_test_name(configs)}) | "
-            "seeds for 80% power |", "|---|---|---|---|"]
+            "seeds for 80% power | best validation loss without - with | p | seeds for 80% power |",
+            "|---|---|---|---|---|---|---|"]
     for cf, pair in by_cf.items():
         if True in pair and False in pair:
-            d = stats.paired_difference(finetune_values(pair[False])["test"], finetune_values(pair[True])["test"],
-                                        test=pair[True].paired_test)
-            out.append(f"| {cf:g} |" + _pd_cells(d))
+            off, on = finetune_values(pair[False]), finetune_values(pair[True])
+            out.append(f"| {cf:g} |" + "".join(_pd_cells(stats.paired_difference(off[k], on[k], test=pair[True].paired_test))
+                                              for k in ("test", "best_val")))
     paper = ("ST-MoE Table 5 (PAPER.md section 8): dropping up to about 10-15% of tokens during fine-tuning barely "
              "hurts, and the auxiliary load-balancing loss helps fine-tuning. ST-MoE counts dropped TOKENS (no "
              "expert processed them), as this table does; padding takes no capacity and is not counted.")

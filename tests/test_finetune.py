@@ -263,6 +263,7 @@ def test_finetune_tables_pair_by_seed():
                         + (lr == 3e-3) * sign * 0.2 for s in range(6)]
                 cells.append(_ft_config(f"{experts},{batch},{lr}", experts=experts, batch=batch, lr=lr, test=test))
     table = report.table_finetune_hparams(cells)
+    assert "### test loss (final)" in table and "### best validation loss" in table
     row = next(line for line in table.splitlines() if line.startswith("| smaller batch"))
     assert "| -0.205 [" in row, row
     row = next(line for line in table.splitlines() if line.startswith("| higher lr"))
@@ -274,6 +275,8 @@ def test_finetune_tables_pair_by_seed():
                for w in ("all", "non_moe", "moe")]
     table = report.table_finetune_trainable(subsets)
     assert "| moe | much worse | moe | 6 / 0 / 0 | 1.330 +- 0.021 | +0.305 [" in table, table
+    moe = next(line for line in table.splitlines() if line.startswith("| moe |"))
+    assert moe.count("+0.305 [") == 2, moe  # test loss and best validation (here the one validation point)
     assert "| ffn | as good as all | not run |" in table
 
     # capacity: the baseline is the largest CF with the load-balancing loss; without it 0.05 worse at CF 0.25
