@@ -447,12 +447,96 @@ def differences_figure(configs, out_dir, stem):
     return save(fig, out_dir, stem)
 
 
+def divergence_onset_figure(configs, out_dir, stem):
+    """P(diverge) vs learning rate per policy line (`report.onset_fits`): the observed fraction of seeds that
+    diverged with its Clopper-Pearson 95% interval, the fitted logistic curve, and the onset (P = 0.5) with
+    its 95% profile-likelihood interval as a shaded band; lines without a fit say why in the legend."""
+    import numpy as np
+
+    from precision_lab.report import onset_fits
+    from precision_lab.stats import clopper_pearson
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = _colors(onset_fits(configs))
+    for line, (cs, f) in onset_fits(configs).items():
+        c = colors[line]
+        frac = np.array(f.diverged) / np.array(f.seeds)
+        ci = np.array([clopper_pearson(k, n) for k, n in zip(f.diverged, f.seeds)])
+        label = (f"{line}: onset {f.onset_lr:.3g}" if f.onset_lr is not None else
+                 f"{line}: no point estimate ({f.status})")
+        ax.errorbar(f.lrs, frac, yerr=[frac - ci[:, 0], ci[:, 1] - frac], fmt="o", color=c, capsize=3, label=label)
+        if f.slope is not None and f.status == "fit":
+            xs = np.geomspace(f.lrs[0], f.lrs[-1], 200)
+            ax.plot(xs, f.probability(xs), "-", color=c, lw=1.2)
+            ax.axvline(f.onset_lr, color=c, ls="--", lw=0.8)
+        if f.ci_lo is not None or f.ci_hi is not None:
+            lo = f.ci_lo if f.ci_lo is not None else f.lrs[0]
+            hi = f.ci_hi if f.ci_hi is not None else f.lrs[-1]
+            ax.axvspan(lo, hi, color=c, alpha=0.1)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("fraction of seeds diverged (95% Clopper-Pearson)")
+    ax.set_title("Divergence onset: P(diverge | lr), logistic fit in log10 lr\n"
+                 "(dashed: onset, P = 0.5; band: its 95% profile-likelihood interval)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def precursor_lead_time_figure(configs, out_dir, stem):
+    """Per telemetry series (`report.PRECURSOR_SERIES`), how many steps before its divergence each diverged
+    seed had that series above the range of its configuration's stable seeds (`report.table_precursors`'s
+    rule): one point per seed and policy line; the count of seeds with a precursor beside each row."""
+    import numpy as np
+
+    from precision_lab.report import PRECURSOR_SERIES, lr_lines, precursors
+
+    names = list(PRECURSOR_SERIES)
+    lines = {line: precursors(cs) for line, cs in lr_lines(configs).items()}
+    colors = _colors(lines)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 2))
+    rng = np.random.default_rng(0)  # vertical jitter only, so points of one row do not hide each other
+    offsets = np.linspace(-0.2, 0.2, len(lines)) if len(lines) > 1 else np.zeros(1)
+    for j, (line, pre) in enumerate(lines.items()):
+        label = line
+        for y, name in enumerate(names):
+            vals = [v for v in pre.leads.get(name, []) if v is not None]
+            if vals:
+                ax.plot(vals, y + offsets[j] + rng.uniform(-0.05, 0.05, len(vals)), "o", ms=4, alpha=0.7,
+                        color=colors[line], label=label)
+                label = None  # one legend entry per line
+    ticks = []
+    for name in names:
+        parts = []
+        for line, pre in lines.items():
+            if name in pre.absent:
+                parts.append("absent")
+            elif pre.seeds:
+                parts.append(f"{sum(v is not None for v in pre.leads[name])}/{pre.seeds}")
+        ticks.append(f"{PRECURSOR_SERIES[name][3]}\n({', '.join(parts) or 'no diverged seeds'})")
+    ax.set_yticks(range(len(names)), ticks, fontsize=6)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first series on top
+    ax.set_xscale("log")  # lead times are >= 1 step
+    ax.set_xlim(left=0.8)
+    ax.xaxis.set_major_formatter(_ticker.ScalarFormatter())
+    ax.set_xlabel("lead time: steps before the divergence step that the series stayed above the stable seeds' max")
+    ax.set_title("Precursors of divergence per telemetry series\n(in brackets: diverged seeds with a precursor / "
+                 "with a reference, per policy line)", fontsize=10)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
 SWEEP_FIGURES = {
     **{name: curve_figure(name) for name in CURVES},
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
     "differences": differences_figure,
+    "divergence_onset": divergence_onset_figure,
+    "precursor_lead_time": precursor_lead_time_figure,
 }
 
 

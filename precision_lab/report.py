@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import platform
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -418,7 +419,7 @@ def table_lr_intervals(configs) -> str:
     baseline's line at the same lr."""
     by_line = lr_lines(configs)
     base = baseline_of(configs)
-    base_line = next((cs for cs in by_line.values() if base in cs), [])
+    base_line = by_line.get(baseline_line(configs, by_line), [])
     head, sep = comparison_head(configs)
     out = ["| configuration | lr | eval loss, mean [95% CI] (stable seeds) |" + head.replace("baseline", "baseline line"),
            "|---|---|---|" + sep]
@@ -441,6 +442,184 @@ def _loss_at_init(cs: list[ConfigResult]) -> float | None:
     firsts = [c.metric("ce")[:, 0] for c in cs if c.metric("ce").size]
     vals = np.concatenate(firsts) if firsts else np.array([])
     return float(np.nanmean(vals)) if np.isfinite(vals).any() else None
+
+
+# -- divergence onset and its precursors ----------------------------------------------------------------------
+
+
+def onset_fits(configs) -> dict[str, tuple[list[ConfigResult], stats.OnsetFit]]:
+    """Per policy line (`lr_lines`: every axis but the lr): its configurations by lr and the logistic fit
+    of P(diverge | lr) over their seeds (stats.divergence_onset)."""
+    return {line: (cs, stats.divergence_onset([c.value("optim.lr") for c in cs], [c.n for c in cs],
+                                              [c.n - c.stable for c in cs]))
+            for line, cs in lr_lines(configs).items() if cs and all(c.n for c in cs)}
+
+
+def baseline_line(configs, lines: dict[str, list[ConfigResult]]) -> str | None:
+    """The line (a key of `lines`, as `lr_lines` gives them) holding the baseline row (`baseline_of`)."""
+    base = baseline_of(configs)
+    return next((line for line, cs in lines.items() if any(c is base for c in cs)), None)
+
+
+def _lr_cell(v: float | None) -> str:
+    return "open" if v is None else f"{v:.3g}"
+
+
+def onset_cell(f: stats.OnsetFit) -> str:
+    """The fitted onset lr with its 95% profile-likelihood interval, or why there is no point estimate."""
+    ci = f"[{_lr_cell(f.ci_lo)}, {_lr_cell(f.ci_hi)}]"
+    if f.status == "fit":
+        return f"{f.onset_lr:.3g} {ci}"
+    if f.status == "all_stable":
+        return f"> {f.lrs[-1]:g} (no seed diverged; 95% lower bound {_lr_cell(f.ci_lo)})"
+    if f.status == "all_diverged":
+        return f"< {f.lrs[0]:g} (every seed diverged; 95% upper bound {_lr_cell(f.ci_hi)})"
+    if f.status == "separated":
+        lo, hi = f.bracket
+        return (f"no point estimate (separation: the step lies between lr {_lr_cell(lo)} and {_lr_cell(hi)}); "
+                f"95% profile set {ci}")
+    return f"none: {f.reason}"
+
+
+def shift_cell(d: stats.OnsetShift) -> str:
+    lo, hi = d.ratio_ci
+    ci = f"[{_lr_cell(lo)}, {_lr_cell(hi)}]"
+    if d.shift is None:
+        if lo is None and hi is None:
+            return f"none ({d.reason})"
+        return f"no point estimate ({d.reason}); ratio 95% CI {ci}"
+    return f"x{d.ratio:.3g} {ci} ({d.shift:+.3f} decades)"
+
+
+def table_onset(configs) -> str:
+    """Per policy line: the lr grid, seeds and diverged seeds per lr, the fitted onset lr with its 95% CI,
+    and the shift of the onset against the baseline's line with its 95% CI and likelihood-ratio p."""
+    fits = onset_fits(configs)
+    base = baseline_line(configs, {line: cs for line, (cs, _) in fits.items()})
+    out = ["| policy line | lrs | seeds per lr | diverged per lr | onset lr (P = 0.5) [95% CI] | onset / baseline "
+           "line's: ratio [95% CI] (shift in decades) | p (likelihood ratio, no shift) |",
+           "|---|---|---|---|---|---|---|"]
+    for line, (cs, f) in fits.items():
+        if line == base:
+            shift, p = "baseline line", "-"
+        else:
+            d = stats.onset_shift(f, fits[base][1]) if base is not None else None
+            shift, p = (shift_cell(d), _p(d.p_value)) if d is not None else ("no baseline line", "-")
+        out.append(f"| {line} | {' '.join(f'{v:g}' for v in f.lrs)} | {' '.join(map(str, f.seeds))} | "
+                   f"{' '.join(map(str, f.diverged))} | {onset_cell(f)} | {shift} | {p} |")
+    return ("Divergence onset: P(diverge | lr) = sigmoid(a + b log10 lr) fitted by maximum likelihood to every "
+            "seed's outcome (diverged or not; failed-to-learn seeds count as not diverged); the onset is the lr "
+            "where P = 0.5. Intervals are 95% profile-likelihood intervals (the values a likelihood-ratio test "
+            "does not reject, the slopes maximised out); 'open': not bounded within "
+            f"{stats.ONSET_EXTRAPOLATE_DECADES:g} decade of the grid. Under separation (every stable seed at a "
+            "lower lr than every diverged one) the likelihood has no maximum: no point estimate is given, only "
+            "where the step lies and the profile set. The shift compares each line's onset with the baseline "
+            "line's (ratio of onset lrs; the p-value tests a common onset, slopes free).\n\n" + "\n".join(out))
+
+
+# Telemetry series watched for precursors: name -> (metric, how per-layer values combine, transform, label).
+PRECURSOR_SERIES = {
+    "router_max_logit": ("router_max_abs_logit", "max", None, "router max abs logit (max over sparse layers)"),
+    "router_lse_sq": ("router_mean_lse_sq", "max", None, "router logsumexp^2 (z-loss; max over sparse layers)"),
+    "output_lse_sq": ("output_lse", None, "square", "output logsumexp^2 (square of the mean logsumexp)"),
+    "attention_logit": ("max_attention_logit", "max", None, "max abs attention logit"),
+    "grad_norm": ("grad_norm", None, None, "gradient norm"),
+    "update_rms": ("update_rms", None, None, "update RMS"),
+    "underflow_grads": ("underflow_frac/grads", None, None, "underflow fraction of gradients (precision telemetry)"),
+}
+# Fewer stable seeds than this at a configuration: no reference range there.
+PRECURSOR_MIN_REFERENCE = 2
+
+
+def _series(c: ConfigResult, name: str) -> np.ndarray | None:
+    """<float>[seeds, steps] of a precursor series, None where the runs did not record it."""
+    metric, layers, transform, _ = PRECURSOR_SERIES[name]
+    m = c.metric(metric)
+    if m.size == 0 or m.shape[0] != c.n:
+        return None
+    if m.ndim == 3:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a frozen seed's steps are all NaN
+            m = np.nanmax(m, axis=2) if layers == "max" else np.nanmean(m, axis=2)
+    return np.square(m) if transform == "square" else m
+
+
+@dataclasses.dataclass(frozen=True)
+class Precursors:
+    """A policy line's diverged seeds against the stable seeds of their own configuration.
+
+    leads: {series: [lead time in steps, or None (no precursor), per diverged seed with a reference]};
+    absent: series not recorded in some configuration of the line; unreferenced: (configuration label,
+    diverged seeds) where fewer than PRECURSOR_MIN_REFERENCE seeds stayed stable; seeds: diverged seeds
+    with a reference."""
+
+    leads: dict[str, list[int | None]]
+    absent: tuple[str, ...]
+    unreferenced: tuple[tuple[str, int], ...]
+    seeds: int
+
+
+def precursors(cs: list[ConfigResult]) -> Precursors:
+    """stats.precursor_lead of every watched series for every diverged seed of these configurations."""
+    leads: dict[str, list[int | None]] = {name: [] for name in PRECURSOR_SERIES}
+    absent, unreferenced, seeds = set(), [], 0
+    for c in cs:
+        div = [i for i, r in enumerate(c.records) if r["result"]["diverged"]]
+        stable = [i for i, r in enumerate(c.records) if not r["result"]["diverged"]]
+        if not div:
+            continue
+        if len(stable) < PRECURSOR_MIN_REFERENCE:
+            unreferenced.append((c.label, len(div)))
+            continue
+        seeds += len(div)
+        for name in PRECURSOR_SERIES:
+            m = _series(c, name)
+            if m is None:
+                absent.add(name)
+                continue
+            leads[name] += [stats.precursor_lead(m[i], m[stable], c.records[i]["result"]["divergence_step"])
+                            for i in div]
+    return Precursors({k: v for k, v in leads.items() if k not in absent}, tuple(sorted(absent)),
+                      tuple(unreferenced), seeds)
+
+
+def table_precursors(configs) -> str:
+    """Per policy line: for each telemetry series, how many diverged seeds had it above the stable seeds'
+    range before diverging, how often it was the first to leave, and how many steps ahead."""
+    out = ["| policy line | series | diverged seeds with a reference | above the stable range before diverging | "
+           "first to leave (ties count for each) | lead time in steps: median [min, max] |",
+           "|---|---|---|---|---|---|"]
+    notes = []
+    for line, cs in lr_lines(configs).items():
+        pre = precursors(cs)
+        for label, k in pre.unreferenced:
+            notes.append(f"- {line}: {label}: {k} diverged seed(s) without a reference (fewer than "
+                         f"{PRECURSOR_MIN_REFERENCE} stable seeds at that lr)")
+        if not pre.seeds and not pre.absent:
+            continue
+        per_seed = list(zip(*pre.leads.values())) if pre.leads else []
+        firsts = dict.fromkeys(pre.leads, 0)
+        for row in per_seed:
+            got = [v for v in row if v is not None]
+            for name, v in zip(pre.leads, row):
+                if got and v == max(got):
+                    firsts[name] += 1
+        for name, (_, _, _, label) in PRECURSOR_SERIES.items():
+            if name in pre.absent:
+                out.append(f"| {line} | {label} | {pre.seeds} | not recorded in these runs | - | - |")
+                continue
+            vals = [v for v in pre.leads[name] if v is not None]
+            lead = f"{np.median(vals):g} [{min(vals)}, {max(vals)}]" if vals else "-"
+            out.append(f"| {line} | {label} | {pre.seeds} | {len(vals)}/{pre.seeds} | {firsts[name]} | {lead} |")
+    if len(out) == 2:
+        out.append("| - | no diverged seed with a reference in this sweep | 0 | - | - | - |")
+    return ("Precursors of divergence. For each diverged seed and telemetry series: the series 'left the stable "
+            "range' at the first step of its last uninterrupted run above the maximum over the stable seeds of "
+            "the same configuration (same policy and lr) at the same step, a run that lasts up to the step "
+            "before the divergence step; the lead time is the divergence step minus that step. A series below "
+            "that maximum at the step before divergence is no precursor for that seed. Series a run did not "
+            "record (precision telemetry off, random routing) are said to be absent.\n\n" + "\n".join(out)
+            + ("\n\n" + "\n".join(notes) if notes else ""))
 
 
 SPECIALIZATION_PAPER = {"encoder": [2.2, 1.8, 1.6, 1.7, 1.7, 1.2], "decoder": [3.4] * 6}
@@ -613,6 +792,8 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "backends": table_backends,
     "precondition": table_precondition,
     "budget": table_budget,
+    "onset": table_onset,
+    "precursors": table_precursors,
 }
 
 
