@@ -157,3 +157,16 @@ def test_report_gate_bound_and_dropped_tokens_vs_assignments():
     table = report.table_capacity_factor([c])
     assert "dropped tokens" in table and "dropped assignments" in table
     assert "| 0.030 | 0.400 |" in table
+
+
+def test_smoke_version_of_a_cosine_sweep_shortens_its_warmup(tmp_path):
+    """Regression: a cosine schedule decays over train.steps, which the smoke version cuts to 6, below a 20-step
+    warm-up: loading the smoke version exited 2 (total_steps must be > warmup_steps)."""
+    from precision_lab.runner import SMOKE_BASE, load
+
+    path = tmp_path / "cosine.toml"
+    path.write_text("name = 'c'\nseeds = 1\n[base]\ntrain = { steps = 300 }\n"
+                    "optim = { schedule = 'cosine', warmup_steps = 20 }\n")
+    spec = load(path, smoke_test=True)
+    assert spec.base["optim"]["warmup_steps"] == SMOKE_BASE["train"]["steps"] // 2
+    assert load(path).base["optim"]["warmup_steps"] == 20  # the full version is untouched
