@@ -457,14 +457,16 @@ def divergence_onset_figure(configs, out_dir, stem):
     from precision_lab.stats import clopper_pearson
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colors = _colors(onset_fits(configs))
-    for line, (cs, f) in onset_fits(configs).items():
+    fits = onset_fits(configs)
+    colors = _colors(fits)
+    for j, (line, (cs, f)) in enumerate(fits.items()):
         c = colors[line]
+        dodge = 10 ** (0.006 * (j - (len(fits) - 1) / 2))  # lines side by side at a shared lr
         frac = np.array(f.diverged) / np.array(f.seeds)
         ci = np.array([clopper_pearson(k, n) for k, n in zip(f.diverged, f.seeds)])
         label = (f"{line}: onset {f.onset_lr:.3g}" if f.onset_lr is not None else
                  f"{line}: no point estimate ({f.status})")
-        ax.errorbar(f.lrs, frac, yerr=[frac - ci[:, 0], ci[:, 1] - frac], fmt="o", color=c, capsize=3, label=label)
+        ax.errorbar(np.array(f.lrs) * dodge, frac, yerr=[frac - ci[:, 0], ci[:, 1] - frac], fmt="o", color=c, capsize=3, label=label)
         if f.slope is not None and f.status == "fit":
             xs = np.geomspace(f.lrs[0], f.lrs[-1], 200)
             ax.plot(xs, f.probability(xs), "-", color=c, lw=1.2)

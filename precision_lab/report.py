@@ -595,7 +595,9 @@ def table_precursors(configs) -> str:
         for label, k in pre.unreferenced:
             notes.append(f"- {line}: {label}: {k} diverged seed(s) without a reference (fewer than "
                          f"{PRECURSOR_MIN_REFERENCE} stable seeds at that lr)")
-        if not pre.seeds and not pre.absent:
+        if not pre.seeds:
+            what = "no diverged seed has a reference" if pre.unreferenced else "no seed diverged"
+            out.append(f"| {line} | - | 0 | {what} | - | - |")
             continue
         per_seed = list(zip(*pre.leads.values())) if pre.leads else []
         firsts = dict.fromkeys(pre.leads, 0)
@@ -611,8 +613,6 @@ def table_precursors(configs) -> str:
             vals = [v for v in pre.leads[name] if v is not None]
             lead = f"{np.median(vals):g} [{min(vals)}, {max(vals)}]" if vals else "-"
             out.append(f"| {line} | {label} | {pre.seeds} | {len(vals)}/{pre.seeds} | {firsts[name]} | {lead} |")
-    if len(out) == 2:
-        out.append("| - | no diverged seed with a reference in this sweep | 0 | - | - | - |")
     return ("Precursors of divergence. For each diverged seed and telemetry series: the series 'left the stable "
             "range' at the first step of its last uninterrupted run above the maximum over the stable seeds of "
             "the same configuration (same policy and lr) at the same step, a run that lasts up to the step "

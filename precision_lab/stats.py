@@ -718,8 +718,8 @@ def onset_shift(fit: OnsetFit, baseline: OnsetFit, confidence: float = 1 - ALPHA
         reason = ""
     else:
         shift = None
-        reason = "no point estimate: " + "; ".join(f"{who}: {f.status}" for f, who in ((fit, "policy"), (baseline, "baseline"))
-                                                   if f.onset_lr is None)
+        reason = "; ".join(f"{who}: {f.status}" for f, who in ((fit, "policy"), (baseline, "baseline"))
+                           if f.onset_lr is None)
 
     def at_edge(idx):
         i = arg[idx]

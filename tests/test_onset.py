@@ -205,9 +205,13 @@ def test_onset_table_fits_each_policy_line_and_shifts_against_the_baseline_line(
     assert f"{f.onset_lr:.3g} [{f.ci_lo:.3g}, {f.ci_hi:.3g}]" in bf16
     d = stats.onset_shift(f, fits["fp32"][1])
     assert f"x{d.ratio:.3g}" in bf16 and f"({d.shift:+.3f} decades)" in bf16
-    # all stable: a bound, not a number
+    # all stable: a bound, not a number; a separated line: no point estimate of the shift, but its interval
     calm = [_config("fp32", lr, [False] * 4) for lr in (0.1, 0.2)]
     assert "> 0.2 (no seed diverged; 95% lower bound" in report.table_onset(calm)
+    cliff = [_config("bf16", lr, [lr > 0.3] * 6) for lr in (0.1, 0.2, 0.4, 0.8)]
+    row = report.table_onset(configs[:4] + cliff).splitlines()[-1]
+    assert "no point estimate (separation: the step lies between lr 0.2 and 0.4)" in row
+    assert "no point estimate (policy: separated); ratio 95% CI [" in row
 
 
 def test_precursor_table_finds_the_first_series_and_says_what_is_absent():
@@ -223,6 +227,8 @@ def test_precursor_table_finds_the_first_series_and_says_what_is_absent():
     assert "| fp32 | router max abs logit (max over sparse layers) | 3 | 3/3 | 0 | 2 [2, 2] |" in table
     assert "| bf16 | underflow fraction of gradients (precision telemetry) | " in table
     assert "not recorded in these runs" in table and "without a reference" in table
+    calm = [_config("fp32", lr, [False] * 2) for lr in (0.1, 0.2)]
+    assert "| fp32 | - | 0 | no seed diverged | - | - |" in report.table_precursors(calm)
 
 
 def test_onset_and_precursor_figures_are_drawn(tmp_path):
