@@ -466,7 +466,8 @@ def divergence_onset_figure(configs, out_dir, stem):
         ci = np.array([clopper_pearson(k, n) for k, n in zip(f.diverged, f.seeds)])
         label = (f"{line}: onset {f.onset_lr:.3g}" if f.onset_lr is not None else
                  f"{line}: no point estimate ({f.status})")
-        ax.errorbar(np.array(f.lrs) * dodge, frac, yerr=[frac - ci[:, 0], ci[:, 1] - frac], fmt="o", color=c, capsize=3, label=label)
+        ax.errorbar(np.array(f.lrs) * dodge, frac, yerr=[frac - ci[:, 0], ci[:, 1] - frac], fmt="o", color=c,
+                    capsize=3, label=label)
         if f.slope is not None and f.status == "fit":
             xs = np.geomspace(f.lrs[0], f.lrs[-1], 200)
             ax.plot(xs, f.probability(xs), "-", color=c, lw=1.2)
@@ -516,7 +517,7 @@ def precursor_lead_time_figure(configs, out_dir, stem):
                 parts.append("absent")
             elif pre.seeds:
                 parts.append(f"{sum(v is not None for v in pre.leads[name])}/{pre.seeds}")
-        ticks.append(f"{PRECURSOR_SERIES[name][3]}\n({', '.join(parts) or 'no diverged seeds'})")
+        ticks.append(f"{PRECURSOR_SERIES[name][2]}\n({', '.join(parts) or 'no diverged seeds'})")
     ax.set_yticks(range(len(names)), ticks, fontsize=6)
     ax.set_ylim(len(names) - 0.5, -0.5)  # first series on top
     ax.set_xscale("log")  # lead times are >= 1 step

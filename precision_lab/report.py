@@ -517,15 +517,15 @@ def table_onset(configs) -> str:
             "line's (ratio of onset lrs; the p-value tests a common onset, slopes free).\n\n" + "\n".join(out))
 
 
-# Telemetry series watched for precursors: name -> (metric, how per-layer values combine, transform, label).
+# Telemetry series watched for precursors: name -> (metric, how per-layer values combine, label).
 PRECURSOR_SERIES = {
-    "router_max_logit": ("router_max_abs_logit", "max", None, "router max abs logit (max over sparse layers)"),
-    "router_lse_sq": ("router_mean_lse_sq", "max", None, "router logsumexp^2 (z-loss; max over sparse layers)"),
-    "output_lse_sq": ("output_lse", None, "square", "output logsumexp^2 (square of the mean logsumexp)"),
-    "attention_logit": ("max_attention_logit", "max", None, "max abs attention logit"),
-    "grad_norm": ("grad_norm", None, None, "gradient norm"),
-    "update_rms": ("update_rms", None, None, "update RMS"),
-    "underflow_grads": ("underflow_frac/grads", None, None, "underflow fraction of gradients (precision telemetry)"),
+    "router_max_logit": ("router_max_abs_logit", "max", "router max abs logit (max over sparse layers)"),
+    "router_lse_sq": ("router_mean_lse_sq", "max", "router logsumexp^2 (z-loss; max over sparse layers)"),
+    "output_lse_sq": ("output_z_loss", None, "output logsumexp^2 (mean over tokens: the output z-loss)"),
+    "attention_logit": ("max_attention_logit", "max", "max abs attention logit"),
+    "grad_norm": ("grad_norm", None, "gradient norm"),
+    "update_rms": ("update_rms", None, "update RMS"),
+    "underflow_grads": ("underflow_frac/grads", None, "underflow fraction of gradients (precision telemetry)"),
 }
 # Fewer stable seeds than this at a configuration: no reference range there.
 PRECURSOR_MIN_REFERENCE = 2
@@ -533,7 +533,7 @@ PRECURSOR_MIN_REFERENCE = 2
 
 def _series(c: ConfigResult, name: str) -> np.ndarray | None:
     """<float>[seeds, steps] of a precursor series, None where the runs did not record it."""
-    metric, layers, transform, _ = PRECURSOR_SERIES[name]
+    metric, layers, _ = PRECURSOR_SERIES[name]
     m = c.metric(metric)
     if m.size == 0 or m.shape[0] != c.n:
         return None
@@ -541,7 +541,7 @@ def _series(c: ConfigResult, name: str) -> np.ndarray | None:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a frozen seed's steps are all NaN
             m = np.nanmax(m, axis=2) if layers == "max" else np.nanmean(m, axis=2)
-    return np.square(m) if transform == "square" else m
+    return m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -606,7 +606,7 @@ def table_precursors(configs) -> str:
             for name, v in zip(pre.leads, row):
                 if got and v == max(got):
                     firsts[name] += 1
-        for name, (_, _, _, label) in PRECURSOR_SERIES.items():
+        for name, (_, _, label) in PRECURSOR_SERIES.items():
             if name in pre.absent:
                 out.append(f"| {line} | {label} | {pre.seeds} | not recorded in these runs | - | - |")
                 continue

@@ -572,9 +572,10 @@ def divergence_onset(lrs: Sequence[float], seeds: Sequence[int], diverged: Seque
         ci = _likelihood_set(_profile(x, n, k), 0.0, edge + (1 if status == "all_stable" else -1) * 1e-9,
                              lo_limit, hi_limit, crit)
         side = "above the highest" if status == "all_stable" else "below the lowest"
+        edge_lr = lr_grid[-1] if status == "all_stable" else lr_grid[0]
         return OnsetFit(**data, status=status, ci_lo=_lr(ci[0]), ci_hi=_lr(ci[1]),
                         reason=f"{'no' if status == 'all_stable' else 'every'} seed of {int(n.sum())} diverged: "
-                               f"the onset lies {side} lr of the grid ({lr_grid[-1] if status == 'all_stable' else lr_grid[0]:g})")
+                               f"the onset lies {side} lr of the grid ({edge_lr:g})")
     if len(x) < 2:
         return OnsetFit(**data, status="too_few_lrs", reason=ONSET_STATUSES["too_few_lrs"])
     x_stable_max, x_div_min = x[has_stable].max(), x[has_diverged].min()
@@ -621,8 +622,9 @@ def divergence_onset(lrs: Sequence[float], seeds: Sequence[int], diverged: Seque
     x0 = -a / b
     if not lo_limit <= x0 <= hi_limit:
         return OnsetFit(**data, status="outside", **fit,
-                        reason=f"the fitted 50% point (lr {10 ** x0:.3g}) is more than {ONSET_EXTRAPOLATE_DECADES:g} "
-                               "decade(s) outside the grid: too flat a curve to place the onset")
+                        reason=f"the fitted 50% point (lr {10 ** x0:.3g}) is more than "
+                               f"{ONSET_EXTRAPOLATE_DECADES:g} decade(s) outside the grid: too flat a curve to "
+                               "place the onset")
     best = _loglik(x, n, k, a, b)
     ci = _likelihood_set(_profile(x, n, k), best, x0, lo_limit, hi_limit, crit)
     return OnsetFit(**data, status="fit", **fit, onset_lr=_lr(x0), ci_lo=_lr(ci[0]), ci_hi=_lr(ci[1]),

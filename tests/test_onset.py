@@ -167,15 +167,16 @@ def _config(policy, lr, diverged, *, steps=30, telemetry=True, blowup_at=20):
             grad[blowup_at - 5:] = 10.0
             logit[blowup_at - 2:] = 50.0
         m = {"ce": np.full(steps, 4.0), "grad_norm": grad, "update_rms": np.full(steps, 1e-3),
-             "router_max_abs_logit": logit, "router_mean_lse_sq": logit * 0 + 1.0, "output_lse": np.full(steps, 5.0),
-             "max_attention_logit": np.full(steps, 3.0)}
+             "router_max_abs_logit": logit, "router_mean_lse_sq": logit * 0 + 1.0,
+             "output_z_loss": np.full(steps, 25.0), "max_attention_logit": np.full(steps, 3.0)}
         if telemetry:
             m["underflow_frac/grads"] = np.full(steps, 0.01)
         metrics.append(m)
         records.append({"seed": i, "resolved": {"optim": {"lr": lr}, "policy": policy},
                         "result": {"diverged": d, "final_eval_loss": None if d else 2.5, "quality_gap": None,
                                    "divergence_step": blowup_at if d else None,
-                                   "divergence_rule": "nonfinite" if d else None, "outcome": "diverged" if d else "stable"}})
+                                   "divergence_rule": "nonfinite" if d else None,
+                                   "outcome": "diverged" if d else "stable"}})
     overrides = {"policy": policy, "train.label": policy, "optim.lr": lr}
     hidden = frozenset({"policy"})  # zipped with train.label, as in a sweep
     return ConfigResult(label=label_of(overrides, hidden), overrides=overrides, config={}, records=records,
