@@ -558,9 +558,7 @@ def onset_cell(f: stats.OnsetFit) -> str:
     if f.status == "all_diverged":
         return f"< {f.lrs[0]:g} (every seed diverged; 95% upper bound {_lr_cell(f.ci_hi)})"
     if f.status == "separated":
-        lo, hi = f.bracket
-        return (f"no point estimate (separation: the step lies between lr {_lr_cell(lo)} and {_lr_cell(hi)}); "
-                f"95% profile set {ci}")
+        return f"no point estimate ({f.reason}); 95% profile set {ci}"
     return f"none: {f.reason}"
 
 

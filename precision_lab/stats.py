@@ -600,11 +600,13 @@ def divergence_onset(lrs: Sequence[float], seeds: Sequence[int], diverged: Seque
                                options={"xatol": 1e-9})
         centre, best = float(peak.x), float(-peak.fun)
         ci = _likelihood_set(profile, best, centre, lo_limit, hi_limit, crit)
-        where = " and ".join(f"{v:g}" for v in bracket if v is not None)
+        lo_lr, hi_lr = bracket
+        where = (f"between lr {lo_lr:g} and {hi_lr:g}" if lo_lr is not None and hi_lr is not None else
+                 f"above lr {lo_lr:g}" if lo_lr is not None else f"below lr {hi_lr:g}")
         return OnsetFit(**data, status="separated", bracket=bracket, ci_lo=_lr(ci[0]), ci_hi=_lr(ci[1]),
                         reason=("complete separation" if x_stable_max < x_div_min else "quasi-complete separation "
                                 "(one lr mixed, all below stable, all above diverged)")
-                               + f": no point estimate; the step lies between lr {where}")
+                               + f": the step lies {where}")
     # Overlap: the likelihood is strictly concave with a finite maximum. Fit in centred x for conditioning.
     xm = float(np.mean(x))
 

@@ -87,6 +87,8 @@ def test_few_seeds_widen_the_separated_set_and_one_lr_is_refused_a_fit():
     f = stats.divergence_onset([0.3, 1.0], [2, 2], [0, 2])
     assert f.status == "separated" and f.ci_lo < 0.3 and f.ci_hi > 1.0  # 2 seeds cannot exclude much
     assert stats.divergence_onset([0.3], [16], [5]).status == "too_few_lrs"
+    edge = stats.divergence_onset([0.3, 1.0], [16, 16], [0, 5])  # mixed only at the top lr: no upper end
+    assert edge.status == "separated" and edge.bracket == (0.3, None) and "above lr 0.3" in edge.reason
     # runs at the same lr pool
     assert stats.divergence_onset([0.3, 0.3, 1.0], [8, 8, 16], [0, 0, 16]).seeds == (16, 16)
 
@@ -211,7 +213,7 @@ def test_onset_table_fits_each_policy_line_and_shifts_against_the_baseline_line(
     assert "> 0.2 (no seed diverged; 95% lower bound" in report.table_onset(calm)
     cliff = [_config("bf16", lr, [lr > 0.3] * 6) for lr in (0.1, 0.2, 0.4, 0.8)]
     row = report.table_onset(configs[:4] + cliff).splitlines()[-1]
-    assert "no point estimate (separation: the step lies between lr 0.2 and 0.4)" in row
+    assert "no point estimate (complete separation: the step lies between lr 0.2 and 0.4)" in row
     assert "no point estimate (policy: separated); ratio 95% CI [" in row
 
 
