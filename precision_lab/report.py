@@ -697,7 +697,8 @@ def table_precursors(configs) -> str:
     return ("Precursors of divergence. For each diverged seed and telemetry series: the series 'left the stable "
             "range' at the first step of its last uninterrupted run above the maximum over the stable seeds of "
             "the same configuration (same policy and lr) at the same step, a run that lasts up to the step "
-            "before the divergence step; the lead time is the divergence step minus that step. A series below "
+            "before the divergence step; the lead time is the divergence step minus that step (the step its rule "
+            "fired: for the spike rule the loss was already high for its 4 preceding steps). A series below "
             "that maximum at the step before divergence is no precursor for that seed. Series a run did not "
             "record (precision telemetry off, random routing) are said to be absent.\n\n" + "\n".join(out)
             + ("\n\n" + "\n".join(notes) if notes else ""))
