@@ -613,10 +613,11 @@ PRECURSOR_MIN_REFERENCE = 2
 
 
 def _series(c: ConfigResult, name: str) -> np.ndarray | None:
-    """<float>[seeds, steps] of a precursor series, None where the runs did not record it."""
+    """<float>[seeds, steps] of a precursor series, None where the runs did not record it (or recorded only
+    NaN, as the router telemetry of random or hash routing)."""
     metric, layers, _ = PRECURSOR_SERIES[name]
     m = c.metric(metric)
-    if m.size == 0 or m.shape[0] != c.n:
+    if m.size == 0 or m.shape[0] != c.n or not np.isfinite(m).any():
         return None
     if m.ndim == 3:
         with np.errstate(all="ignore"), warnings.catch_warnings():

@@ -173,6 +173,8 @@ def _config(policy, lr, diverged, *, steps=30, telemetry=True, blowup_at=20):
              "output_z_loss": np.full(steps, 25.0), "max_attention_logit": np.full(steps, 3.0)}
         if telemetry:
             m["underflow_frac/grads"] = np.full(steps, 0.01)
+        else:  # as random routing records its router telemetry: NaN
+            m["router_mean_lse_sq"] = np.full((steps, 2), np.nan)
         metrics.append(m)
         records.append({"seed": i, "resolved": {"optim": {"lr": lr}, "policy": policy},
                         "result": {"diverged": d, "final_eval_loss": None if d else 2.5, "quality_gap": None,
@@ -228,7 +230,8 @@ def test_precursor_table_finds_the_first_series_and_says_what_is_absent():
     table = report.table_precursors(configs)
     assert "| fp32 | gradient norm | 3 | 3/3 | 3 | 5 [5, 5] |" in table
     assert "| fp32 | router max abs logit (max over sparse layers) | 3 | 3/3 | 0 | 2 [2, 2] |" in table
-    assert "| bf16 | underflow fraction of gradients (precision telemetry) | " in table
+    assert "| bf16 | underflow fraction of gradients (precision telemetry) | 3 | not recorded in these runs |" in table
+    assert "| bf16 | router logsumexp^2 (z-loss; max over sparse layers) | 3 | not recorded in these runs |" in table
     assert "not recorded in these runs" in table and "without a reference" in table
     calm = [_config("fp32", lr, [False] * 2) for lr in (0.1, 0.2)]
     assert "| fp32 | - | 0 | no seed diverged | - | - |" in report.table_precursors(calm)
