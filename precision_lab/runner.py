@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from precision_lab.config import DEFAULTS, run_config, validate
+from precision_lab.config import run_config, validate
 from precision_lab.store import canonical_json
 from precision_lab.sweep import Executor, RunSpec, SweepSpec, SweepSummary, expand, load_sweep, run_sweep
 from precision_lab.train import BATCHABLE_FIELDS, enable_compilation_cache, hparams_of, run_mesh, train
@@ -74,11 +74,6 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     base = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.base.items()}
     for section, fields in SMOKE_BASE.items():
         base[section] = {**base.get(section, {}), **fields}
-    optim = base.get("optim", {})
-    if optim.get("schedule") == "cosine" and not optim.get("total_steps"):
-        # the cosine decays over train.steps, which the smoke version cuts below a typical warm-up: shorten it
-        warmup = optim.get("warmup_steps", DEFAULTS["optim"]["warmup_steps"])
-        base["optim"] = {**optim, "warmup_steps": min(warmup, SMOKE_BASE["train"]["steps"] // 2)}
     axes = tuple(dataclasses.replace(a, points=a.points[: 2 if set(a.fields) <= set(BATCHABLE_FIELDS) else 1])
                  for a in spec.axes)
     return dataclasses.replace(spec, name=spec.name + "_smoke", base=base, axes=axes, seeds=spec.seeds[:2])

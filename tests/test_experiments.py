@@ -168,5 +168,5 @@ def test_smoke_version_of_a_cosine_sweep_shortens_its_warmup(tmp_path):
     path.write_text("name = 'c'\nseeds = 1\n[base]\ntrain = { steps = 300 }\n"
                     "optim = { schedule = 'cosine', warmup_steps = 20 }\n")
     spec = load(path, smoke_test=True)
-    assert spec.base["optim"]["warmup_steps"] == SMOKE_BASE["train"]["steps"] // 2
+    assert spec.base["optim"]["warmup_steps"] < SMOKE_BASE["train"]["steps"]
     assert load(path).base["optim"]["warmup_steps"] == 20  # the full version is untouched
