@@ -23,6 +23,8 @@ Public API:
   plateau_slope(steps, losses)                 slope of a loss over the last 20% of steps, with its CI
   eval_vs_seed_noise(batch_losses, final_losses)   evaluation noise beside seed noise
   lr_sensitivity(lrs, losses, loss_at_init)    Wortsman et al. 2023
+  entropy(counts), mutual_information(table)   plug-in entropy and mutual information (nats) of counts
+  permutation_p(observed, null)                one-sided permutation p-value, (1 + #null >= observed) / (1 + n)
 """
 
 from __future__ import annotations
@@ -409,3 +411,29 @@ def lr_sensitivity(lrs: Sequence[float], losses: Sequence[float], loss_at_init: 
         raise UserError(f"loss_at_init must be finite, got {loss_at_init!r}")
     capped = np.minimum(np.where(np.isfinite(losses_a), losses_a, loss_at_init), loss_at_init)
     return float(np.mean(capped - capped.min()))
+
+
+def entropy(counts) -> float:
+    """Plug-in entropy (nats) of the distribution that `counts` (any shape, non-negative) is proportional
+    to (scipy.stats.entropy); NaN when the counts sum to 0."""
+    c = np.asarray(counts, dtype=np.float64).ravel()
+    return float(sps.entropy(c)) if c.sum() > 0 else math.nan
+
+
+def mutual_information(table) -> float:
+    """Plug-in mutual information (nats) between the row and the column variable of a contingency table of
+    counts: H(rows) + H(columns) - H(joint). Biased upwards on finite samples (about (R-1)(C-1) / 2N nats),
+    which is why the specialisation statistics set it beside a permutation null. NaN for an empty table."""
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim != 2:
+        raise UserError(f"mutual_information needs a 2-D table of counts, got shape {t.shape}")
+    if t.sum() <= 0:
+        return math.nan
+    return max(entropy(t.sum(axis=1)) + entropy(t.sum(axis=0)) - entropy(t), 0.0)
+
+
+def permutation_p(observed: float, null: Sequence[float]) -> float:
+    """One-sided permutation p-value of `observed` against statistics of label-permuted data: (1 + number of
+    null values >= observed) / (1 + number of permutations) (Phipson & Smyth 2010: never 0)."""
+    null_a = np.asarray(null, dtype=np.float64)
+    return float((1 + np.sum(null_a >= observed)) / (1 + null_a.size))

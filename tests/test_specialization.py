@@ -1,0 +1,111 @@
+"""Routing-specialisation statistics (precision_lab/specialization.py) on routings whose answer is known, and
+the language labels of the held-out batches they are computed on."""
+
+import math
+
+import numpy as np
+import pytest
+
+from precision_lab import stats
+from precision_lab.data import NUM_SPECIAL, DataConfig, make_dataset
+from precision_lab.specialization import layer_statistics, routing_statistics
+
+E, LANGS, N, LEN, VOCAB = 4, 4, 64, 24, 40
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    language = np.repeat(np.arange(LANGS), N // LANGS)
+    tokens = rng.integers(NUM_SPECIAL, VOCAB, size=(N, LEN))
+    sentinel = np.zeros((N, LEN), bool)
+    sentinel[:, ::6] = True  # 4 per sequence
+    tokens[sentinel] = VOCAB  # one sentinel id
+    valid = np.ones((N, LEN), bool)
+    valid[:, -3:] = False  # padding is never counted
+    return rng, language, tokens, sentinel, valid
+
+
+def test_routing_by_language_is_found_and_random_routing_is_not():
+    rng, language, tokens, sentinel, valid = _data()
+    by_language = np.broadcast_to(language[:, None] % E, (N, LEN))
+    s = layer_statistics(by_language, valid, tokens, sentinel, language, num_experts=E, num_languages=LANGS)
+    assert s["language_nmi"] == pytest.approx(1.0)
+    assert s["language_p"] < 0.01 and s["language_nmi_null_q95"] < 0.2
+    table = np.array(s["language_expert"])
+    assert table.shape == (LANGS, E) and table.sum() == valid.sum()
+    assert np.array_equal(table, np.diag(np.diag(table)))  # language l only ever went to expert l
+    random = rng.integers(0, E, size=(N, LEN))
+    r = layer_statistics(random, valid, tokens, sentinel, language, num_experts=E, num_languages=LANGS)
+    assert r["language_p"] > 0.01 and r["language_nmi"] < r["language_nmi_null_q95"] + 0.02
+    assert r["expert_entropy"] == pytest.approx(math.log(E), abs=0.01)
+    assert r["sentinel_entropy"] == pytest.approx(r["sentinel_entropy_null"], abs=0.05)
+    assert r["token_nmi"] == pytest.approx(r["token_nmi_null"], abs=0.03)
+
+
+def test_token_hash_routing_and_sentinel_expert():
+    rng, language, tokens, sentinel, valid = _data(1)
+    hashed = tokens % E  # Hash Layers: the token id alone decides; sentinels (id VOCAB = 40) all to expert 0
+    s = layer_statistics(hashed, valid, tokens, sentinel, language, num_experts=E, num_languages=LANGS)
+    assert s["token_nmi"] == pytest.approx(1.0) and s["token_p"] < 0.01 and s["token_nmi_null"] < 0.2
+    assert s["frequent_token_entropy"] == 0.0 and s["frequent_token_entropy_null"] > 1.0
+    assert s["sentinel_entropy"] == 0.0 and s["sentinel_p"] < 0.01
+    assert s["sentinel_share"] == pytest.approx(sentinel[valid].mean())
+    assert s["language_p"] > 0.01  # tokens are independent of the language here
+
+
+def test_no_sentinels_no_languages_gives_none_not_a_crash():
+    _, language, tokens, sentinel, valid = _data(2)
+    s = layer_statistics(tokens % E, valid, tokens, np.zeros_like(sentinel), None, num_experts=E)
+    assert s["sentinel_entropy"] is None and s["language_nmi"] is None and "language_expert" not in s
+
+
+def test_mutual_information_matches_definition():
+    table = np.array([[10, 0, 5], [2, 8, 5]], float)
+    p = table / table.sum()
+    indep = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nz = p > 0
+    expected = np.sum(p[nz] * np.log(p[nz] / indep[nz]))
+    assert stats.mutual_information(table) == pytest.approx(expected)
+    assert stats.mutual_information(np.outer([1, 2], [3, 4, 5])) == pytest.approx(0.0, abs=1e-12)
+    assert stats.permutation_p(1.0, [0.0] * 99) == pytest.approx(0.01)
+
+
+def test_labelled_eval_batches_are_the_eval_batches_with_their_true_language():
+    ds = make_dataset(DataConfig(vocab_size=128, num_sentinels=16, inputs_length=64))
+    plain = ds.eval_batches(2, 16)
+    labelled = ds.eval_batches(2, 16, with_language=True)
+    for a, b in zip(plain, labelled):
+        assert set(b) == set(a) | {"language"}
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    # the label is the language under which the visible bigrams (adjacent non-sentinel input tokens, which
+    # were adjacent before corruption) are most likely: the tables are sparse, so this names it
+    logt = [np.log(np.maximum(lang.transition, 1e-300)) for lang in ds.mixture.languages]
+    first_sentinel = ds.vocab_size - ds.config.num_sentinels
+    hits = total = 0
+    for b in labelled:
+        for row, lang in zip(b["inputs"], b["language"]):
+            content = (row >= NUM_SPECIAL) & (row < first_sentinel)
+            pairs = content[:-1] & content[1:]
+            x, y = row[:-1][pairs] - NUM_SPECIAL, row[1:][pairs] - NUM_SPECIAL
+            hits += int(np.argmax([lt[x, y].sum() for lt in logt]) == lang)
+            total += 1
+    assert hits / total > 0.95 and len(set(np.concatenate([b["language"] for b in labelled]))) > 4
+
+
+def test_routing_statistics_splits_members_and_stacks():
+    ds = make_dataset(DataConfig(vocab_size=128, num_sentinels=16, inputs_length=64))
+    batches = ds.eval_batches(2, 8, with_language=True)
+    # two members: member 0 routes every token to expert 1, member 1 by language
+    top1 = [[np.stack([np.ones_like(b["inputs"]), np.broadcast_to(b["language"][:, None] % E, b["inputs"].shape)]),
+             np.stack([np.ones_like(b["decoder_inputs"]),
+                       np.broadcast_to(b["language"][:, None] % E, b["decoder_inputs"].shape)])] for b in batches]
+    out = routing_statistics(top1, batches, ["encoder/1", "decoder/1"], num_experts=E, num_languages=8,
+                             permutations=20)
+    assert [[l["layer"] for l in m] for m in out] == [["encoder/1", "decoder/1"]] * 2
+    assert out[0][0]["expert_entropy"] == 0.0 and out[0][0]["language_nmi"] is None  # H(E) = 0: undefined
+    assert out[1][1]["language_nmi"] > 0.9
+    enc, dec = out[1]
+    assert enc["tokens"] == int(sum((b["inputs"] != 0).sum() for b in batches))
+    assert dec["tokens"] == int(sum(b["loss_mask"].sum() for b in batches))
+    assert dec["sentinel_share"] > enc["sentinel_share"]  # one sentinel per span in far fewer positions
