@@ -408,12 +408,67 @@ def sentinel_entropy_figure(configs, out_dir, stem):
         if m.size == 0:
             continue
         final = np.nanmean(m[:, -10:], axis=(0, 1))
-        ax.plot(np.arange(final.size), final, marker="o", label=c.label)
+        ax.plot(np.arange(final.size), final, marker="o", label=f"{c.label}: training telemetry")
+    from precision_lab.report import routing_stats_of
+    from precision_lab.stats import mean_interval
+
+    for c in configs:  # after training, held-out batches (train.routing_stats_batches): 95% CI over seeds
+        per_seed = list(routing_stats_of(c).values())
+        if not per_seed:
+            continue
+        for name, style, what in (("sentinel_entropy", "s-", "final params, held-out"),
+                                  ("sentinel_entropy_null", "x--", "null: random token subsets")):
+            cis = [mean_interval([layers[j][name] for layers in per_seed]) for j in range(len(per_seed[0]))]
+            x = np.arange(len(cis))
+            mean = np.array([ci.mean for ci in cis])
+            err = np.array([[ci.mean - ci.ci_lo, ci.ci_hi - ci.mean] for ci in cis]).T
+            ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt=style, capsize=3, label=f"{c.label}: {what} (95% CI)")
+        ax.set_xticks(np.arange(len(per_seed[0])), [layer["layer"] for layer in per_seed[0]], fontsize=7)
     ax.set_xlabel("sparse layer (encoder layers first, then decoder)")
     ax.set_ylabel("entropy of sentinel-token routing (nats)")
     ax.set_title("Expert specialisation of sentinel tokens (ST-MoE Table 14)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def language_experts_figure(configs, out_dir, stem):
+    """Heat maps, one per sparse layer: the fraction of each language's tokens whose top-1 expert is each
+    expert, for the first seed of every configuration with routing statistics (train.routing_stats_batches;
+    expert numbers are arbitrary per seed, so seeds are not pooled). Rows that look alike = experts do not
+    specialise by language. The title of each map gives its language NMI and the permutation null."""
+    import numpy as np
+
+    from precision_lab.report import routing_stats_of
+
+    panels = []
+    for c in configs:
+        per_seed = routing_stats_of(c)
+        if per_seed:
+            seed = min(per_seed)
+            panels += [(c.label, seed, layer) for layer in per_seed[seed] if layer.get("language_expert")]
+    if not panels:  # nothing recorded: an empty figure that says so
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no routing statistics recorded (train.routing_stats_batches = 0)", ha="center")
+        ax.axis("off")
+        return save(fig, out_dir, stem)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, (label, seed, layer) in zip(axes.flat, panels):
+        table = np.asarray(layer["language_expert"], float)
+        frac = table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+        im = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        nmi, null = layer.get("language_nmi"), layer.get("language_nmi_null")
+        stat = "" if nmi is None else f"\nNMI {nmi:.3f} (null {null:.3f})"
+        ax.set_title(f"{label}, seed {seed}: {layer['layer']}{stat}", fontsize=7)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("language", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the language's tokens (top-1 expert)")
+    fig.suptitle("Language x expert routing per sparse layer (ST-MoE section 7.3)", fontsize=9)
     return save(fig, out_dir, stem)
 
 
@@ -452,6 +507,7 @@ SWEEP_FIGURES = {
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
+    "language_experts": language_experts_figure,
     "differences": differences_figure,
 }
 

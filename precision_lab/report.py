@@ -462,7 +462,78 @@ def table_specialization(configs) -> str:
         out.append("")
     paper = ("ST-MoE Table 14 (ST-MoE-L, 32 experts, uniform = ln 32 = 3.47): encoder layers 1..6: "
              + " ".join(map(str, SPECIALIZATION_PAPER["encoder"])) + "; decoder: 3.4 everywhere.")
-    return paper + "\n\n" + "\n".join(out)
+    telemetry = ("Sentinel-routing entropy from the training telemetry (mean over seeds and the last 10 steps, "
+                 "training batches, training capacity factor):\n\n" + "\n".join(out))
+    routed = [c for c in configs if routing_stats_of(c)]
+    if not routed:
+        return paper + "\n\n" + telemetry
+    return "\n\n".join([paper, *(table_routing_stats(c) for c in routed), telemetry])
+
+
+def routing_stats_of(c: ConfigResult) -> dict[int, list[dict]]:
+    """{seed: per sparse layer statistics} of the records that carry them (train.routing_stats_batches)."""
+    return {r["seed"]: r["result"]["routing_stats"] for r in c.records if r["result"].get("routing_stats")}
+
+
+def _vs_null(per_seed: dict[int, list[dict]], j: int, name: str, null: str, test: str) -> str:
+    """"observed vs null: mean difference [95% CI] p" over seeds for layer j (paired by seed: each seed's
+    statistic against its own permutation null)."""
+    obs = {s: layers[j].get(name) for s, layers in per_seed.items()}
+    ref = {s: layers[j].get(null) for s, layers in per_seed.items()}
+    obs = {s: v for s, v in obs.items() if v is not None and ref.get(s) is not None}
+    if not obs:
+        return "-"
+    d = stats.paired_difference(obs, ref, test=test)
+    m_obs, m_ref = np.mean(list(obs.values())), np.mean([ref[s] for s in obs])
+    return f"{m_obs:.2f} vs {m_ref:.2f}: {_diff_cell(d)}, p {_p(d.p_value)}"
+
+
+def _paper_sentinel(name: str, index_in_stack: int) -> str:
+    paper = SPECIALIZATION_PAPER[name.split("/")[0]]
+    return str(paper[index_in_stack]) if index_in_stack < len(paper) else "-"
+
+
+def table_routing_stats(c: ConfigResult) -> str:
+    """Per sparse layer, after training on held-out batches labelled with their language
+    (precision_lab/specialization.py): sentinel entropy, token-id and frequent-token specialisation, and
+    language specialisation, each against its permutation null, paired by seed."""
+    per_seed = routing_stats_of(c)
+    first = next(iter(per_seed.values()))
+    names = [layer["layer"] for layer in first]
+    n_exp = c.value("model.num_experts")
+    test = c.paired_test
+    seen: dict[str, int] = {}
+    rows = ["| sparse layer | paper: sentinel entropy | sentinel share of tokens | expert entropy H(E) | sentinel entropy "
+            "vs random subsets of the same size | per sentinel id H(E \\| id) | frequent-token entropy vs experts "
+            "permuted | token-id NMI vs experts permuted |", "|---|---|---|---|---|---|---|---|"]
+    lang_rows = ["| sparse layer | language NMI vs languages permuted over sequences | seeds with permutation p "
+                 "< 0.05 | language NMI vs routing by token id alone (experts shuffled within each token id) | "
+                 "seeds with p < 0.05 |", "|---|---|---|---|---|"]
+    for j, name in enumerate(names):
+        stack = name.split("/")[0]
+        seen[stack] = seen.get(stack, -1) + 1
+        col = lambda k: [layers[j].get(k) for layers in per_seed.values() if layers[j].get(k) is not None]  # noqa: E731
+        share, h_e = col("sentinel_share"), col("expert_entropy")
+        rows.append(f"| {name} | {_paper_sentinel(name, seen[stack])} | {_fmt(np.mean(share) if share else None, 3)} | "
+                    f"{_fmt(np.mean(h_e) if h_e else None, 2)} | "
+                    f"{_vs_null(per_seed, j, 'sentinel_entropy', 'sentinel_entropy_null', test)} | "
+                    f"{_fmt(np.mean(col('sentinel_token_entropy')) if col('sentinel_token_entropy') else None, 2)} | "
+                    f"{_vs_null(per_seed, j, 'frequent_token_entropy', 'frequent_token_entropy_null', test)} | "
+                    f"{_vs_null(per_seed, j, 'token_nmi', 'token_nmi_null', test)} |")
+        ps, tps = col("language_p"), col("language_token_p")
+        lang_rows.append(f"| {name} | {_vs_null(per_seed, j, 'language_nmi', 'language_nmi_null', test)} | "
+                         f"{sum(p < stats.ALPHA for p in ps)}/{len(ps)} | "
+                         f"{_vs_null(per_seed, j, 'language_nmi', 'language_nmi_token_null', test)} | "
+                         f"{sum(p < stats.ALPHA for p in tps)}/{len(tps)} |")
+    tokens = int(np.mean([layers[0]["tokens"] for layers in per_seed.values()]))
+    return (f"**{c.label}**: routing of the final parameters on held-out batches ({tokens} tokens in the first "
+            f"sparse layer), each token's top-1 expert; {len(per_seed)} seeds; uniform over {n_exp} experts = "
+            f"ln {n_exp} = {math.log(n_exp):.2f} nats. Each cell: mean over seeds of the statistic vs its null, "
+            f"then their paired difference [95% CI] and p ({stats.PAIRED_TESTS[test]}, paired by seed). Entropies "
+            "in nats (lower = more concentrated); NMI = mutual information / entropy (token id: I(T;E)/H(E); "
+            "language: I(L;E)/min(H(L), H(E))), 0 = no dependence, 1 = determined.\n\n"
+            + "\n".join(rows) + "\n\nLanguage x expert (ST-MoE section 7.3: experts do not specialise by "
+            "language):\n\n" + "\n".join(lang_rows))
 
 
 def table_backends(configs) -> str:

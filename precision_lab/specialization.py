@@ -23,11 +23,17 @@ decoder, the positions that carry a target), as ST-MoE Table 14 and the `sentine
   frequent_token_entropy  mean over the FREQUENT_TOKENS most frequent content tokens of the entropy of each
                       one's experts (0 = each always goes to one expert); frequent_token_entropy_null: with
                       experts permuted across tokens.
+  sentinel_token_entropy  H(E | token id) over the sentinel positions: each sentinel id's own concentration
+                      (sentinel_entropy pools s0, s1, ... which may go to different experts).
   language_expert     [languages][experts] counts of tokens of each language's sequences sent to each expert.
   language_nmi        I(language; E) / min(H(language), H(E)) from that table: 0 = experts do not depend on the
                       language, 1 = the expert determines the language (or the other way round);
                       language_nmi_null: mean over permutations of the languages across SEQUENCES (the unit
                       a language is drawn for), language_nmi_null_q95 its 95th percentile, language_p.
+  language_nmi_token_null  the language NMI that routing by token id alone would give (experts shuffled
+                      among the positions of the same token id; the languages use tokens at different rates),
+                      language_token_p: one-sided p of language_nmi exceeding it (specialisation by language
+                      beyond what the tokens explain).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ PERMUTATIONS = 200
 STATISTICS: tuple[str, ...] = (
     "expert_entropy", "sentinel_entropy", "sentinel_entropy_null", "sentinel_p", "sentinel_share", "token_nmi",
     "token_nmi_null", "token_p", "frequent_token_entropy", "frequent_token_entropy_null", "language_nmi",
-    "language_nmi_null", "language_nmi_null_q95", "language_p")
+    "language_nmi_null", "language_nmi_null_q95", "language_p", "language_nmi_token_null", "language_token_p",
+    "sentinel_token_entropy")
 
 
 def _nan_none(v: float) -> float | None:
@@ -106,6 +113,11 @@ def layer_statistics(expert, valid, token_ids, sentinel, language=None, *, num_e
         table = token_table(experts)
         return float(np.mean([stats.entropy(table[t]) for t in top]))
 
+    sentinel_ids = np.unique(tok[sen])
+    if sentinel_ids.size:  # H(E | token) over the sentinel ids: pooled sentinel_entropy also mixes the ids
+        table = token_table(e)[sentinel_ids]
+        out["sentinel_token_entropy"] = float(np.sum([table[i].sum() * stats.entropy(table[i])
+                                                      for i in range(len(sentinel_ids))]) / table.sum())
     if top:
         out["frequent_token_entropy"] = frequent_entropy(e)
         out["frequent_token_entropy_null"] = float(np.mean([frequent_entropy(e[p]) for p in perms]))
@@ -133,6 +145,19 @@ def layer_statistics(expert, valid, token_ids, sentinel, language=None, *, num_e
             out |= {"language_nmi": obs, "language_nmi_null": float(np.nanmean(null)),
                     "language_nmi_null_q95": float(np.nanquantile(null, 0.95)),
                     "language_p": stats.permutation_p(obs, null[np.isfinite(null)])}
+            # What routing by token id alone gives: languages use tokens at different rates, so an expert
+            # chosen by the token already depends on the language. Shuffle experts among the positions of
+            # the same token id (across sequences and languages) and recompute.
+            by_token = np.argsort(tok, kind="stable")
+            within = []
+            for _ in range(permutations):
+                shuffled = np.empty_like(e)
+                shuffled[by_token] = e[np.lexsort((rng.random(n), tok))]
+                counts = np.bincount(seq_of * big_e + shuffled, minlength=valid.shape[0] * big_e).reshape(-1, big_e)
+                within.append(nmi(np.eye(big_l, dtype=np.int64)[lang].T @ counts))
+            within_a = np.array(within)
+            out |= {"language_nmi_token_null": float(np.nanmean(within_a)),
+                    "language_token_p": stats.permutation_p(obs, within_a[np.isfinite(within_a)])}
     for name in STATISTICS:
         if name in out:
             out[name] = _nan_none(out[name])

@@ -109,3 +109,20 @@ def test_routing_statistics_splits_members_and_stacks():
     assert enc["tokens"] == int(sum((b["inputs"] != 0).sum() for b in batches))
     assert dec["tokens"] == int(sum(b["loss_mask"].sum() for b in batches))
     assert dec["sentinel_share"] > enc["sentinel_share"]  # one sentinel per span in far fewer positions
+
+
+def test_language_dependence_explained_by_token_ids_is_told_apart_from_routing_by_language():
+    rng, language, tokens, sentinel, valid = _data(3)
+    # language l uses tokens l*4 .. l*4+11 (overlapping ranges): routing by token id alone depends on language
+    tokens = NUM_SPECIAL + language[:, None] * 4 + rng.integers(0, 12, size=(N, LEN))
+    by_token = (tokens // 5) % E
+    s = layer_statistics(by_token, valid, tokens, sentinel, language, num_experts=E, num_languages=LANGS)
+    assert s["language_p"] < 0.01  # depends on the language...
+    assert s["language_nmi_token_null"] == pytest.approx(s["language_nmi"], abs=1e-9)  # ...through tokens only
+    assert s["language_token_p"] > 0.5
+    mixed = np.where(rng.random((N, LEN)) < 0.5, by_token, language[:, None] % E)  # half by language
+    m = layer_statistics(mixed, valid, tokens, sentinel, language, num_experts=E, num_languages=LANGS)
+    assert m["language_token_p"] < 0.01 and m["language_nmi"] > m["language_nmi_token_null"]
+    # per sentinel id: the one sentinel id always goes to expert 0 under hashing
+    h = layer_statistics(_data(1)[2] % E, valid, _data(1)[2], sentinel, language, num_experts=E)
+    assert h["sentinel_token_entropy"] == 0.0
