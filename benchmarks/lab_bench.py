@@ -16,7 +16,7 @@ Sections (each prints one JSON line with --json):
   accumulator  the matmul accumulator model (`acc=e8m13/128` on every matmul operand) vs fp32 and fp8-hybrid,
             `tiny` preset at the quick-start token lengths, interleaved.
   capacity  ST-MoE Table 9: step time at train capacity factor 2.0 over 1.25, `tiny` and `small`, sorted and
-            dense expert dispatch, interleaved (`--presets tiny` for the smallest mode).
+            dense expert dispatch, interleaved (`--presets micro --reps 1 --k 1`: the test's smallest mode).
   compile   compile time of a tiny train run (Trainer._chunk) in a fresh process: no persistent cache, cold
             cache, warm cache (jax_compilation_cache_dir, min compile time 0).
 
@@ -618,7 +618,13 @@ def section_accumulator(args) -> dict:
 
 
 CAPACITY_FACTORS = (1.25, 2.0)
-CAPACITY_PRESETS = {"tiny": {"lr": 1e-2}, "small": {"lr": 1e-3}}
+# name -> (model fields, AdamW lr); "micro" (the sweep smoke test's model shape) is the test's smallest mode
+CAPACITY_PRESETS = {
+    "tiny": ({"preset": "tiny"}, 1e-2),
+    "small": ({"preset": "small"}, 1e-3),
+    "micro": ({"preset": "tiny", "d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_encoder_layers": 2,
+               "num_decoder_layers": 2, "num_experts": 4}, 1e-2),
+}
 
 
 def section_capacity(args) -> dict:
@@ -636,8 +642,9 @@ def section_capacity(args) -> dict:
         progs = {}
         for dispatch in ("sorted", "dense"):
             for cf in CAPACITY_FACTORS:
-                model = {"preset": preset, "expert_dispatch": dispatch, "train_capacity_factor": cf}
-                run = run_for(model, "fp32", optim={"name": "adamw", **CAPACITY_PRESETS[preset]})
+                fields, lr = CAPACITY_PRESETS[preset]
+                model = {**fields, "expert_dispatch": dispatch, "train_capacity_factor": cf}
+                run = run_for(model, "fp32", optim={"name": "adamw", "lr": lr})
                 progs[dispatch, cf] = Program(f"{preset} {dispatch} CF {cf}", run, k=args.k, dataset_batches=True)
         interleave(list(progs.values()), args.reps)
         res = {}
@@ -671,7 +678,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
     p.add_argument("--compile-reps", type=int, default=2)
     p.add_argument("--cli-steps", type=int, default=60, help="steps of each `precision-lab train` run (cli)")
-    p.add_argument("--presets", default="tiny,small", help="capacity: the presets to time (tiny, small)")
+    p.add_argument("--presets", default="tiny,small", help="capacity: the presets to time (tiny, small, micro)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from precision_lab.cli import use_one_device_per_core

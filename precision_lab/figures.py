@@ -472,6 +472,40 @@ def language_experts_figure(configs, out_dir, stem):
     return save(fig, out_dir, stem)
 
 
+def num_experts_figure(configs, out_dir, stem):
+    """Left: final eval loss (mean over stable seeds, 95% CI) against the number of experts, one line per
+    number of experts per token (k); right: wall time per step of each configuration's group."""
+    import numpy as np
+
+    from precision_lab.report import _step_ms
+    from precision_lab.stats import mean_interval
+
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    lines: dict[int, list] = {}
+    for c in configs:
+        routing, top_k = c.value("model.routing"), c.value("model.top_k")
+        k = {"top1": 1, "top2": 2, "top2-gshard": 2}.get(routing, top_k)
+        lines.setdefault(k, []).append((c.value("model.num_experts"), mean_interval(c.eval_losses()), _step_ms(c)))
+    for k, pts in sorted(lines.items()):
+        pts.sort(key=lambda p: p[0])
+        x = np.array([p[0] for p in pts], float)
+        mean = np.array([p[1].mean for p in pts])
+        err = np.nan_to_num(np.array([[p[1].mean - p[1].ci_lo, p[1].ci_hi - p[1].mean] for p in pts]).T)
+        ax.errorbar(x, mean, yerr=err, fmt="o-", capsize=3, label=f"top-{k}")
+        ax_t.plot(x, [p[2] for p in pts], "o-", label=f"top-{k}")
+    for a in (ax, ax_t):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("experts per sparse layer")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7)
+    ax.set_ylabel("final eval loss (nats/token; mean, 95% CI)")
+    ax.set_title("Quality vs number of experts (ST-MoE 5.1)")
+    ax_t.set_ylabel("ms per step (vmapped group, shared CPU)")
+    ax_t.set_title("Step time")
+    fig.tight_layout()
+    return save(fig, out_dir, stem)
+
+
 def differences_figure(configs, out_dir, stem):
     """Each configuration's final eval loss minus the baseline's, paired by seed over stable seeds: the mean
     with its 95% CI (the report's comparison column), one bar per configuration; 0 = the baseline."""
@@ -508,6 +542,7 @@ SWEEP_FIGURES = {
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
     "language_experts": language_experts_figure,
+    "num_experts": num_experts_figure,
     "differences": differences_figure,
 }
 

@@ -345,6 +345,34 @@ def table_capacity_factor(configs) -> str:
             "37.5% by construction).\n\n" + "\n".join(out))
 
 
+def _step_ms(c: ConfigResult) -> float:
+    """Median over a configuration's records of its group's wall time per step (ms): the vmapped program of
+    all its seeds, so compare configurations trained with the same number of seeds."""
+    return float(np.nanmedian([r.get("timing", {}).get("step_s", float("nan")) for r in c.records]) * 1e3)
+
+
+def table_num_experts(configs) -> str:
+    """ST-MoE section 5.1: quality against the number of experts at fixed active compute (top-2, the same
+    expert width), and top-1 vs top-2 vs top-3; with step time, since experts cost memory and dispatch."""
+    head, sep = comparison_head(configs)
+    base = baseline_of(configs)
+    base_ms = _step_ms(base) if base is not None else float("nan")
+    out = ["| configuration | experts | experts per token (k) | train CF | eval loss, mean +- SD (stable seeds) | "
+           "dropped tokens (train, final) | ms/step (group of its seeds) | step time / baseline's |" + head,
+           "|---|---|---|---|---|---|---|---|" + sep]
+    for c in configs:
+        routing, top_k = c.value("model.routing"), c.value("model.top_k")
+        k = {"top1": 1, "top2": 2, "top2-gshard": 2}.get(routing, top_k)
+        ms = _step_ms(c)
+        out.append(f"| {c.label} | {c.value('model.num_experts')} | {k} | {c.value('model.train_capacity_factor')} | "
+                   f"{_loss_cell(c, c.eval_losses())} | {_fmt(_final(c, 'router_dropped_token_fraction', np.nanmean))} | "
+                   f"{ms:.1f} | {ms / base_ms:.2f} |" + comparison_cells(c, configs))
+    return ("ST-MoE section 5.1: more experts improve quality at fixed compute with diminishing returns (and top-2 "
+            "over top-1 helps more than top-3 over top-2), while each expert costs memory and dispatch time. "
+            "Step times are wall times of each configuration's vmapped group on a shared CPU, measured one group "
+            "after another (not interleaved): a rough guide, not a benchmark.\n\n" + "\n".join(out))
+
+
 def table_z_loss(configs) -> str:
     return ("ST-MoE: the z-loss keeps router logits small, so bf16 rounding of a logit (relative 2^-8, absolute "
             "|z| 2^-8) becomes a small relative error of the gate after exp.\n\n" + table_router(configs))
@@ -681,6 +709,7 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "router": table_router,
     "lr_sensitivity": table_lr_sensitivity_with_intervals,
     "specialization": table_specialization,
+    "num_experts": table_num_experts,
     "backends": table_backends,
     "precondition": table_precondition,
     "budget": table_budget,
