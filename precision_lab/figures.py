@@ -424,6 +424,9 @@ def sentinel_entropy_figure(configs, out_dir, stem):
             err = np.array([[ci.mean - ci.ci_lo, ci.ci_hi - ci.mean] for ci in cis]).T
             ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt=style, capsize=3, label=f"{c.label}: {what} (95% CI)")
         ax.set_xticks(np.arange(len(per_seed[0])), [layer["layer"] for layer in per_seed[0]], fontsize=7)
+    experts = {c.value("model.num_experts") for c in configs if c.value("model.num_experts")}
+    for e in sorted(experts):
+        ax.axhline(np.log(e), color="gray", ls=":", lw=1, label=f"uniform over {e} experts (ln {e})")
     ax.set_xlabel("sparse layer (encoder layers first, then decoder)")
     ax.set_ylabel("entropy of sentinel-token routing (nats)")
     ax.set_title("Expert specialisation of sentinel tokens (ST-MoE Table 14)")
@@ -467,8 +470,8 @@ def language_experts_figure(configs, out_dir, stem):
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes, shrink=0.8, label="fraction of the language's tokens (top-1 expert)")
-    fig.suptitle("Language x expert routing per sparse layer (ST-MoE section 7.3)", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.8).set_label("fraction of the language's tokens", fontsize=7)
+    fig.suptitle("Language x expert routing per sparse layer (ST-MoE section 7.3)", fontsize=9, y=1.0 + 0.12 / rows)
     return save(fig, out_dir, stem)
 
 
