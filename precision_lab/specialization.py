@@ -110,14 +110,12 @@ def layer_statistics(expert, valid, token_ids, sentinel, language=None, *, num_e
     top = [t for t in np.argsort(-freq, kind="stable")[:frequent] if freq[t] > 0]
 
     def frequent_entropy(experts):
-        table = token_table(experts)
-        return float(np.mean([stats.entropy(table[t]) for t in top]))
+        return float(np.mean(stats.entropy(token_table(experts)[top], axis=1)))
 
     sentinel_ids = np.unique(tok[sen])
     if sentinel_ids.size:  # H(E | token) over the sentinel ids: pooled sentinel_entropy also mixes the ids
         table = token_table(e)[sentinel_ids]
-        out["sentinel_token_entropy"] = float(np.sum([table[i].sum() * stats.entropy(table[i])
-                                                      for i in range(len(sentinel_ids))]) / table.sum())
+        out["sentinel_token_entropy"] = float(np.sum(table.sum(axis=1) * stats.entropy(table, axis=1)) / table.sum())
     if top:
         out["frequent_token_entropy"] = frequent_entropy(e)
         out["frequent_token_entropy_null"] = float(np.mean([frequent_entropy(e[p]) for p in perms]))

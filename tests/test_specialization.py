@@ -68,6 +68,17 @@ def test_mutual_information_matches_definition():
     assert stats.mutual_information(table) == pytest.approx(expected)
     assert stats.mutual_information(np.outer([1, 2], [3, 4, 5])) == pytest.approx(0.0, abs=1e-12)
     assert stats.permutation_p(1.0, [0.0] * 99) == pytest.approx(0.01)
+    counts = np.random.default_rng(0).integers(0, 5, size=(6, 7))
+    counts[2] = 0
+    from scipy.stats import entropy as scipy_entropy
+
+    rows = stats.entropy(counts, axis=1)
+    assert np.isnan(rows[2]) and math.isnan(stats.entropy(np.zeros(3)))
+    for i in (0, 1, 3, 4, 5):
+        assert rows[i] == pytest.approx(scipy_entropy(counts[i]))
+    assert stats.entropy(counts) == pytest.approx(scipy_entropy(counts.ravel()))
+    stacked = stats.mutual_information(np.stack([table, np.outer([1, 2], [3, 4, 5])]))
+    assert stacked[0] == pytest.approx(expected) and stacked[1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_labelled_eval_batches_are_the_eval_batches_with_their_true_language():
@@ -126,3 +137,64 @@ def test_language_dependence_explained_by_token_ids_is_told_apart_from_routing_b
     # per sentinel id: the one sentinel id always goes to expert 0 under hashing
     h = layer_statistics(_data(1)[2] % E, valid, _data(1)[2], sentinel, language, num_experts=E)
     assert h["sentinel_token_entropy"] == 0.0
+
+
+def _config(label, per_seed_layers, model):
+    from precision_lab.report import ConfigResult
+
+    resolved = {"model": model, "train": {"label": label}}
+    records = [{"seed": s, "result": {"routing_stats": layers, "final_eval_loss": 2.0 + 0.01 * s, "diverged": False,
+                                      "outcome": "stable"}, "resolved": resolved, "timing": {"step_s": 0.1}}
+               for s, layers in per_seed_layers.items()]
+    return ConfigResult(label, {}, resolved, records, [{} for _ in records])
+
+
+def _stack_layers(seed, decoder_routing):
+    """An encoder layer routed at random and a decoder layer routed by `decoder_routing(tokens, rng)`."""
+    rng, language, tokens, sentinel, valid = _data(seed)
+    enc = layer_statistics(rng.integers(0, E, size=(N, LEN)), valid, tokens, sentinel, language, num_experts=E,
+                           num_languages=LANGS, permutations=30)
+    dec = layer_statistics(decoder_routing(tokens, rng), valid, tokens, sentinel, language, num_experts=E,
+                           num_languages=LANGS, permutations=30)
+    return [{"layer": "encoder/1", **enc}, {"layer": "decoder/1", **dec}]
+
+
+def test_report_explains_a_decoder_that_routes_every_token_by_id():
+    from precision_lab.report import table_routing_stats
+
+    by_id = _config("hashed decoder", {s: _stack_layers(s, lambda t, r: t % E) for s in range(3)},
+                    {"num_experts": E, "targets_length": LEN})
+    text = table_routing_stats(by_id)
+    assert "| encoder/1 | 2.2 |" in text and "| decoder/1 | 3.4 |" in text  # the paper's column
+    assert "opposite of ST-MoE Table 14, but not because its experts specialise in sentinels" in text
+    # sentinels to expert 0, every other token at random: a sentinel-specific concentration
+    only_sentinels = _config("sentinel expert", {s: _stack_layers(
+        s, lambda t, r: np.where(t == VOCAB, 0, r.integers(0, E, size=t.shape))) for s in range(3)},
+        {"num_experts": E, "targets_length": LEN})
+    assert "a sentinel-specific effect" in table_routing_stats(only_sentinels)
+
+
+def test_num_experts_table_and_figure(tmp_path):
+    from precision_lab.figures import num_experts_figure
+    from precision_lab.report import table_num_experts
+
+    configs = [_config(lab, {s: [] for s in range(3)},
+                       {"num_experts": e, "routing": r, "top_k": k, "train_capacity_factor": cf})
+               for lab, e, r, k, cf in (("baseline", 8, "top2", 2, 1.25), ("experts_64", 64, "top2", 2, 1.25),
+                                        ("top3", 8, "topk", 3, 1.875))]
+    configs[0].config["train"]["label"] = "baseline"
+    text = table_num_experts(configs)
+    assert "| experts_64 | 64 | 2 | 1.25 |" in text and "| top3 | 8 | 3 | 1.875 |" in text
+    assert "| 100.0 | 1.00 |" in text  # step time and its ratio to the baseline's
+    paths = num_experts_figure(configs, tmp_path, "ne")
+    assert paths[0].stat().st_size > 1000
+
+
+def test_report_tells_token_routing_with_a_sentinel_excess_apart():
+    from precision_lab.report import table_routing_stats
+
+    def routing(t, r):  # content tokens mostly by id (80%), sentinels always to expert 0
+        return np.where(t == VOCAB, 0, np.where(r.random(t.shape) < 0.8, t % E, r.integers(0, E, size=t.shape)))
+
+    c = _config("mixed", {s: _stack_layers(s, routing) for s in range(3)}, {"num_experts": E, "targets_length": LEN})
+    assert "a smaller sentinel-specific part on top" in table_routing_stats(c)
