@@ -260,7 +260,10 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
         parts["model"] = _model_for_mesh(parts["model"], parts["train"], "expert_dispatch" in spec.get("model", {}))
     optim = parts["optim"]
     if optim.schedule == "cosine" and optim.total_steps == 0:
-        parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
+        parts["optim"] = optim = dataclasses.replace(optim, total_steps=parts["train"].steps)
+    if optim.schedule == "cosine" and optim.total_steps <= optim.warmup_steps:
+        raise UserError(f"optim.total_steps ({optim.total_steps}, 0 = train.steps) must be > optim.warmup_steps "
+                        f"({optim.warmup_steps}) for the cosine schedule")
     return RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
 
 

@@ -335,6 +335,15 @@ CURVES = {
                 "Tokens dropped by capacity", False),
     "dropped_assignments": ("router_dropped_assignment_fraction", "mean", "dropped token-expert assignments",
                             "Expert assignments dropped by capacity", False),
+    # train.precision_telemetry (issue 14): where precision fails, per step
+    "lost_updates": ("lost_update_frac", "mean", "lost updates: nonzero intended update, master unchanged",
+                     "Updates cancelled by the master-weight format", False),
+    "applied_update_ratio": ("applied_update_ratio", "mean", "sum |applied update| / sum |intended update|",
+                             "Update that reached the master weights", False),
+    "grad_underflow": ("underflow_frac/grads", "mean", "gradient elements flushed to zero (of nonzero)",
+                       "Gradient underflow in the grads format", False),
+    "grad_overflow": ("overflow_frac/grads", "mean", "gradient elements overflowed or saturated (of finite)",
+                      "Gradient overflow in the grads format", False),
 }
 
 

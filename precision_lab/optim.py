@@ -56,7 +56,8 @@ class OptimConfig:
       name: "adafactor" | "adamw".
       lr: peak learning rate.
       schedule: "rsqrt" | "cosine" | "constant"; warmup_steps: linear warm-up length (0 = none);
-        total_steps: end of the cosine decay (needed by "cosine" only); final_lr_fraction: cosine end / lr.
+        total_steps: end of the cosine decay ("cosine" only; 0 = train.steps, filled in by the run config);
+        final_lr_fraction: cosine end / lr.
       decay_rate, clipping_threshold (0 = off), multiply_by_parameter_scale, momentum (None = none),
         factored, min_dim_size_to_factor, adafactor_eps: Adafactor knobs (optax.adafactor's meaning).
       b1, b2, eps: AdamW knobs.
@@ -96,7 +97,7 @@ class OptimConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 raise UserError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.schedule == "cosine" and self.total_steps <= self.warmup_steps:
+        if self.schedule == "cosine" and 0 < self.total_steps <= self.warmup_steps:
             raise UserError(
                 f"total_steps must be > warmup_steps ({self.warmup_steps}) for the cosine schedule, "
                 f"got {self.total_steps}"
@@ -143,6 +144,9 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
 
     elif cfg.schedule == "cosine":
         total, final = int(cfg.total_steps), float(cfg.final_lr_fraction)
+        if total <= warmup:  # 0 means train.steps, which only a RunConfig knows (config.build fills it in)
+            raise UserError(f"optim.total_steps ({total}) must be > optim.warmup_steps ({warmup}) for the cosine "
+                            "schedule; build the optimiser from a run config to default it to train.steps")
 
         def schedule(count):
             step = jnp.asarray(count, jnp.float32)

@@ -393,6 +393,89 @@ def table_router(configs) -> str:
     return "\n".join(out)
 
 
+# (metric, how to read it) of train.precision_telemetry, in the order the table prints them
+TELEMETRY_COLUMNS = (
+    ("lost_update_frac", "lost updates"),
+    ("applied_update_ratio", "applied / intended update"),
+    ("underflow_frac/grads", "gradient underflow"),
+    ("overflow_frac/grads", "gradient overflow"),
+    ("underflow_frac/grad_allreduce", "all-reduce underflow"),
+)
+
+
+def _window_mean(c: ConfigResult, name: str, start: float, stop: float) -> float | None:
+    """Mean over seeds, steps in [start, stop) (fractions of the run) and layers of a per-step metric."""
+    m = c.metric(name)
+    if m.size == 0:
+        return None
+    lo, hi = int(start * m.shape[1]), max(int(start * m.shape[1]) + 1, int(stop * m.shape[1]))
+    window = m[:, lo:hi]
+    return float(np.nanmean(window)) if np.isfinite(window).any() else None
+
+
+def table_precision_telemetry(configs) -> str:
+    """Issue 14 (item 1): did the precision knob reach its regime? Per configuration, the precision telemetry
+    averaged over the first 10% and the last 20% of the steps (seeds, steps and sites pooled; '-' where the
+    run did not record it: train.precision_telemetry = false, or a site its policy never rounds). Underflow:
+    nonzero elements flushed to zero by the rounding, of the nonzero; overflow: finite elements that became
+    inf/NaN or saturated, of the finite; lost updates: parameters whose nonzero intended update left the
+    master weight unchanged."""
+    cols = [name for name, _ in TELEMETRY_COLUMNS if any(c.metric(name).size for c in configs)]
+    if not cols:
+        return "No precision telemetry in this store (set train.precision_telemetry = true)."
+    heads = dict(TELEMETRY_COLUMNS)
+    out = ["| configuration | " + " | ".join(f"{heads[n]}: first 10% / last 20%" for n in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for c in configs:
+        cells = []
+        for n in cols:
+            early, late = _window_mean(c, n, 0.0, 0.1), _window_mean(c, n, 0.8, 1.0)
+            cells.append(" / ".join("-" if x is None else f"{x:.3g}" for x in (early, late)))  # fractions span decades
+        out.append(f"| {c.label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def first_crossing(series: np.ndarray, threshold: float) -> int | None:
+    """First step (0-based index) at which a per-step series exceeds `threshold`; None if it never does.
+    NaN (a frozen or overflowed step) never counts as a crossing: the crossing must be seen while finite."""
+    hit = np.flatnonzero(np.nan_to_num(series, nan=-np.inf) > threshold)
+    return int(hit[0]) if hit.size else None
+
+
+def table_router_overflow(configs) -> str:
+    """Issue 14 (4a): does a float16 router overflow? fp16's largest finite value is 65504, so exp(z)
+    overflows above ln 65504 = 11.09 (and a sum of 8 equal terms above 9.01). Per configuration: the largest
+    router logit seen while training was finite (over layers and steps), how many seeds crossed 11.09 and at
+    which step (median), and how many diverged, at which step (median) and by which rule. A divergence that
+    follows a crossing is the mechanism the experiment looks for; one without a crossing is something else."""
+    limit = math.log(float(get_format("fp16").max))
+    head, sep = comparison_head(configs)
+    out = [f"fp16 exp overflows above ln 65504 = {limit:.2f}; a row's router format is in its policy.", "",
+           "| configuration | max router logit seen (finite steps), median [range] over seeds | seeds crossing "
+           f"{limit:.2f} (median step) | diverged (median step; rules) | diverged after crossing |" + head,
+           "|---|---|---|---|---|" + sep]
+    for c in configs:
+        logits = c.metric("router_max_abs_logit")  # [seeds, steps, layers]
+        peaks, crossings = [], []
+        for seed_series in (logits.reshape(logits.shape[0], logits.shape[1], -1).max(-1)
+                            if logits.size else []):
+            finite = seed_series[np.isfinite(seed_series)]
+            peaks.append(float(finite.max()) if finite.size else math.nan)
+            crossings.append(first_crossing(seed_series, limit))
+        div = [(r["result"]["divergence_step"], r["result"]["divergence_rule"]) for r in c.records
+               if r["result"]["diverged"]]
+        after = sum(1 for r, x in zip(c.records, crossings)
+                    if r["result"]["diverged"] and x is not None and x <= r["result"]["divergence_step"])
+        peak = (f"{np.nanmedian(peaks):.2f} [{np.nanmin(peaks):.2f}, {np.nanmax(peaks):.2f}]"
+                if peaks and np.isfinite(peaks).any() else "-")
+        crossed = [x for x in crossings if x is not None]
+        cross = f"{len(crossed)}/{c.n}" + (f" ({int(np.median(crossed))})" if crossed else "")
+        rules = sorted({str(rule) for _, rule in div})
+        dv = f"{len(div)}/{c.n}" + (f" ({int(np.median([s for s, _ in div]))}; {', '.join(rules)})" if div else "")
+        out.append(f"| {c.label} | {peak} | {cross} | {dv} | {after}/{len(div)} |" + comparison_cells(c, configs))
+    return "\n".join(out)
+
+
 def gate_roundoff_bound(max_abs_logit: float | None, fmt: str = "bf16") -> float | None:
     """Largest relative error of a gate exp(z) when the logit z is rounded to nearest in `fmt`: a format with
     m stored mantissa bits keeps m + 1 significant bits, so rounding moves z by up to |z| * 2^-(m+1) and
@@ -761,6 +844,8 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "capacity_factor": table_capacity_factor,
     "z_loss": table_z_loss,
     "router": table_router,
+    "router_overflow": table_router_overflow,
+    "precision_telemetry": table_precision_telemetry,
     "lr_sensitivity": table_lr_sensitivity_with_intervals,
     "specialization": table_specialization,
     "num_experts": table_num_experts,

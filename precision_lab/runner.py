@@ -67,6 +67,8 @@ SMOKE_BASE = {
               "num_decoder_layers": 2, "num_experts": 4},
     "train": {"steps": 6, "chunk_steps": 3, "batch_size": 4, "eval_every": 0, "eval_batches": 1,
               "checkpoint_every": 0},
+    # a warm-up no longer than the run: a cosine schedule must end after it (and 6 steps reach the peak lr)
+    "optim": {"warmup_steps": 2},
 }
 
 

@@ -51,7 +51,7 @@ def test_experiment_smoke(path, tmp_path):
     assert record["env"]["policy_resolved"]["mode"] in ("emulate", "native")
 
 
-SWEEP_ARGS = ["sweep", "experiments/z_loss.toml", "--smoke", "--no-progress"]
+SWEEP_ARGS = ["sweep", "experiments/router_fp16.toml", "--smoke", "--no-progress"]
 
 
 def _sweep_proc(out: Path):

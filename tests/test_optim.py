@@ -277,3 +277,18 @@ def test_bad_values_raise_user_error():
         OptimConfig(clipping_threshold=-0.1)
     with pytest.raises(UserError, match="warmup_steps"):
         OptimConfig(warmup_steps=-1)
+
+
+def test_cosine_total_steps_defaults_to_train_steps():
+    """`--set optim.schedule="cosine"` alone used to exit 2 (total_steps 0): it now decays over train.steps,
+    and a cosine that ends before its warm-up is still refused with one line."""
+    from precision_lab.config import run_config
+
+    cfg = run_config({"train": {"steps": 120}, "optim": {"schedule": "cosine", "warmup_steps": 20}})
+    assert cfg.optim.total_steps == 120
+    s = make_schedule(cfg.optim)
+    assert float(s(120)) == pytest.approx(0.0, abs=1e-9) and float(s(20)) == pytest.approx(cfg.optim.lr)
+    with pytest.raises(UserError, match="total_steps"):
+        run_config({"train": {"steps": 20}, "optim": {"schedule": "cosine", "warmup_steps": 20}})
+    with pytest.raises(UserError, match="total_steps"):
+        make_schedule(OptimConfig(schedule="cosine", warmup_steps=5))

@@ -192,3 +192,48 @@ def test_report_cli_takes_the_paired_test(report, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(path), "--paired-test", "wilcox"]) == 2  # argparse names the choices
     assert "invalid choice: 'wilcox' (choose from 't', 'wilcoxon')" in capsys.readouterr().err
+
+
+def test_router_overflow_table_counts_crossings_before_divergence():
+    """Issue 14 (4a): a seed whose router logit crosses ln 65504 = 11.09 and then diverges is counted as
+    'diverged after crossing'; a seed that diverges with small logits is not; NaN steps never cross."""
+    from precision_lab.report import ConfigResult, first_crossing, table_router_overflow
+
+    assert first_crossing(np.array([1.0, np.nan, 12.0, 13.0]), 11.09) == 2
+    assert first_crossing(np.array([1.0, np.nan]), 11.09) is None
+    recs, mets = [], []
+    for seed, (peak, outcome) in enumerate([(14.0, "diverged"), (3.0, "diverged"), (5.0, "stable")]):
+        record, metrics = make_record("fp16-router", seed, 2.0, outcome)
+        logit = np.linspace(0.5, peak, STEPS)[:, None].repeat(2, 1)  # [steps, layers]
+        if outcome == "diverged":
+            logit[60:] = np.nan  # frozen after its divergence at step 60
+            record["result"]["divergence_step"] = 60
+        recs.append(record)
+        mets.append({**metrics, "router_max_abs_logit": logit.astype(np.float32)})
+    c = ConfigResult("fp16-router", recs[0]["overrides"], recs[0]["config"], recs, mets)
+    table = table_router_overflow([c])
+    row = [line for line in table.splitlines() if line.startswith("| fp16-router")][0]
+    cells = [x.strip() for x in row.split("|")]
+    # seed 0 would cross 11.09 only at index 235, but it froze at 60: no seed crossed while finite
+    assert cells[3] == "0/3" and cells[4].startswith("2/3 (60") and cells[5] == "0/2"
+    recs[0]["result"]["divergence_step"] = 250
+    mets[0]["router_max_abs_logit"][60:] = np.linspace(0.5, 14.0, STEPS)[60:, None]
+    mets[0]["router_max_abs_logit"][251:] = np.nan
+    row = [line for line in table_router_overflow([c]).splitlines() if line.startswith("| fp16-router")][0]
+    cells = [x.strip() for x in row.split("|")]
+    assert cells[3].startswith("1/3 (") and cells[5] == "1/2"
+
+
+def test_precision_telemetry_table_reads_early_and_late_windows():
+    """The table that shows whether a precision knob reached its regime: early vs late means, '-' for
+    series a run did not record, and a plain sentence when no run recorded any."""
+    from precision_lab.report import ConfigResult, table_precision_telemetry
+
+    record, metrics = make_record("bf16-master", 0, 2.0, "stable")
+    lost = np.where(np.arange(STEPS) < 30, 0.01, 0.5).astype(np.float32)  # rises late: round-to-nearest stall
+    c = ConfigResult("bf16-master", record["overrides"], record["config"], [record],
+                     [{**metrics, "lost_update_frac": lost}])
+    row = [r for r in table_precision_telemetry([c]).splitlines() if r.startswith("| bf16-master")][0]
+    assert "0.01 / 0.5" in row
+    bare = ConfigResult("fp32", record["overrides"], record["config"], [record], [metrics])
+    assert "No precision telemetry" in table_precision_telemetry([bare])
