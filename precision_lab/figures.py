@@ -417,12 +417,104 @@ def sentinel_entropy_figure(configs, out_dir, stem):
         if m.size == 0:
             continue
         final = np.nanmean(m[:, -10:], axis=(0, 1))
-        ax.plot(np.arange(final.size), final, marker="o", label=c.label)
+        ax.plot(np.arange(final.size), final, marker="o", label=f"{c.label}: training telemetry")
+    from precision_lab.report import routing_stats_of
+    from precision_lab.stats import mean_interval
+
+    for c in configs:  # after training, held-out batches (train.routing_stats_batches): 95% CI over seeds
+        per_seed = list(routing_stats_of(c).values())
+        if not per_seed:
+            continue
+        for name, style, what in (("sentinel_entropy", "s-", "final params, held-out"),
+                                  ("sentinel_entropy_null", "x--", "null: random token subsets")):
+            cis = [mean_interval([layers[j][name] for layers in per_seed]) for j in range(len(per_seed[0]))]
+            x = np.arange(len(cis))
+            mean = np.array([ci.mean for ci in cis])
+            err = np.array([[ci.mean - ci.ci_lo, ci.ci_hi - ci.mean] for ci in cis]).T
+            ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt=style, capsize=3, label=f"{c.label}: {what} (95% CI)")
+        ax.set_xticks(np.arange(len(per_seed[0])), [layer["layer"] for layer in per_seed[0]], fontsize=7)
+    experts = {c.value("model.num_experts") for c in configs if c.value("model.num_experts")}
+    for e in sorted(experts):
+        ax.axhline(np.log(e), color="gray", ls=":", lw=1, label=f"uniform over {e} experts (ln {e})")
     ax.set_xlabel("sparse layer (encoder layers first, then decoder)")
     ax.set_ylabel("entropy of sentinel-token routing (nats)")
     ax.set_title("Expert specialisation of sentinel tokens (ST-MoE Table 14)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def language_experts_figure(configs, out_dir, stem):
+    """Heat maps, one per sparse layer: the fraction of each language's tokens whose top-1 expert is each
+    expert, for the first seed of every configuration with routing statistics (train.routing_stats_batches;
+    expert numbers are arbitrary per seed, so seeds are not pooled). Rows that look alike = experts do not
+    specialise by language. The title of each map gives its language NMI and the permutation null."""
+    import numpy as np
+
+    from precision_lab.report import routing_stats_of
+
+    panels = []
+    for c in configs:
+        per_seed = routing_stats_of(c)
+        if per_seed:
+            seed = min(per_seed)
+            panels += [(c.label, seed, layer) for layer in per_seed[seed] if layer.get("language_expert")]
+    if not panels:  # nothing recorded: an empty figure that says so
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no routing statistics recorded (train.routing_stats_batches = 0)", ha="center")
+        ax.axis("off")
+        return save(fig, out_dir, stem)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, (label, seed, layer) in zip(axes.flat, panels):
+        table = np.asarray(layer["language_expert"], float)
+        frac = table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+        im = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        nmi, null = layer.get("language_nmi"), layer.get("language_nmi_null")
+        stat = "" if nmi is None else f"\nNMI {nmi:.3f} (null {null:.3f})"
+        ax.set_title(f"{label}, seed {seed}: {layer['layer']}{stat}", fontsize=7)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("language", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8).set_label("fraction of the language's tokens", fontsize=7)
+    fig.suptitle("Language x expert routing per sparse layer (ST-MoE section 7.3)", fontsize=9, y=1.0 + 0.12 / rows)
+    return save(fig, out_dir, stem)
+
+
+def num_experts_figure(configs, out_dir, stem):
+    """Left: final eval loss (mean over stable seeds, 95% CI) against the number of experts, one line per
+    number of experts per token (k); right: wall time per step of each configuration's group."""
+    import numpy as np
+
+    from precision_lab.report import _step_ms
+    from precision_lab.stats import mean_interval
+
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    lines: dict[int, list] = {}
+    for c in configs:
+        routing, top_k = c.value("model.routing"), c.value("model.top_k")
+        k = {"top1": 1, "top2": 2, "top2-gshard": 2}.get(routing, top_k)
+        lines.setdefault(k, []).append((c.value("model.num_experts"), mean_interval(c.eval_losses()), _step_ms(c)))
+    for k, pts in sorted(lines.items()):
+        pts.sort(key=lambda p: p[0])
+        x = np.array([p[0] for p in pts], float)
+        mean = np.array([p[1].mean for p in pts])
+        err = np.nan_to_num(np.array([[p[1].mean - p[1].ci_lo, p[1].ci_hi - p[1].mean] for p in pts]).T)
+        ax.errorbar(x, mean, yerr=err, fmt="o-", capsize=3, label=f"top-{k}")
+        ax_t.plot(x, [p[2] for p in pts], "o-", label=f"top-{k}")
+    for a in (ax, ax_t):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("experts per sparse layer")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7)
+    ax.set_ylabel("final eval loss (nats/token; mean, 95% CI)")
+    ax.set_title("Quality vs number of experts (ST-MoE 5.1)")
+    ax_t.set_ylabel("ms per step (vmapped group, shared CPU)")
+    ax_t.set_title("Step time")
+    fig.tight_layout()
     return save(fig, out_dir, stem)
 
 
@@ -546,6 +638,8 @@ SWEEP_FIGURES = {
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
+    "language_experts": language_experts_figure,
+    "num_experts": num_experts_figure,
     "differences": differences_figure,
     "divergence_onset": divergence_onset_figure,
     "precursor_lead_time": precursor_lead_time_figure,

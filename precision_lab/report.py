@@ -346,6 +346,34 @@ def table_capacity_factor(configs) -> str:
             "37.5% by construction).\n\n" + "\n".join(out))
 
 
+def _step_ms(c: ConfigResult) -> float:
+    """Median over a configuration's records of its group's wall time per step (ms): the vmapped program of
+    all its seeds, so compare configurations trained with the same number of seeds."""
+    return float(np.nanmedian([r.get("timing", {}).get("step_s", float("nan")) for r in c.records]) * 1e3)
+
+
+def table_num_experts(configs) -> str:
+    """ST-MoE section 5.1: quality against the number of experts at fixed active compute (top-2, the same
+    expert width), and top-1 vs top-2 vs top-3; with step time, since experts cost memory and dispatch."""
+    head, sep = comparison_head(configs)
+    base = baseline_of(configs)
+    base_ms = _step_ms(base) if base is not None else float("nan")
+    out = ["| configuration | experts | experts per token (k) | train CF | eval loss, mean +- SD (stable seeds) | "
+           "dropped tokens (train, final) | ms/step (group of its seeds) | step time / baseline's |" + head,
+           "|---|---|---|---|---|---|---|---|" + sep]
+    for c in configs:
+        routing, top_k = c.value("model.routing"), c.value("model.top_k")
+        k = {"top1": 1, "top2": 2, "top2-gshard": 2}.get(routing, top_k)
+        ms = _step_ms(c)
+        out.append(f"| {c.label} | {c.value('model.num_experts')} | {k} | {c.value('model.train_capacity_factor')} | "
+                   f"{_loss_cell(c, c.eval_losses())} | {_fmt(_final(c, 'router_dropped_token_fraction', np.nanmean))} | "
+                   f"{ms:.1f} | {ms / base_ms:.2f} |" + comparison_cells(c, configs))
+    return ("ST-MoE section 5.1: more experts improve quality at fixed compute with diminishing returns (and top-2 "
+            "over top-1 helps more than top-3 over top-2), while each expert costs memory and dispatch time. "
+            "Step times are wall times of each configuration's vmapped group on a shared CPU, measured one group "
+            "after another (not interleaved): a rough guide, not a benchmark.\n\n" + "\n".join(out))
+
+
 def table_z_loss(configs) -> str:
     return ("ST-MoE: the z-loss keeps router logits small, so bf16 rounding of a logit (relative 2^-8, absolute "
             "|z| 2^-8) becomes a small relative error of the gate after exp.\n\n" + table_router(configs))
@@ -724,7 +752,132 @@ def table_specialization(configs) -> str:
         out.append("")
     paper = ("ST-MoE Table 14 (ST-MoE-L, 32 experts, uniform = ln 32 = 3.47): encoder layers 1..6: "
              + " ".join(map(str, SPECIALIZATION_PAPER["encoder"])) + "; decoder: 3.4 everywhere.")
-    return paper + "\n\n" + "\n".join(out)
+    telemetry = ("Sentinel-routing entropy from the training telemetry (mean over seeds and the last 10 steps, "
+                 "training batches, training capacity factor):\n\n" + "\n".join(out))
+    routed = [c for c in configs if routing_stats_of(c)]
+    if not routed:
+        return paper + "\n\n" + telemetry
+    return "\n\n".join([paper, *(table_routing_stats(c) for c in routed), telemetry])
+
+
+def routing_stats_of(c: ConfigResult) -> dict[int, list[dict]]:
+    """{seed: per sparse layer statistics} of the records that carry them (train.routing_stats_batches)."""
+    return {r["seed"]: r["result"]["routing_stats"] for r in c.records if r["result"].get("routing_stats")}
+
+
+def _vs_null(per_seed: dict[int, list[dict]], j: int, name: str, null: str, test: str) -> str:
+    """"observed vs null: mean difference [95% CI] p" over seeds for layer j (paired by seed: each seed's
+    statistic against its own permutation null)."""
+    obs = {s: layers[j].get(name) for s, layers in per_seed.items()}
+    ref = {s: layers[j].get(null) for s, layers in per_seed.items()}
+    obs = {s: v for s, v in obs.items() if v is not None and ref.get(s) is not None}
+    if not obs:
+        return "-"
+    d = stats.paired_difference(obs, ref, test=test)
+    m_obs, m_ref = np.mean(list(obs.values())), np.mean([ref[s] for s in obs])
+    return f"{m_obs:.2f} vs {m_ref:.2f}: {_diff_cell(d)}, p {_p(d.p_value)}"
+
+
+def _paper_sentinel(name: str, index_in_stack: int) -> str:
+    paper = SPECIALIZATION_PAPER[name.split("/")[0]]
+    return str(paper[index_in_stack]) if index_in_stack < len(paper) else "-"
+
+
+def table_routing_stats(c: ConfigResult) -> str:
+    """Per sparse layer, after training on held-out batches labelled with their language
+    (precision_lab/specialization.py): sentinel entropy, token-id and frequent-token specialisation, and
+    language specialisation, each against its permutation null, paired by seed."""
+    per_seed = routing_stats_of(c)
+    first = next(iter(per_seed.values()))
+    names = [layer["layer"] for layer in first]
+    n_exp = c.value("model.num_experts")
+    test = c.paired_test
+    seen: dict[str, int] = {}
+    rows = ["| sparse layer | paper: sentinel entropy | sentinel share of tokens | expert entropy H(E) | sentinel entropy "
+            "vs random subsets of the same size | per sentinel id H(E \\| id) | frequent-token entropy vs experts "
+            "permuted | token-id NMI vs experts permuted |", "|---|---|---|---|---|---|---|---|"]
+    lang_rows = ["| sparse layer | language NMI vs languages permuted over sequences | seeds with permutation p "
+                 "< 0.05 | language NMI vs routing by token id alone (experts shuffled within each token id) | "
+                 "seeds with p < 0.05 |", "|---|---|---|---|---|"]
+    for j, name in enumerate(names):
+        stack = name.split("/")[0]
+        seen[stack] = seen.get(stack, -1) + 1
+        col = lambda k: [layers[j].get(k) for layers in per_seed.values() if layers[j].get(k) is not None]  # noqa: E731
+        share, h_e = col("sentinel_share"), col("expert_entropy")
+        rows.append(f"| {name} | {_paper_sentinel(name, seen[stack])} | {_fmt(np.mean(share) if share else None, 3)} | "
+                    f"{_fmt(np.mean(h_e) if h_e else None, 2)} | "
+                    f"{_vs_null(per_seed, j, 'sentinel_entropy', 'sentinel_entropy_null', test)} | "
+                    f"{_fmt(np.mean(col('sentinel_token_entropy')) if col('sentinel_token_entropy') else None, 2)} | "
+                    f"{_vs_null(per_seed, j, 'frequent_token_entropy', 'frequent_token_entropy_null', test)} | "
+                    f"{_vs_null(per_seed, j, 'token_nmi', 'token_nmi_null', test)} |")
+        ps, tps = col("language_p"), col("language_token_p")
+        lang_rows.append(f"| {name} | {_vs_null(per_seed, j, 'language_nmi', 'language_nmi_null', test)} | "
+                         f"{sum(p < stats.ALPHA for p in ps)}/{len(ps)} | "
+                         f"{_vs_null(per_seed, j, 'language_nmi', 'language_nmi_token_null', test)} | "
+                         f"{sum(p < stats.ALPHA for p in tps)}/{len(tps)} |")
+    tokens = int(np.mean([layers[0]["tokens"] for layers in per_seed.values()]))
+    return (f"**{c.label}**: routing of the final parameters on held-out batches ({tokens} tokens in the first "
+            f"sparse layer), each token's top-1 expert; {len(per_seed)} seeds; uniform over {n_exp} experts = "
+            f"ln {n_exp} = {math.log(n_exp):.2f} nats. Each cell: mean over seeds of the statistic vs its null, "
+            f"then their paired difference [95% CI] and p ({stats.PAIRED_TESTS[test]}, paired by seed). Entropies "
+            "in nats (lower = more concentrated); NMI = mutual information / entropy (token id: I(T;E)/H(E); "
+            "language: I(L;E)/min(H(L), H(E))), 0 = no dependence, 1 = determined.\n\n"
+            + "\n".join(rows) + "\n\n" + _stacks_compared(per_seed, names, c)
+            + "\n\nLanguage x expert (ST-MoE section 7.3: experts do not specialise by language):\n\n"
+            + "\n".join(lang_rows))
+
+
+STACK_STATISTICS = ("sentinel_entropy", "sentinel_token_entropy", "frequent_token_entropy", "token_nmi",
+                    "sentinel_share")
+
+
+def _stacks_compared(per_seed: dict[int, list[dict]], names: list[str], c: ConfigResult) -> str:
+    """Encoder vs decoder, each statistic averaged over the stack's sparse layers and the seeds, and, where
+    the decoder concentrates sentinels more than the encoder (the opposite of ST-MoE Table 14), whether the
+    decoder's routing is concentrated for every token (routing by token id) or for sentinels only."""
+    means: dict[str, dict[str, float]] = {}
+    for stack in ("encoder", "decoder"):
+        idx = [j for j, n in enumerate(names) if n.startswith(stack)]
+        means[stack] = {}
+        for k in STACK_STATISTICS:
+            vals = [layers[j][k] for layers in per_seed.values() for j in idx if layers[j].get(k) is not None]
+            means[stack][k] = float(np.mean(vals)) if vals else float("nan")
+    enc, dec = means["encoder"], means["decoder"]
+    if not all(math.isfinite(v) for v in (*enc.values(), *dec.values())):
+        return "Encoder vs decoder: not comparable (a stack has no sparse layer or no sentinel)."
+    line = ("Encoder vs decoder (mean over the stack's sparse layers and seeds): sentinel entropy "
+            f"{enc['sentinel_entropy']:.2f} vs {dec['sentinel_entropy']:.2f}; per sentinel id "
+            f"{enc['sentinel_token_entropy']:.2f} vs {dec['sentinel_token_entropy']:.2f}; the most frequent content "
+            f"tokens {enc['frequent_token_entropy']:.2f} vs {dec['frequent_token_entropy']:.2f}; token-id NMI "
+            f"{enc['token_nmi']:.2f} vs {dec['token_nmi']:.2f}; sentinels are {enc['sentinel_share']:.1%} vs "
+            f"{dec['sentinel_share']:.1%} of the routed tokens.")
+    if dec["sentinel_entropy"] >= enc["sentinel_entropy"]:
+        return line + " As in ST-MoE Table 14, the encoder concentrates sentinels more than the decoder."
+    # "routes by token id": clearly higher token-id NMI AND clearly more concentrated frequent tokens than the
+    # encoder; "like a frequent token": a sentinel id no more than 0.25 nats more concentrated than those
+    by_token = (dec["token_nmi"] - enc["token_nmi"] > 0.1
+                and enc["frequent_token_entropy"] - dec["frequent_token_entropy"] > 0.25)
+    like_frequent = dec["frequent_token_entropy"] <= dec["sentinel_token_entropy"] + 0.25
+    why = ("Likely why the decoder routes by token (a reading, not tested here): its router sees, at each "
+           "position, the embedding of the (shifted) target token itself with causal attention over the earlier "
+           f"positions of a {c.value('model.targets_length', '?')}-token target, while the encoder's bidirectional attention mixes every input position; and in the "
+           "decoder's inputs every span starts with its sentinel (s0 always at position 1), so sentinels are a "
+           "several times larger share of the routed tokens than in the encoder.")
+    if by_token and like_frequent:
+        return (line + " The decoder concentrates sentinels MORE than the encoder, the opposite of ST-MoE Table "
+                "14, but not because its experts specialise in sentinels: its routing is concentrated by token id "
+                "for every token (higher token-id NMI than the encoder's, and its most frequent tokens within 0.25 nats "
+                "of a sentinel id's concentration). "
+                + why)
+    if by_token:
+        return (line + " The decoder concentrates sentinels MORE than the encoder, the opposite of ST-MoE Table "
+                "14. Most of it is token-id routing in general (higher token-id NMI than the encoder's, frequent "
+                "tokens far more concentrated than in the encoder), and a sentinel id is more concentrated still "
+                f"than the frequent tokens ({dec['sentinel_token_entropy']:.2f} vs "
+                f"{dec['frequent_token_entropy']:.2f} nats): a smaller sentinel-specific part on top. " + why)
+    return (line + " The decoder concentrates sentinels MORE than the encoder, the opposite of ST-MoE Table 14, "
+            "and more than token-id routing in general explains (a sentinel id is more concentrated than the "
+            "frequent tokens, or the decoder's token-id NMI is not higher): a sentinel-specific effect. " + why)
 
 
 def table_backends(configs) -> str:
@@ -874,6 +1027,7 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "precision_telemetry": table_precision_telemetry,
     "lr_sensitivity": table_lr_sensitivity_with_intervals,
     "specialization": table_specialization,
+    "num_experts": table_num_experts,
     "backends": table_backends,
     "precondition": table_precondition,
     "budget": table_budget,

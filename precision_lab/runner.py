@@ -45,6 +45,8 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
             "first_loss_spike_step": s["first_loss_spike_step"][i],
             "eval_history": [{"step": e["step"], "loss": e["loss"][i]} for e in s["eval_history"]],
         }
+        if s.get("routing_stats") is not None:  # train.routing_stats_batches: per sparse layer
+            per_seed["routing_stats"] = s["routing_stats"][i]
         if "finetune" in s:  # a fine-tuning run: its task's test-split loss
             per_seed["final_test_loss"] = s["finetune"]["final_test_loss"][i]
         shared = {k: s.get(k) for k in ("best_loss", "best_loss_stderr", "unigram_loss", "entropy_rate", "backend",

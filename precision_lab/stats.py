@@ -23,10 +23,15 @@ Public API:
   plateau_slope(steps, losses)                 slope of a loss over the last 20% of steps, with its CI
   eval_vs_seed_noise(batch_losses, final_losses)   evaluation noise beside seed noise
   lr_sensitivity(lrs, losses, loss_at_init)    Wortsman et al. 2023
+<<<<<<< HEAD
   divergence_onset(lrs, seeds, diverged)       logistic fit of P(diverge | lr): onset lr with a profile-
                                                likelihood 95% interval; separation reported, not fitted
   onset_shift(fit, baseline)                   shift of the onset between two policies, profile-likelihood CI
   precursor_lead(series, reference, step)      steps a diverged seed's telemetry ran above the stable seeds'
+=======
+  entropy(counts, axis), mutual_information(table)   plug-in entropy and mutual information (nats) of counts
+  permutation_p(observed, null)                one-sided permutation p-value, (1 + #null >= observed) / (1 + n)
+>>>>>>> main
 """
 
 from __future__ import annotations
@@ -416,6 +421,7 @@ def lr_sensitivity(lrs: Sequence[float], losses: Sequence[float], loss_at_init: 
     return float(np.mean(capped - capped.min()))
 
 
+<<<<<<< HEAD
 # -- divergence onset: P(diverge | lr) ---------------------------------------------------------------------------
 #
 # The model: each seed at learning rate lr diverges independently with P = sigmoid(a + b x), x = log10(lr),
@@ -799,3 +805,41 @@ def precursor_lead(series: Sequence[float], reference, divergence_step: int) -> 
     below = np.flatnonzero(~above)
     start = int(below[-1]) + 1 if below.size else 0
     return d - start
+=======
+def entropy(counts, axis=None):
+    """Plug-in entropy (nats) of the distribution(s) that non-negative `counts` are proportional to: of all
+    of them (axis None: a float) or along `axis` (an array, e.g. one entropy per row); NaN where the counts
+    sum to 0. The same numbers as scipy.stats.entropy (tests/test_specialization.py), vectorised because
+    the permutation nulls of the specialisation statistics need thousands of them."""
+    c = np.asarray(counts, dtype=np.float64)
+    if axis is None:
+        c = c.ravel()
+        axis = 0
+    total = c.sum(axis=axis, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = c / total
+        terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    h = np.where(np.squeeze(total, axis=axis) > 0, terms.sum(axis=axis), np.nan)
+    return float(h) if h.ndim == 0 else h
+
+
+def mutual_information(table):
+    """Plug-in mutual information (nats) between the row and the column variable of a contingency table of
+    counts (or of a stack of tables [..., R, C]): H(rows) + H(columns) - H(joint). Biased upwards on finite
+    samples (about (R-1)(C-1) / 2N nats), which is why the specialisation statistics set it beside a
+    permutation null. NaN for an empty table."""
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim < 2:
+        raise UserError(f"mutual_information needs a 2-D table of counts, got shape {t.shape}")
+    flat = t.reshape(*t.shape[:-2], -1)
+    mi = entropy(t.sum(axis=-1), axis=-1) + entropy(t.sum(axis=-2), axis=-1) - entropy(flat, axis=-1)
+    mi = np.where(np.isnan(mi), np.nan, np.maximum(mi, 0.0))
+    return float(mi) if np.ndim(mi) == 0 else mi
+
+
+def permutation_p(observed: float, null: Sequence[float]) -> float:
+    """One-sided permutation p-value of `observed` against statistics of label-permuted data: (1 + number of
+    null values >= observed) / (1 + number of permutations) (Phipson & Smyth 2010: never 0)."""
+    null_a = np.asarray(null, dtype=np.float64)
+    return float((1 + np.sum(null_a >= observed)) / (1 + null_a.size))
+>>>>>>> main

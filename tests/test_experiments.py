@@ -42,6 +42,9 @@ def test_experiment_smoke(path, tmp_path):
     manifest, configs = load_sweep_results(tmp_path)
     for table in manifest["report"].get("tables", []):
         assert f"## {table.replace('_', ' ').capitalize()}" in text
+    if record_routing := ResultsStore(tmp_path).records()[0]["result"].get("routing_stats"):  # routing_stats_batches
+        assert [layer["layer"] for layer in record_routing] == configs[0].records[0]["env"]["moe_layer_names"]
+        assert "Language x expert" in text and "Encoder vs decoder" in text
     for fig in manifest["report"].get("figures", []):
         assert (tmp_path / "figures" / f"{manifest['name']}_{fig}.png").stat().st_size > 1000
         assert f"{manifest['name']}_{fig}.png" in text
