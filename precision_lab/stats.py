@@ -23,15 +23,12 @@ Public API:
   plateau_slope(steps, losses)                 slope of a loss over the last 20% of steps, with its CI
   eval_vs_seed_noise(batch_losses, final_losses)   evaluation noise beside seed noise
   lr_sensitivity(lrs, losses, loss_at_init)    Wortsman et al. 2023
-<<<<<<< HEAD
   divergence_onset(lrs, seeds, diverged)       logistic fit of P(diverge | lr): onset lr with a profile-
                                                likelihood 95% interval; separation reported, not fitted
   onset_shift(fit, baseline)                   shift of the onset between two policies, profile-likelihood CI
   precursor_lead(series, reference, step)      steps a diverged seed's telemetry ran above the stable seeds'
-=======
   entropy(counts, axis), mutual_information(table)   plug-in entropy and mutual information (nats) of counts
   permutation_p(observed, null)                one-sided permutation p-value, (1 + #null >= observed) / (1 + n)
->>>>>>> main
 """
 
 from __future__ import annotations
@@ -421,7 +418,6 @@ def lr_sensitivity(lrs: Sequence[float], losses: Sequence[float], loss_at_init: 
     return float(np.mean(capped - capped.min()))
 
 
-<<<<<<< HEAD
 # -- divergence onset: P(diverge | lr) ---------------------------------------------------------------------------
 #
 # The model: each seed at learning rate lr diverges independently with P = sigmoid(a + b x), x = log10(lr),
@@ -805,7 +801,8 @@ def precursor_lead(series: Sequence[float], reference, divergence_step: int) -> 
     below = np.flatnonzero(~above)
     start = int(below[-1]) + 1 if below.size else 0
     return d - start
-=======
+
+
 def entropy(counts, axis=None):
     """Plug-in entropy (nats) of the distribution(s) that non-negative `counts` are proportional to: of all
     of them (axis None: a float) or along `axis` (an array, e.g. one entropy per row); NaN where the counts
@@ -842,4 +839,3 @@ def permutation_p(observed: float, null: Sequence[float]) -> float:
     null values >= observed) / (1 + number of permutations) (Phipson & Smyth 2010: never 0)."""
     null_a = np.asarray(null, dtype=np.float64)
     return float((1 + np.sum(null_a >= observed)) / (1 + null_a.size))
->>>>>>> main
