@@ -2,7 +2,7 @@
 """precision_lab's own train-step benchmarks, each measured as ratios inside ONE run, interleaved.
 
     .venv/bin/python benchmarks/lab_bench.py all --json > /tmp/lab.jsonl     # ~10 min on 2 cores
-    .venv/bin/python benchmarks/lab_bench.py hf|policies|seeds|small|compile|accumulator [--reps 5] [--json]
+    .venv/bin/python benchmarks/lab_bench.py hf|policies|seeds|small|compile|accumulator|capacity [--reps 5] [--json]
 
 Sections (each prints one JSON line with --json):
   hf        the lab's fp32 train step vs HuggingFace SwitchTransformersForConditionalGeneration at the matched
@@ -15,6 +15,8 @@ Sections (each prints one JSON line with --json):
   small     the `small` preset's fp32 train step: model FLOP utilisation against the matmul peak.
   accumulator  the matmul accumulator model (`acc=e8m13/128` on every matmul operand) vs fp32 and fp8-hybrid,
             `tiny` preset at the quick-start token lengths, interleaved.
+  capacity  ST-MoE Table 9: step time at train capacity factor 2.0 over 1.25, `tiny` and `small`, sorted and
+            dense expert dispatch, interleaved (`--presets micro --reps 1 --k 1`: the test's smallest mode).
   compile   compile time of a tiny train run (Trainer._chunk) in a fresh process: no persistent cache, cold
             cache, warm cache (jax_compilation_cache_dir, min compile time 0).
 
@@ -615,10 +617,58 @@ def section_accumulator(args) -> dict:
             "programs": ratios_to_first(progs), "env": env()}
 
 
+CAPACITY_FACTORS = (1.25, 2.0)
+# name -> (model fields, AdamW lr); "micro" (the sweep smoke test's model shape) is the test's smallest mode
+CAPACITY_PRESETS = {
+    "tiny": ({"preset": "tiny"}, 1e-2),
+    "small": ({"preset": "small"}, 1e-3),
+    "micro": ({"preset": "tiny", "d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_encoder_layers": 2,
+               "num_decoder_layers": 2, "num_experts": 4}, 1e-2),
+}
+
+
+def section_capacity(args) -> dict:
+    """ST-MoE Table 9: step time at train capacity factor 2.0 over 1.25 (ST-MoE-L 2.447 / 2.397 s = 1.02,
+    printed +7%; ST-MoE-32B 4.819 / 4.244 s = 1.14), for each preset of --presets and both expert dispatches
+    (sorted: grouped GEMM over the kept assignments only; dense: one-hot einsums over every expert's C
+    slots, whose expert matmuls grow with C, i.e. with the capacity factor). fp32, one seed, batches drawn by
+    the run's own Dataset (the token lengths, padding and routing `precision-lab train` sees). The four
+    programs of a preset are interleaved; each ratio is CF 2.0's time over CF 1.25's time of the same dispatch
+    and the same rep."""
+    out = {"benchmark": "capacity_step_time", "capacity_factors": list(CAPACITY_FACTORS), "configs": {}}
+    for preset in args.presets.split(","):
+        if preset not in CAPACITY_PRESETS:
+            raise SystemExit(f"--presets: unknown preset {preset!r}; valid: {', '.join(CAPACITY_PRESETS)}")
+        progs = {}
+        for dispatch in ("sorted", "dense"):
+            for cf in CAPACITY_FACTORS:
+                fields, lr = CAPACITY_PRESETS[preset]
+                model = {**fields, "expert_dispatch": dispatch, "train_capacity_factor": cf}
+                run = run_for(model, "fp32", optim={"name": "adamw", "lr": lr})
+                progs[dispatch, cf] = Program(f"{preset} {dispatch} CF {cf}", run, k=args.k, dataset_batches=True)
+        interleave(list(progs.values()), args.reps)
+        res = {}
+        lo_cf, hi_cf = CAPACITY_FACTORS
+        for dispatch in ("sorted", "dense"):
+            lo, hi = progs[dispatch, lo_cf], progs[dispatch, hi_cf]
+            r = [b / a for a, b in zip(lo.times, hi.times)]
+            res[dispatch] = {f"CF {lo_cf}": lo.summary(), f"CF {hi_cf}": hi.summary(),
+                             "ratio_median": round(statistics.median(r), 3),
+                             "ratio_min_max": [round(min(r), 3), round(max(r), 3)],
+                             "ratio_per_rep": [round(x, 3) for x in r],
+                             "matmul_gflop_ratio": round(hi.flops["matmul_gflop_per_step"]
+                                                         / max(lo.flops["matmul_gflop_per_step"], 1e-12), 3)}
+        out["configs"][preset] = res
+    out["paper"] = {"ST-MoE-L": [2.397, 2.447], "ST-MoE-32B": [4.244, 4.819]}
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
+
+
 SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry,
             "accumulator": section_accumulator, "gain": section_gain, "blocks": section_blocks, "hf": section_hf,
             "policies": section_policies, "seeds": section_seeds, "small": section_small,
-            "compile": section_compile}
+            "compile": section_compile, "capacity": section_capacity}
 
 
 def main(argv=None) -> int:
@@ -628,6 +678,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
     p.add_argument("--compile-reps", type=int, default=2)
     p.add_argument("--cli-steps", type=int, default=60, help="steps of each `precision-lab train` run (cli)")
+    p.add_argument("--presets", default="tiny,small", help="capacity: the presets to time (tiny, small, micro)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     from precision_lab.cli import use_one_device_per_core

@@ -108,6 +108,22 @@ def main(path: str) -> int:
         d = last["accumulator_cost"]
         ratio_table(f"Matmul accumulator model, {d['config']} (ratio to fp32 in the same rep)",
                     ["policy"], "fp32", [((name,), r) for name, r in d["programs"].items()])
+    if "capacity_step_time" in last:
+        d = last["capacity_step_time"]
+        lo_cf, hi_cf = d["capacity_factors"]
+        paper = "; ".join(f"{name} {b / a:.2f} ({a} vs {b} s)" for name, (a, b) in d["paper"].items())
+        print(f"### Step time at train capacity factor {hi_cf} over {lo_cf} (fp32, one seed; CPU: "
+              f"{d.get('cpu_model', '?')})\n")
+        print(f"ST-MoE Table 9: {paper}.\n")
+        print(f"| preset | dispatch | CF {lo_cf} ms/step median (min–max) | CF {hi_cf} ms/step median (min–max) "
+              "| ratio, median of reps (min–max) | executed matmul FLOP ratio |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for preset, res in d["configs"].items():
+            for dispatch, r in res.items():
+                lo, hi = r["ratio_min_max"]
+                print(f"| {preset} | {dispatch} | {fmt_ms(r[f'CF {lo_cf}'])} | {fmt_ms(r[f'CF {hi_cf}'])} "
+                      f"| **{r['ratio_median']:.2f}** ({lo:.2f}–{hi:.2f}) | {r['matmul_gflop_ratio']:.2f} |")
+        print()
     if "vmapped_seeds" in last:
         d = last["vmapped_seeds"]
         print("### Vmapped seeds (fp32)\n")

@@ -20,7 +20,7 @@ run() { wait_quiet; echo "+ $*" >&2; "$@" | tail -n 1 | tee -a "$OUT" | cut -c1-
 # huge pages, so XLA's per-call temporaries are not first-touched page by page on every call.
 export GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 echo "+ CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-) ($(nproc) cores)" >&2
-for s in ${SECTIONS:-userpath cli telemetry hf policies accumulator gain seeds small compile}; do
+for s in ${SECTIONS:-userpath cli telemetry hf policies accumulator gain seeds small capacity compile}; do
     run "$MAIN" benchmarks/lab_bench.py "$s" --reps "$REPS" --json
 done
 if [ -z "${SECTIONS:-}" ]; then

@@ -47,6 +47,9 @@ class TrainConfig:
     precision_telemetry: record per step the underflow and overflow fractions of the matmul operand and
     gradient roundings per component group, of the all-reduce, and the lost-update fraction of the master
     weights (off: none of that work is done; on or off, every other number is the same).
+    routing_stats_batches: after training, route this many held-out batches (labelled with their latent
+    language) through the final parameters and store the specialisation statistics of every sparse layer
+    (`precision_lab.specialization`: by language, sentinels, frequent tokens); 0 = none (the default).
     """
 
     steps: int = 300
@@ -61,13 +64,14 @@ class TrainConfig:
     replicas: int = 1
     precision_telemetry: bool = False
     mesh: str = ""
+    routing_stats_batches: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "mesh", mesh_text(parse_mesh(self.mesh)))  # canonical: "data=2,expert=4"
         for name in ("steps", "batch_size", "seeds", "chunk_steps", "eval_batches", "replicas"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("seed", "eval_every", "checkpoint_every"):
+        for name in ("seed", "eval_every", "checkpoint_every", "routing_stats_batches"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise UserError(f"train.{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.batch_size % self.replicas:

@@ -780,15 +780,27 @@ class Dataset:
         rng = np.random.default_rng([_TRAIN, self.config.seed, seed, step])
         return self._corrupt(rng, self._train_tokens(rng, batch_size))
 
-    def eval_batches(self, n: int, batch_size: int) -> list[dict[str, np.ndarray]]:
-        """`n` held-out batches (the same on every call), disjoint from training data."""
+    def eval_batches(self, n: int, batch_size: int, *, with_language: bool = False) -> list[dict[str, np.ndarray]]:
+        """`n` held-out batches (the same on every call), disjoint from training data.
+
+        with_language: also "language" <int32>[batch_size], the latent language of each row (the same
+        batches, labelled: the routing-specialisation statistics need it), where the source has languages
+        (the mixture; one language, 0, for "synthetic"; text files have none and get no "language")."""
         if n < 0 or batch_size < 1:
             raise UserError(f"eval batches need n >= 0 and batch_size >= 1, got {n!r} and {batch_size!r}")
         out = []
         for i in range(n):
             rng = np.random.default_rng([_EVAL, self.config.seed, i])
-            out.append(self._corrupt(rng, self._eval_tokens(rng, i, batch_size)))
+            tokens, language = self._eval_tokens_labelled(rng, i, batch_size)
+            features = self._corrupt(rng, tokens)
+            if with_language and language is not None:
+                features["language"] = np.asarray(language, np.int32)
+            out.append(features)
         return out
+
+    def _eval_tokens_labelled(self, rng: np.random.Generator, index: int, batch_size: int):
+        """(tokens, <int>[batch_size] language or None): `_eval_tokens` with each row's language."""
+        return self._eval_tokens(rng, index, batch_size), None
 
     def _corrupt(self, rng: np.random.Generator, tokens: np.ndarray) -> dict[str, np.ndarray]:
         mask = random_spans_noise_mask(rng, self.layout, tokens.shape[0])
@@ -862,6 +874,9 @@ class SyntheticDataset(Dataset):
     def _eval_tokens(self, rng: np.random.Generator, index: int, batch_size: int) -> np.ndarray:
         return self.language.sample(rng, batch_size, self.layout.tokens_length)
 
+    def _eval_tokens_labelled(self, rng: np.random.Generator, index: int, batch_size: int):
+        return self._eval_tokens(rng, index, batch_size), np.zeros(batch_size, np.int32)
+
 
 class MixtureDataset(SyntheticDataset):
     """The default data (kind "mixture"): `num_languages` Markov languages, one per sequence, latent
@@ -875,6 +890,10 @@ class MixtureDataset(SyntheticDataset):
     def _make_language(self, num_tokens: int):
         return make_markov_mixture(num_tokens=num_tokens, num_languages=self.config.num_languages,
                                    concentration=self.config.concentration, seed=self.config.seed)
+
+    def _eval_tokens_labelled(self, rng: np.random.Generator, index: int, batch_size: int):
+        # the same draws as _eval_tokens (sample consumes the generator identically), plus the languages
+        return self.language.sample(rng, batch_size, self.layout.tokens_length, with_language=True)
 
     def _compute_best(self) -> BestLoss:
         return mixture_best_loss(self.language, self.layout, examples=self.config.best_loss_examples,

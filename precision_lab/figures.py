@@ -417,12 +417,104 @@ def sentinel_entropy_figure(configs, out_dir, stem):
         if m.size == 0:
             continue
         final = np.nanmean(m[:, -10:], axis=(0, 1))
-        ax.plot(np.arange(final.size), final, marker="o", label=c.label)
+        ax.plot(np.arange(final.size), final, marker="o", label=f"{c.label}: training telemetry")
+    from precision_lab.report import routing_stats_of
+    from precision_lab.stats import mean_interval
+
+    for c in configs:  # after training, held-out batches (train.routing_stats_batches): 95% CI over seeds
+        per_seed = list(routing_stats_of(c).values())
+        if not per_seed:
+            continue
+        for name, style, what in (("sentinel_entropy", "s-", "final params, held-out"),
+                                  ("sentinel_entropy_null", "x--", "null: random token subsets")):
+            cis = [mean_interval([layers[j][name] for layers in per_seed]) for j in range(len(per_seed[0]))]
+            x = np.arange(len(cis))
+            mean = np.array([ci.mean for ci in cis])
+            err = np.array([[ci.mean - ci.ci_lo, ci.ci_hi - ci.mean] for ci in cis]).T
+            ax.errorbar(x, mean, yerr=np.nan_to_num(err), fmt=style, capsize=3, label=f"{c.label}: {what} (95% CI)")
+        ax.set_xticks(np.arange(len(per_seed[0])), [layer["layer"] for layer in per_seed[0]], fontsize=7)
+    experts = {c.value("model.num_experts") for c in configs if c.value("model.num_experts")}
+    for e in sorted(experts):
+        ax.axhline(np.log(e), color="gray", ls=":", lw=1, label=f"uniform over {e} experts (ln {e})")
     ax.set_xlabel("sparse layer (encoder layers first, then decoder)")
     ax.set_ylabel("entropy of sentinel-token routing (nats)")
     ax.set_title("Expert specialisation of sentinel tokens (ST-MoE Table 14)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def language_experts_figure(configs, out_dir, stem):
+    """Heat maps, one per sparse layer: the fraction of each language's tokens whose top-1 expert is each
+    expert, for the first seed of every configuration with routing statistics (train.routing_stats_batches;
+    expert numbers are arbitrary per seed, so seeds are not pooled). Rows that look alike = experts do not
+    specialise by language. The title of each map gives its language NMI and the permutation null."""
+    import numpy as np
+
+    from precision_lab.report import routing_stats_of
+
+    panels = []
+    for c in configs:
+        per_seed = routing_stats_of(c)
+        if per_seed:
+            seed = min(per_seed)
+            panels += [(c.label, seed, layer) for layer in per_seed[seed] if layer.get("language_expert")]
+    if not panels:  # nothing recorded: an empty figure that says so
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no routing statistics recorded (train.routing_stats_batches = 0)", ha="center")
+        ax.axis("off")
+        return save(fig, out_dir, stem)
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False)
+    for ax, (label, seed, layer) in zip(axes.flat, panels):
+        table = np.asarray(layer["language_expert"], float)
+        frac = table / np.maximum(table.sum(axis=1, keepdims=True), 1.0)
+        im = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        nmi, null = layer.get("language_nmi"), layer.get("language_nmi_null")
+        stat = "" if nmi is None else f"\nNMI {nmi:.3f} (null {null:.3f})"
+        ax.set_title(f"{label}, seed {seed}: {layer['layer']}{stat}", fontsize=7)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.set_ylabel("language", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.8).set_label("fraction of the language's tokens", fontsize=7)
+    fig.suptitle("Language x expert routing per sparse layer (ST-MoE section 7.3)", fontsize=9, y=1.0 + 0.12 / rows)
+    return save(fig, out_dir, stem)
+
+
+def num_experts_figure(configs, out_dir, stem):
+    """Left: final eval loss (mean over stable seeds, 95% CI) against the number of experts, one line per
+    number of experts per token (k); right: wall time per step of each configuration's group."""
+    import numpy as np
+
+    from precision_lab.report import _step_ms
+    from precision_lab.stats import mean_interval
+
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 4))
+    lines: dict[int, list] = {}
+    for c in configs:
+        routing, top_k = c.value("model.routing"), c.value("model.top_k")
+        k = {"top1": 1, "top2": 2, "top2-gshard": 2}.get(routing, top_k)
+        lines.setdefault(k, []).append((c.value("model.num_experts"), mean_interval(c.eval_losses()), _step_ms(c)))
+    for k, pts in sorted(lines.items()):
+        pts.sort(key=lambda p: p[0])
+        x = np.array([p[0] for p in pts], float)
+        mean = np.array([p[1].mean for p in pts])
+        err = np.nan_to_num(np.array([[p[1].mean - p[1].ci_lo, p[1].ci_hi - p[1].mean] for p in pts]).T)
+        ax.errorbar(x, mean, yerr=err, fmt="o-", capsize=3, label=f"top-{k}")
+        ax_t.plot(x, [p[2] for p in pts], "o-", label=f"top-{k}")
+    for a in (ax, ax_t):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("experts per sparse layer")
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=7)
+    ax.set_ylabel("final eval loss (nats/token; mean, 95% CI)")
+    ax.set_title("Quality vs number of experts (ST-MoE 5.1)")
+    ax_t.set_ylabel("ms per step (vmapped group, shared CPU)")
+    ax_t.set_title("Step time")
+    fig.tight_layout()
     return save(fig, out_dir, stem)
 
 
@@ -497,6 +589,91 @@ def finetune_curves_figure(configs, out_dir, stem):
     return save(fig, out_dir, stem)
 
 
+def divergence_onset_figure(configs, out_dir, stem):
+    """P(diverge) vs learning rate per policy line (`report.onset_fits`): the observed fraction of seeds that
+    diverged with its Clopper-Pearson 95% interval, the fitted logistic curve, and the onset (P = 0.5) with
+    its 95% profile-likelihood interval as a shaded band; lines without a fit say why in the legend."""
+    import numpy as np
+
+    from precision_lab.report import onset_fits
+    from precision_lab.stats import clopper_pearson
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    fits = onset_fits(configs)
+    colors = _colors(fits)
+    for j, (line, (cs, f)) in enumerate(fits.items()):
+        c = colors[line]
+        dodge = 10 ** (0.006 * (j - (len(fits) - 1) / 2))  # lines side by side at a shared lr
+        frac = np.array(f.diverged) / np.array(f.seeds)
+        ci = np.array([clopper_pearson(k, n) for k, n in zip(f.diverged, f.seeds)])
+        label = (f"{line}: onset {f.onset_lr:.3g}" if f.onset_lr is not None else
+                 f"{line}: no point estimate ({f.status})")
+        ax.errorbar(np.array(f.lrs) * dodge, frac, yerr=[frac - ci[:, 0], ci[:, 1] - frac], fmt="o", color=c,
+                    capsize=3, label=label)
+        if f.slope is not None and f.status == "fit":
+            xs = np.geomspace(f.lrs[0], f.lrs[-1], 200)
+            ax.plot(xs, f.probability(xs), "-", color=c, lw=1.2)
+            ax.axvline(f.onset_lr, color=c, ls="--", lw=0.8)
+        if f.ci_lo is not None or f.ci_hi is not None:
+            lo = f.ci_lo if f.ci_lo is not None else f.lrs[0]
+            hi = f.ci_hi if f.ci_hi is not None else f.lrs[-1]
+            ax.axvspan(lo, hi, color=c, alpha=0.1)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("fraction of seeds diverged (95% Clopper-Pearson)")
+    ax.set_title("Divergence onset: P(diverge | lr), logistic fit in log10 lr\n"
+                 "(dashed: onset, P = 0.5; band: its 95% profile-likelihood interval)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
+def precursor_lead_time_figure(configs, out_dir, stem):
+    """Per telemetry series (`report.PRECURSOR_SERIES`), how many steps before its divergence each diverged
+    seed had that series above the range of its configuration's stable seeds (`report.table_precursors`'s
+    rule): one point per seed and policy line; the count of seeds with a precursor beside each row."""
+    import numpy as np
+
+    from precision_lab.report import PRECURSOR_SERIES, lr_lines, precursors
+
+    names = list(PRECURSOR_SERIES)
+    lines = {line: precursors(cs) for line, cs in lr_lines(configs).items()}
+    colors = _colors(lines)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 2))
+    rng = np.random.default_rng(0)  # vertical jitter only, so points of one row do not hide each other
+    offsets = np.linspace(-0.2, 0.2, len(lines)) if len(lines) > 1 else np.zeros(1)
+    for j, (line, pre) in enumerate(lines.items()):
+        label = line
+        for y, name in enumerate(names):
+            vals = [v for v in pre.leads.get(name, []) if v is not None]
+            if vals:
+                ax.plot(vals, y + offsets[j] + rng.uniform(-0.05, 0.05, len(vals)), "o", ms=4, alpha=0.7,
+                        color=colors[line], label=label)
+                label = None  # one legend entry per line
+    ticks = []
+    for name in names:
+        parts = []
+        for line, pre in lines.items():
+            if name in pre.absent:
+                parts.append("absent")
+            elif pre.seeds:
+                parts.append(f"{sum(v is not None for v in pre.leads[name])}/{pre.seeds}")
+        ticks.append(f"{PRECURSOR_SERIES[name][2]}\n({', '.join(parts) or 'no diverged seeds'})")
+    ax.set_yticks(range(len(names)), ticks, fontsize=6)
+    ax.set_ylim(len(names) - 0.5, -0.5)  # first series on top
+    ax.set_xscale("log")  # lead times are >= 1 step
+    ax.set_xlim(left=0.8)
+    ax.xaxis.set_major_formatter(_ticker.ScalarFormatter())
+    ax.set_xlabel("lead time: steps before the divergence step that the series stayed above the stable seeds' max")
+    ax.set_title("Precursors of divergence per telemetry series\n(in brackets: diverged seeds with a precursor / "
+                 "with a reference, per policy line)", fontsize=10)
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7)
+    return save(fig, out_dir, stem)
+
+
 def finetune_grid_figure(configs, out_dir, stem):
     """Test loss against learning rate, one line per batch size, one panel per arm (sparse, dense): mean over
     the seeds that did not diverge, with 95% CI error bars (ST-MoE Table 20's grid)."""
@@ -527,9 +704,13 @@ SWEEP_FIGURES = {
     "lr_sweep": lr_sweep_figure,
     "fraction_stable": fraction_stable_figure,
     "sentinel_entropy": sentinel_entropy_figure,
+    "language_experts": language_experts_figure,
+    "num_experts": num_experts_figure,
     "differences": differences_figure,
     "finetune_curves": finetune_curves_figure,
     "finetune_grid": finetune_grid_figure,
+    "divergence_onset": divergence_onset_figure,
+    "precursor_lead_time": precursor_lead_time_figure,
 }
 
 

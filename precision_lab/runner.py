@@ -104,6 +104,8 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
             "first_loss_spike_step": s["first_loss_spike_step"][i],
             "eval_history": [{"step": e["step"], "loss": e["loss"][i]} for e in s["eval_history"]],
         }
+        if s.get("routing_stats") is not None:  # train.routing_stats_batches: per sparse layer
+            per_seed["routing_stats"] = s["routing_stats"][i]
         if "finetune" in s:  # a fine-tuning run: its task's test-split loss
             per_seed["final_test_loss"] = s["finetune"]["final_test_loss"][i]
         if pretrained is not None:  # and where it started: the pretraining point's own final eval loss
@@ -128,6 +130,8 @@ SMOKE_BASE = {
               "num_decoder_layers": 2, "num_experts": 4},
     "train": {"steps": 6, "chunk_steps": 3, "batch_size": 4, "eval_every": 0, "eval_batches": 1,
               "checkpoint_every": 0},
+    # a warm-up no longer than the run: a cosine schedule must end after it (and 6 steps reach the peak lr)
+    "optim": {"warmup_steps": 2},
 }
 
 

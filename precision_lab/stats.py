@@ -23,13 +23,20 @@ Public API:
   plateau_slope(steps, losses)                 slope of a loss over the last 20% of steps, with its CI
   eval_vs_seed_noise(batch_losses, final_losses)   evaluation noise beside seed noise
   lr_sensitivity(lrs, losses, loss_at_init)    Wortsman et al. 2023
+  divergence_onset(lrs, seeds, diverged)       logistic fit of P(diverge | lr): onset lr with a profile-
+                                               likelihood 95% interval; separation reported, not fitted
+  onset_shift(fit, baseline)                   shift of the onset between two policies, profile-likelihood CI
+  precursor_lead(series, reference, step)      steps a diverged seed's telemetry ran above the stable seeds'
+  entropy(counts, axis), mutual_information(table)   plug-in entropy and mutual information (nats) of counts
+  permutation_p(observed, null)                one-sided permutation p-value, (1 + #null >= observed) / (1 + n)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -409,3 +416,426 @@ def lr_sensitivity(lrs: Sequence[float], losses: Sequence[float], loss_at_init: 
         raise UserError(f"loss_at_init must be finite, got {loss_at_init!r}")
     capped = np.minimum(np.where(np.isfinite(losses_a), losses_a, loss_at_init), loss_at_init)
     return float(np.mean(capped - capped.min()))
+
+
+# -- divergence onset: P(diverge | lr) ---------------------------------------------------------------------------
+#
+# The model: each seed at learning rate lr diverges independently with P = sigmoid(a + b x), x = log10(lr),
+# fitted by maximum likelihood over the per-seed binary outcomes (k diverged of n seeds per lr). The onset is
+# the lr where P = 0.5: x0 = -a / b. Intervals are PROFILE LIKELIHOOD intervals: the set of x0 (or of a
+# shift between two policies) that a likelihood-ratio test does not reject at 5% (deviance <= the chi-square
+# 95% point with 1 degree of freedom, scipy.stats.chi2), the nuisance slope(s) maximised out
+# (scipy.optimize). Unlike a Wald interval it is not symmetric in x0, stays inside what the data allow and
+# still exists under separation, where the maximum likelihood estimate does not. The chi-square calibration
+# is asymptotic: at 7 lrs x 16 seeds the intervals cover the truth at the nominal rate (tests/test_onset.py,
+# slow), with a few seeds per lr they are too narrow.
+
+ONSET_STATUSES = {
+    "fit": "maximum-likelihood fit (stable and diverged seeds overlap in lr)",
+    "separated": "complete or quasi-complete separation: every stable seed at an lr no higher than every "
+                 "diverged seed, so the likelihood grows without bound as the slope does; no point estimate, "
+                 "the onset lies between the last all-stable and the first all-diverged lr",
+    "all_stable": "no seed diverged: the onset lies above the grid (a lower bound only)",
+    "all_diverged": "every seed diverged: the onset lies below the grid (an upper bound only)",
+    "decreasing": "P(diverge) does not rise with lr (fitted slope <= 0, or reversed separation): no onset",
+    "outside": "the fitted 50% point lies outside the grid widened by the extrapolation margin: not estimated",
+    "too_few_lrs": "fewer than 2 distinct learning rates: a slope cannot be fitted",
+}
+# How far (decades of lr) beyond the grid a 50% point or an interval end is still reported; past it an
+# interval side is "not bounded" (None) rather than an extrapolation.
+ONSET_EXTRAPOLATE_DECADES = 1.0
+# The slope (logit per decade of lr) at which a profile treats the fit as a step: separation's limit.
+_MAX_SLOPE = 1e4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnsetFit:
+    """The divergence onset of one policy: P(diverge | lr) = sigmoid(a + b log10 lr), onset where P = 0.5.
+
+    lrs, seeds, diverged: the data, per distinct lr (ascending): seeds run and seeds diverged.
+    status: a key of ONSET_STATUSES; reason: a sentence saying why there is (no) point estimate.
+    onset_lr: the maximum-likelihood onset (None unless status == "fit").
+    ci_lo, ci_hi: the 95% profile-likelihood interval of the onset lr; None on a side the data do not bound
+      within ONSET_EXTRAPOLATE_DECADES of the grid (e.g. ci_hi for all_stable: a lower bound only). Given
+      for "fit", "separated", "all_stable" and "all_diverged"; None for the others.
+    bracket: (highest lr at which no seed diverged and below which none did, lowest lr at which every seed
+      diverged and above which all did): where the data put the step; (None, None) when not separated.
+    intercept, slope: a and b (logit, logit per decade of lr) of the fit (None without a fit).
+    """
+
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]
+    diverged: tuple[int, ...]
+    status: str
+    reason: str
+    onset_lr: float | None = None
+    ci_lo: float | None = None
+    ci_hi: float | None = None
+    bracket: tuple[float | None, float | None] = (None, None)
+    intercept: float | None = None
+    slope: float | None = None
+
+    def probability(self, lr) -> np.ndarray | None:
+        """The fitted P(diverge) at lr (None without a fit)."""
+        if self.slope is None:
+            return None
+        from scipy.special import expit
+
+        return expit(self.intercept + self.slope * np.log10(np.asarray(lr, float)))
+
+
+def _onset_data(lrs, seeds, diverged) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(lr, x = log10 lr, n, k) per distinct lr, ascending; runs at the same lr are pooled."""
+    lr_a, n_a, k_a = (np.asarray(v, float).ravel() for v in (lrs, seeds, diverged))
+    if not (lr_a.size == n_a.size == k_a.size) or lr_a.size == 0:
+        raise UserError(f"lrs, seeds and diverged must be non-empty and of one length, got {lr_a.size}, "
+                        f"{n_a.size}, {k_a.size}")
+    if not (np.all(np.isfinite(lr_a)) and np.all(lr_a > 0)):
+        raise UserError(f"learning rates must be finite and > 0, got {lr_a.tolist()}")
+    if not (np.all(n_a == np.round(n_a)) and np.all(k_a == np.round(k_a)) and np.all(n_a >= 1)
+            and np.all((k_a >= 0) & (k_a <= n_a))):
+        raise UserError(f"need integer seeds >= 1 and 0 <= diverged <= seeds per lr, got {n_a.tolist()} and "
+                        f"{k_a.tolist()}")
+    uniq = np.unique(lr_a)
+    n = np.array([n_a[lr_a == u].sum() for u in uniq])
+    k = np.array([k_a[lr_a == u].sum() for u in uniq])
+    return uniq, np.log10(uniq), n, k
+
+
+def _loglik(x, n, k, a, b) -> float:
+    """Binomial log likelihood (without the constant binomial coefficients) of sigmoid(a + b x)."""
+    z = a + b * x
+    return float(-np.sum(k * np.logaddexp(0.0, -z) + (n - k) * np.logaddexp(0.0, z)))
+
+
+def _profile_at(x, n, k, x0: float) -> float:
+    """max over the slope b of the log likelihood with the onset fixed at x0 (P = sigmoid(b (x - x0))):
+    concave in b, maximised by scipy.optimize.minimize_scalar on [-_MAX_SLOPE, _MAX_SLOPE] (the bound stands
+    for the step function separation drives it to)."""
+    from scipy.optimize import minimize_scalar
+
+    d = x - x0
+    res = minimize_scalar(lambda b: -_loglik(d, n, k, 0.0, b), bounds=(-_MAX_SLOPE, _MAX_SLOPE), method="bounded",
+                          options={"xatol": 1e-6})
+    return float(-res.fun)
+
+
+def _profile(x, n, k) -> Callable[[float], float]:
+    return lambda x0: _profile_at(x, n, k, x0)
+
+
+def _likelihood_set(profile, best: float, centre: float, lo: float, hi: float, crit: float
+                    ) -> tuple[float | None, float | None]:
+    """The ends of the connected set around `centre` where 2 (best - profile) <= crit, searched in [lo, hi]
+    on a grid and refined with scipy.optimize.brentq; None on a side that reaches the search limit."""
+    from scipy.optimize import brentq
+
+    def excess(v):
+        return 2.0 * (best - profile(v)) - crit
+
+    ends = []
+    for limit in (lo, hi):
+        grid = np.linspace(centre, limit, 41)[1:]
+        prev = centre
+        end = None
+        for v in grid:
+            if excess(v) > 0:
+                end = brentq(excess, prev, v, xtol=1e-6) if excess(prev) < 0 else prev
+                break
+            prev = v
+        ends.append(end)
+    return ends[0], ends[1]
+
+
+def divergence_onset(lrs: Sequence[float], seeds: Sequence[int], diverged: Sequence[int],
+                     confidence: float = 1 - ALPHA) -> OnsetFit:
+    """Fit P(diverge | lr) = sigmoid(a + b log10 lr) by maximum likelihood (scipy.optimize.minimize) to
+    `diverged` of `seeds` seeds at each learning rate, and return the onset lr (P = 0.5) with its
+    profile-likelihood interval (see the comment above ONSET_STATUSES).
+
+    Separation is reported, never papered over: where every stable seed sits at an lr no higher than every
+    diverged seed the likelihood has no maximum (the slope runs to infinity), so there is no point estimate;
+    the result gives the bracket the data put the step in and the profile-likelihood interval, which exists
+    there too (it is the bracket widened by what too few seeds cannot exclude). All stable: a lower bound;
+    all diverged: an upper bound; one lr: nothing.
+    """
+    from scipy.optimize import minimize, minimize_scalar
+    from scipy.special import expit
+
+    _check_alpha(1 - confidence)
+    lr_grid, x, n, k = _onset_data(lrs, seeds, diverged)
+    data = dict(lrs=tuple(float(v) for v in lr_grid), seeds=tuple(int(v) for v in n),
+                diverged=tuple(int(v) for v in k))
+    crit = float(sps.chi2.ppf(confidence, 1))
+    lo_limit, hi_limit = x[0] - ONSET_EXTRAPOLATE_DECADES, x[-1] + ONSET_EXTRAPOLATE_DECADES
+    has_stable, has_diverged = k < n, k > 0
+    if not has_diverged.any() or not has_stable.any():
+        status = "all_stable" if not has_diverged.any() else "all_diverged"
+        edge = x[-1] if status == "all_stable" else x[0]
+        # the supremum of the likelihood (0: a step just outside the grid) is approached at the edge
+        ci = _likelihood_set(_profile(x, n, k), 0.0, edge + (1 if status == "all_stable" else -1) * 1e-9,
+                             lo_limit, hi_limit, crit)
+        side = "above the highest" if status == "all_stable" else "below the lowest"
+        edge_lr = lr_grid[-1] if status == "all_stable" else lr_grid[0]
+        return OnsetFit(**data, status=status, ci_lo=_lr(ci[0]), ci_hi=_lr(ci[1]),
+                        reason=f"{'no' if status == 'all_stable' else 'every'} seed of {int(n.sum())} diverged: "
+                               f"the onset lies {side} lr of the grid ({edge_lr:g})")
+    if len(x) < 2:
+        return OnsetFit(**data, status="too_few_lrs", reason=ONSET_STATUSES["too_few_lrs"])
+    x_stable_max, x_div_min = x[has_stable].max(), x[has_diverged].min()
+    x_div_max, x_stable_min = x[has_diverged].max(), x[has_stable].min()
+    if x_div_max <= x_stable_min:
+        return OnsetFit(**data, status="decreasing",
+                        reason="every diverged seed is at an lr no higher than every stable seed: P(diverge) "
+                               "falls with lr here, so there is no onset")
+    if x_stable_max <= x_div_min:
+        # the step is between the last lr where no seed diverged and the first where all did
+        below = lr_grid[(x < x_div_min) | ((x == x_div_min) & ~has_diverged)]
+        above = lr_grid[(x > x_stable_max) | ((x == x_stable_max) & ~has_stable)]
+        bracket = (float(below.max()) if below.size else None, float(above.min()) if above.size else None)
+        profile = _profile(x, n, k)
+        # The supremum of the likelihood: anywhere in the gap (complete separation), or at an offset of
+        # logit(k/n) / slope from the mixed lr (quasi-complete), found by scipy.optimize.minimize_scalar.
+        half = max(0.5 * (x_div_min - x_stable_max), 1e-3)
+        mid = 0.5 * (x_stable_max + x_div_min)
+        peak = minimize_scalar(lambda v: -profile(v), bounds=(mid - half, mid + half), method="bounded",
+                               options={"xatol": 1e-9})
+        centre, best = float(peak.x), float(-peak.fun)
+        ci = _likelihood_set(profile, best, centre, lo_limit, hi_limit, crit)
+        lo_lr, hi_lr = bracket
+        where = (f"between lr {lo_lr:g} and {hi_lr:g}" if lo_lr is not None and hi_lr is not None else
+                 f"above lr {lo_lr:g}" if lo_lr is not None else f"below lr {hi_lr:g}")
+        return OnsetFit(**data, status="separated", bracket=bracket, ci_lo=_lr(ci[0]), ci_hi=_lr(ci[1]),
+                        reason=("complete separation" if x_stable_max < x_div_min else "quasi-complete separation "
+                                "(one lr mixed, all below stable, all above diverged)")
+                               + f": the step lies {where}")
+    # Overlap: the likelihood is strictly concave with a finite maximum. Fit in centred x for conditioning.
+    xm = float(np.mean(x))
+
+    def nll(p):
+        z = p[0] + p[1] * (x - xm)
+        prob = expit(z)
+        grad_z = n * prob - k  # d(-loglik)/dz
+        return -_loglik(x - xm, n, k, p[0], p[1]), np.array([grad_z.sum(), (grad_z * (x - xm)).sum()])
+
+    res = minimize(nll, np.zeros(2), jac=True, method="BFGS", options={"gtol": 1e-9})
+    a_c, b = (float(v) for v in res.x)
+    a = a_c - b * xm
+    fit = dict(intercept=a, slope=b)
+    if b <= 0:
+        return OnsetFit(**data, status="decreasing", **fit,
+                        reason=f"fitted slope {b:.3g} logit per decade <= 0: P(diverge) does not rise with lr")
+    x0 = -a / b
+    if not lo_limit <= x0 <= hi_limit:
+        return OnsetFit(**data, status="outside", **fit,
+                        reason=f"the fitted 50% point (lr {10 ** x0:.3g}) is more than "
+                               f"{ONSET_EXTRAPOLATE_DECADES:g} decade(s) outside the grid: too flat a curve to "
+                               "place the onset")
+    best = _loglik(x, n, k, a, b)
+    ci = _likelihood_set(_profile(x, n, k), best, x0, lo_limit, hi_limit, crit)
+    return OnsetFit(**data, status="fit", **fit, onset_lr=_lr(x0), ci_lo=_lr(ci[0]), ci_hi=_lr(ci[1]),
+                    reason=ONSET_STATUSES["fit"])
+
+
+def _lr(x: float | None) -> float | None:
+    return None if x is None else float(10.0 ** x)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OnsetShift:
+    """How far a policy moves the divergence onset against a baseline: shift = log10(onset) -
+    log10(baseline onset) in decades of lr (negative: it diverges at lower lrs), ratio = 10^shift.
+
+    shift, ratio: maximum-likelihood values (None unless both fits have a point estimate).
+    ci_lo, ci_hi: the 95% profile-likelihood interval of the shift in decades (None on a side the data do not
+      bound, e.g. when one policy never diverged on its grid); ratio_ci: the same as lr ratios.
+    p_value: likelihood-ratio test of "no shift" (deviance at shift 0 against chi-square with 1 df), NaN
+      where it cannot be computed. reason: why a value is missing, else "".
+    """
+
+    shift: float | None
+    ratio: float | None
+    ci_lo: float | None
+    ci_hi: float | None
+    p_value: float
+    reason: str
+
+    @property
+    def ratio_ci(self) -> tuple[float | None, float | None]:
+        return _lr(self.ci_lo), _lr(self.ci_hi)
+
+
+ONSET_SHIFT_STEP = 0.005  # decades: the grid of the shift's profile (1.2% in lr ratio)
+_SHIFT_STATUSES = ("fit", "separated", "all_stable", "all_diverged")
+
+
+def onset_shift(fit: OnsetFit, baseline: OnsetFit, confidence: float = 1 - ALPHA) -> OnsetShift:
+    """The shift of `fit`'s onset against `baseline`'s with its profile-likelihood interval.
+
+    The two policies' seeds are independent, so the joint log likelihood is the sum of the two; with the
+    shift fixed, the baseline's onset x0 and both slopes are maximised out:
+    profile(shift) = max over x0 of [profile_baseline(x0) + profile_fit(x0 + shift)], each policy's own
+    profile (slope maximised out, scipy.optimize.minimize_scalar) evaluated on a grid of onsets ONSET_SHIFT_STEP
+    decades apart over its own interval (only onsets there can enter the joint set); the interval is the
+    set of shifts whose deviance is within the chi-square 95% point, its ends good to a grid step. A side
+    whose best onset pair reaches an open end of either policy's interval (its lr grid widened by
+    ONSET_EXTRAPOLATE_DECADES) is not bounded (None).
+    """
+    _check_alpha(1 - confidence)
+    nan = float("nan")
+    for f, who in ((fit, "policy"), (baseline, "baseline")):
+        if f.status not in _SHIFT_STATUSES:
+            return OnsetShift(shift=None, ratio=None, ci_lo=None, ci_hi=None, p_value=nan,
+                              reason=f"{who}: {f.reason}")
+    crit = float(sps.chi2.ppf(confidence, 1))
+    h = ONSET_SHIFT_STEP
+    lo = min(math.log10(f.lrs[0]) for f in (fit, baseline)) - ONSET_EXTRAPOLATE_DECADES
+    hi = max(math.log10(f.lrs[-1]) for f in (fit, baseline)) + ONSET_EXTRAPOLATE_DECADES
+    grid = lo + h * np.arange(int(math.ceil((hi - lo) / h)) + 1)
+    profiles = []
+    for f in (baseline, fit):
+        _, x, n, k = _onset_data(f.lrs, f.seeds, f.diverged)
+        # Only onsets inside the policy's own interval can be in the joint set (its deviance alone would
+        # exceed the critical value), so the profile is evaluated there (two grid steps beyond, to bracket
+        # the crossing) and a side the policy's own interval leaves open runs to its search limit.
+        lo_f = math.log10(f.ci_lo) - 2 * h if f.ci_lo is not None else x[0] - ONSET_EXTRAPOLATE_DECADES
+        hi_f = math.log10(f.ci_hi) + 2 * h if f.ci_hi is not None else x[-1] + ONSET_EXTRAPOLATE_DECADES
+        inside = np.flatnonzero((grid >= lo_f - 1e-12) & (grid <= hi_f + 1e-12))
+        prof = np.full(grid.size, -np.inf)
+        prof[inside] = [_profile_at(x, n, k, v) for v in grid[inside]]
+        open_edges = ([inside[0]] if f.ci_lo is None else []) + ([inside[-1]] if f.ci_hi is None else [])
+        profiles.append((prof, open_edges))
+    (pa, edge_a), (pb, edge_b) = profiles
+    m = grid.size
+    # shifts j = -(m-1) .. m-1 steps; joint[j] = max_i pa[i] + pb[i + j]
+    shifts = np.arange(-(m - 1), m)
+    joint = np.full(shifts.size, -np.inf)
+    arg = np.zeros(shifts.size, int)
+    for idx, j in enumerate(shifts):
+        i = np.arange(max(0, -j), min(m, m - j))
+        if i.size:
+            s = pa[i] + pb[i + j]
+            best_i = int(np.argmax(s))
+            joint[idx], arg[idx] = s[best_i], i[best_i]
+    best = float(np.max(joint))
+    dev = 2.0 * (best - joint)
+    centre = int(np.argmax(joint))
+    if fit.onset_lr is not None and baseline.onset_lr is not None:
+        shift = math.log10(fit.onset_lr) - math.log10(baseline.onset_lr)
+        centre = int(np.argmin(np.abs(shifts * h - shift)))
+        reason = ""
+    else:
+        shift = None
+        reason = "; ".join(f"{who}: {f.status}" for f, who in ((fit, "policy"), (baseline, "baseline"))
+                           if f.onset_lr is None)
+
+    def at_edge(idx):
+        i = arg[idx]
+        return i in edge_a or (i + shifts[idx]) in edge_b
+
+    def end(direction):
+        idx = centre
+        while 0 <= idx + direction < shifts.size and dev[idx + direction] <= crit:
+            idx += direction
+        if at_edge(idx) or not 0 <= idx + direction < shifts.size or not np.isfinite(dev[idx + direction]):
+            return None
+        # linear interpolation of the deviance between the last grid shift inside and the first outside
+        d0, d1 = dev[idx], dev[idx + direction]
+        t = (crit - d0) / (d1 - d0) if d1 > d0 else 0.0
+        return float((shifts[idx] + direction * t) * h)
+
+    p = float(sps.chi2.sf(max(2.0 * (best - _common_onset(baseline, fit, lo, hi)), 0.0), 1))
+    return OnsetShift(shift=shift, ratio=_lr(shift), ci_lo=end(-1), ci_hi=end(+1), p_value=p, reason=reason)
+
+
+def _common_onset(a: OnsetFit, b: OnsetFit, lo: float, hi: float) -> float:
+    """max over a shared onset x0 in [lo, hi] of profile_a(x0) + profile_b(x0) (each slope maximised out):
+    the likelihood under "no shift". A grid of 0.05 decades, refined by scipy.optimize.minimize_scalar around
+    its best point."""
+    from scipy.optimize import minimize_scalar
+
+    profiles = [_profile(*_onset_data(f.lrs, f.seeds, f.diverged)[1:]) for f in (a, b)]
+
+    def joint(v):
+        return sum(p(v) for p in profiles)
+
+    grid = np.linspace(lo, hi, int(math.ceil((hi - lo) / 0.05)) + 1)
+    values = [joint(v) for v in grid]
+    i = int(np.argmax(values))
+    res = minimize_scalar(lambda v: -joint(v), bounds=(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]),
+                          method="bounded", options={"xatol": 1e-7})
+    return max(float(-res.fun), float(values[i]))
+
+
+# -- precursors of divergence ----------------------------------------------------------------------------------
+
+
+def precursor_lead(series: Sequence[float], reference, divergence_step: int) -> int | None:
+    """How many steps before a seed's divergence one of its telemetry series had left the range of the
+    stable seeds of the same configuration, by the rule: the series must be above the maximum over the
+    stable seeds at that same step, at every step from the exit up to the step before the divergence step
+    (the last uninterrupted excursion that runs into the divergence). Isolated excursions that came back do
+    not count: with m stable seeds a healthy seed is above their maximum at a given step with probability
+    about 1/(m+1), so a first-crossing rule would fire early by chance; the uninterrupted run into the
+    divergence is the precursor.
+
+    series: <float>[steps] of the diverged seed; reference: <float>[stable seeds, steps] (NaN entries are
+    ignored; a step where no stable seed is finite interrupts the run); divergence_step: the 0-based step
+    the divergence rule fired at (the row of the per-step metrics). Returns the lead time in steps
+    (divergence_step - exit step, >= 1), or None when the series was not above the range at the step before
+    the divergence (no precursor) or there is no step before it.
+    """
+    x = np.asarray(series, float).ravel()
+    ref = np.atleast_2d(np.asarray(reference, float))
+    d = int(divergence_step)
+    if ref.shape[-1] != x.size:
+        raise UserError(f"reference must be [seeds, {x.size}] like the series, got {ref.shape}")
+    if d <= 0 or d > x.size or ref.shape[0] == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps: no reference there
+        top = np.nanmax(ref[:, :d], axis=0)
+    above = np.isfinite(top) & (x[:d] > top)  # NaN in the series is not above
+    if not above[-1]:
+        return None
+    below = np.flatnonzero(~above)
+    start = int(below[-1]) + 1 if below.size else 0
+    return d - start
+
+
+def entropy(counts, axis=None):
+    """Plug-in entropy (nats) of the distribution(s) that non-negative `counts` are proportional to: of all
+    of them (axis None: a float) or along `axis` (an array, e.g. one entropy per row); NaN where the counts
+    sum to 0. The same numbers as scipy.stats.entropy (tests/test_specialization.py), vectorised because
+    the permutation nulls of the specialisation statistics need thousands of them."""
+    c = np.asarray(counts, dtype=np.float64)
+    if axis is None:
+        c = c.ravel()
+        axis = 0
+    total = c.sum(axis=axis, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = c / total
+        terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    h = np.where(np.squeeze(total, axis=axis) > 0, terms.sum(axis=axis), np.nan)
+    return float(h) if h.ndim == 0 else h
+
+
+def mutual_information(table):
+    """Plug-in mutual information (nats) between the row and the column variable of a contingency table of
+    counts (or of a stack of tables [..., R, C]): H(rows) + H(columns) - H(joint). Biased upwards on finite
+    samples (about (R-1)(C-1) / 2N nats), which is why the specialisation statistics set it beside a
+    permutation null. NaN for an empty table."""
+    t = np.asarray(table, dtype=np.float64)
+    if t.ndim < 2:
+        raise UserError(f"mutual_information needs a 2-D table of counts, got shape {t.shape}")
+    flat = t.reshape(*t.shape[:-2], -1)
+    mi = entropy(t.sum(axis=-1), axis=-1) + entropy(t.sum(axis=-2), axis=-1) - entropy(flat, axis=-1)
+    mi = np.where(np.isnan(mi), np.nan, np.maximum(mi, 0.0))
+    return float(mi) if np.ndim(mi) == 0 else mi
+
+
+def permutation_p(observed: float, null: Sequence[float]) -> float:
+    """One-sided permutation p-value of `observed` against statistics of label-permuted data: (1 + number of
+    null values >= observed) / (1 + number of permutations) (Phipson & Smyth 2010: never 0)."""
+    null_a = np.asarray(null, dtype=np.float64)
+    return float((1 + np.sum(null_a >= observed)) / (1 + null_a.size))

@@ -33,7 +33,7 @@ import optax
 
 from precision_lab import model as stmoe
 from precision_lab.model import sharding
-from precision_lab import ops
+from precision_lab import ops, specialization
 from precision_lab.config import RunConfig
 from precision_lab.data import NUM_SPECIAL, Dataset, make_dataset
 from precision_lab.divergence import DivergenceMonitor, classify_outcome
@@ -275,6 +275,32 @@ class Trainer:
         out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
                           key=jax.random.fold_in(seed_key, 3))
         return out.ce_loss
+
+    def _route_one(self, state: TrainState, seed_key, batch):
+        """The top-1 expert of every position, per sparse layer: a tuple of <int32>[B, L_stack] (what
+        `_eval_one` evaluates, routed the same way: eval capacity factor, the same keys)."""
+        with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):
+            params = _rounder(self.policy, "params")(state.master)
+        out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
+                          key=jax.random.fold_in(seed_key, 3))
+        stacks = [name.split("/")[0] for name in self.model_cfg.moe_layer_names()]
+        shape = {"encoder": batch["inputs"].shape, "decoder": batch["decoder_inputs"].shape}
+        return tuple(idx[..., 0].reshape(shape[st]) for idx, st in zip(out.expert_index, stacks))
+
+    def routing_statistics(self, state, seed_keys, n_batches: int) -> list[list[dict]] | None:
+        """Per seed and sparse layer, `precision_lab.specialization` statistics of the final parameters on
+        `n_batches` held-out batches labelled with their language; None for a dense model or when the data
+        cannot label its batches (a fine-tuning task)."""
+        if not self.model_cfg.moe_layer_names() or self.run.finetune.active:
+            return None
+        batches = self.dataset.eval_batches(n_batches, self.run.train.batch_size, with_language=True)
+        route = jax.jit(self._under_mesh(jax.vmap(self._route_one, in_axes=(0, 0, None)), replicate_out=True))
+        model_batch = lambda b: {k: v for k, v in b.items() if k != "language"}  # noqa: E731
+        top1 = [[np.asarray(x) for x in route(state, seed_keys, model_batch(b))] for b in batches]
+        languages = getattr(getattr(self.dataset, "language", None), "languages", None)
+        return specialization.routing_statistics(
+            top1, batches, list(self.model_cfg.moe_layer_names()), num_experts=self.model_cfg.num_experts,
+            num_languages=len(languages) if languages is not None else None)
 
     # -- many seeds, many steps ------------------------------------------------------------------------------
 
@@ -632,6 +658,8 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
                                    step_s=step_s / max(cfg.steps - cfg.chunk_steps, 1),
                                    data_s=data_s / max(cfg.steps, 1),
                                    member_devices=member_devices))
+    if cfg.routing_stats_batches:
+        summary["routing_stats"] = trainer.routing_statistics(state, seed_keys, cfg.routing_stats_batches)
     if final_test is not None:
         summary["finetune"] = dict(task=run.finetune.task, trainable=run.finetune.trainable,
                                    from_run=run.finetune.from_run, chance_loss=trainer.dataset.chance_loss,

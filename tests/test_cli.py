@@ -288,7 +288,7 @@ def test_roundoff_and_sweep_tomls_name_their_command(tmp_path, capsys):
     experiments = Path(__file__).parents[1] / "experiments"
     assert main(["sweep", str(experiments / "roundoff_exp.toml"), "--out", str(tmp_path / "a")]) == 2
     _one_line_error(capsys, "run it with: precision-lab roundoff")
-    assert main(["roundoff", str(experiments / "z_loss.toml"), "--out", str(tmp_path / "b")]) == 2
+    assert main(["roundoff", str(experiments / "router_fp16.toml"), "--out", str(tmp_path / "b")]) == 2
     _one_line_error(capsys, "run it with: precision-lab sweep")
 
 

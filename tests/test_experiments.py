@@ -42,6 +42,9 @@ def test_experiment_smoke(path, tmp_path):
     manifest, configs = load_sweep_results(tmp_path)
     for table in manifest["report"].get("tables", []):
         assert f"## {table.replace('_', ' ').capitalize()}" in text
+    if record_routing := ResultsStore(tmp_path).records()[0]["result"].get("routing_stats"):  # routing_stats_batches
+        assert [layer["layer"] for layer in record_routing] == configs[0].records[0]["env"]["moe_layer_names"]
+        assert "Language x expert" in text and "Encoder vs decoder" in text
     for fig in manifest["report"].get("figures", []):
         assert (tmp_path / "figures" / f"{manifest['name']}_{fig}.png").stat().st_size > 1000
         assert f"{manifest['name']}_{fig}.png" in text
@@ -51,7 +54,7 @@ def test_experiment_smoke(path, tmp_path):
     assert record["env"]["policy_resolved"]["mode"] in ("emulate", "native")
 
 
-SWEEP_ARGS = ["sweep", "experiments/z_loss.toml", "--smoke", "--no-progress"]
+SWEEP_ARGS = ["sweep", "experiments/router_fp16.toml", "--smoke", "--no-progress"]
 
 
 def _sweep_proc(out: Path):
@@ -157,3 +160,16 @@ def test_report_gate_bound_and_dropped_tokens_vs_assignments():
     table = report.table_capacity_factor([c])
     assert "dropped tokens" in table and "dropped assignments" in table
     assert "| 0.030 | 0.400 |" in table
+
+
+def test_smoke_version_of_a_cosine_sweep_shortens_its_warmup(tmp_path):
+    """Regression: a cosine schedule decays over train.steps, which the smoke version cuts to 6, below a 20-step
+    warm-up: loading the smoke version exited 2 (total_steps must be > warmup_steps)."""
+    from precision_lab.runner import SMOKE_BASE, load
+
+    path = tmp_path / "cosine.toml"
+    path.write_text("name = 'c'\nseeds = 1\n[base]\ntrain = { steps = 300 }\n"
+                    "optim = { schedule = 'cosine', warmup_steps = 20 }\n")
+    spec = load(path, smoke_test=True)
+    assert spec.base["optim"]["warmup_steps"] < SMOKE_BASE["train"]["steps"]
+    assert load(path).base["optim"]["warmup_steps"] == 20  # the full version is untouched
