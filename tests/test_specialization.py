@@ -198,3 +198,25 @@ def test_report_tells_token_routing_with_a_sentinel_excess_apart():
 
     c = _config("mixed", {s: _stack_layers(s, routing) for s in range(3)}, {"num_experts": E, "targets_length": LEN})
     assert "a smaller sentinel-specific part on top" in table_routing_stats(c)
+
+
+def test_encoder_vs_decoder_verdict_rests_on_a_paired_test():
+    """The report says which stack concentrates sentinels more only where the paired-by-seed difference is
+    significant (a 0.05-nat gap between means over 4 seeds used to be printed as "the decoder concentrates
+    sentinels MORE")."""
+    from precision_lab.report import ConfigResult, _stacks_compared
+
+    names = ["encoder/1", "decoder/1"]
+    c = ConfigResult("top2", {}, {"model": {"targets_length": 14}}, [], [])
+
+    def layer(sentinel, token=1.0, frequent=1.0, nmi=0.5, share=0.1):
+        return {"sentinel_entropy": sentinel, "sentinel_token_entropy": token, "frequent_token_entropy": frequent,
+                "token_nmi": nmi, "sentinel_share": share}
+
+    noisy = {s: [layer(1.9 + e), layer(1.85 + f)] for s, (e, f) in
+             enumerate([(0.0, 0.3), (0.1, -0.3), (-0.1, 0.2), (0.05, -0.2)])}
+    assert "do not differ significantly" in _stacks_compared(noisy, names, c)
+    lower = {s: [layer(2.0 + 0.01 * s), layer(1.2 + 0.02 * s)] for s in range(4)}
+    assert "concentrates sentinels MORE" in _stacks_compared(lower, names, c)
+    higher = {s: [layer(1.2 + 0.01 * s), layer(2.5 + 0.02 * s)] for s in range(4)}
+    assert "As in ST-MoE Table 14" in _stacks_compared(higher, names, c)
