@@ -260,10 +260,8 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
         parts["model"] = _model_for_mesh(parts["model"], parts["train"], "expert_dispatch" in spec.get("model", {}))
     optim = parts["optim"]
     if optim.schedule == "cosine" and optim.total_steps == 0:
-        parts["optim"] = optim = dataclasses.replace(optim, total_steps=parts["train"].steps)
-    if optim.schedule == "cosine" and optim.total_steps <= optim.warmup_steps:
-        raise UserError(f"optim.total_steps ({optim.total_steps}, 0 = train.steps) must be > optim.warmup_steps "
-                        f"({optim.warmup_steps}) for the cosine schedule")
+        # replace() re-runs OptimConfig's check: a cosine that ends inside its warm-up is refused there
+        parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
     run = RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
     if run.finetune.pretrain:  # a pretraining sweep point: checked now, not when its fine-tuning group starts
         from precision_lab.finetune import pretraining_spec

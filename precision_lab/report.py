@@ -404,13 +404,13 @@ TELEMETRY_COLUMNS = (
 )
 
 
-def _window_mean(c: ConfigResult, name: str, start: float, stop: float) -> float | None:
-    """Mean over seeds, steps in [start, stop) (fractions of the run) and layers of a per-step metric."""
-    m = c.metric(name)
+def _window_mean(m: np.ndarray, start: float, stop: float) -> float | None:
+    """Mean over seeds, steps in [start, stop) (fractions of the run) and layers of a per-step metric
+    <float>[seeds, steps, ...] (at least one step)."""
     if m.size == 0:
         return None
-    lo, hi = int(start * m.shape[1]), max(int(start * m.shape[1]) + 1, int(stop * m.shape[1]))
-    window = m[:, lo:hi]
+    lo = int(start * m.shape[1])
+    window = m[:, lo:max(lo + 1, int(stop * m.shape[1]))]
     return float(np.nanmean(window)) if np.isfinite(window).any() else None
 
 
@@ -430,7 +430,8 @@ def table_precision_telemetry(configs) -> str:
     for c in configs:
         cells = []
         for n in cols:
-            early, late = _window_mean(c, n, 0.0, 0.1), _window_mean(c, n, 0.8, 1.0)
+            m = c.metric(n)
+            early, late = _window_mean(m, 0.0, 0.1), _window_mean(m, 0.8, 1.0)
             cells.append(" / ".join("-" if x is None else f"{x:.3g}" for x in (early, late)))  # fractions span decades
         out.append(f"| {c.label} | " + " | ".join(cells) + " |")
     return "\n".join(out)
