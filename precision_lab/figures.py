@@ -729,13 +729,14 @@ def sensitivity_map_figure(configs, out_dir, stem):
             mark = ("*" if cell.ci_excludes_zero else "") + ("x" if cell.failed else "")
             if cell.gap.n == 0:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="0.6"))
-            if mark:
-                ax.text(j, i, mark, ha="center", va="center", fontsize=8, color="k")
+            text = (f"{cell.gap.mean:+.2f}" if cell.gap.n else "") + (f"\n{mark}" if mark else "")
+            if text:
+                ax.text(j, i, text, ha="center", va="center", fontsize=6, color="k")
     finite = np.abs(values[np.isfinite(values)])
     vmax = max(float(finite.max()) if finite.size else 0.0, 2 * SENSITIVITY_TOLERANCE)
     norm = mcolors.SymLogNorm(linthresh=SENSITIVITY_TOLERANCE, vmin=-vmax, vmax=vmax, base=10)
     im = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", norm=norm, aspect="auto")
-    fig.colorbar(im, ax=ax, label="eval loss - float32 reference (nats; mean over seeds, paired)")
+    fig.colorbar(im, ax=ax, label="eval loss - float32 (nats, paired mean)")
     ax.set_yticks(range(len(groups)), groups)
     ax.set_xticks(range(len(columns)), [f"e{SENSITIVITY_EXPONENT_M}m{b}" if k == "m" else f"e{b}m{SENSITIVITY_MANT_E}"
                                          for k, b in columns], rotation=60, fontsize=7)

@@ -1401,7 +1401,7 @@ def table_sensitivity_map(configs) -> str:
     rule = (f"Gap = final eval loss minus the group's float32 reference (its e8m23 row), paired by seed over seeds "
             f"stable in both. A cell is *shown within* {tol} nats when every seed is stable and the upper end of the "
             f"paired 95% t-interval is <= +{tol}; *within by point estimate* when every seed is stable and the mean "
-            f"gap is <= +{tol} (its CI in the cell table). Fewest bits: the smallest width b such that b and every "
+            f"gap is <= +{tol} (each group's median CI half-width is in the last column). Fewest bits: the smallest width b such that b and every "
             "wider width on that sweep satisfy the rule (\"none\": not even the widest tried).")
     head = ["| group | fewest mantissa bits at e8: shown within | by point estimate | fewest exponent bits at m3: "
             "shown within | by point estimate | cells with a diverged or failed seed | median paired CI half-width |",
