@@ -359,9 +359,10 @@ def _overrides(pairs: list[str]) -> dict:
 
 def _add_train(p):
     from precision_lab.config import DEFAULTS, TrainConfig
+    from precision_lab.data import DataConfig
     from precision_lab.model.config import get_model_config
 
-    model, train = get_model_config("tiny"), TrainConfig()
+    model, train, data = get_model_config("tiny"), TrainConfig(), DataConfig()
     p.add_argument("--preset", default="tiny", help="model preset (tiny, small, switch-base, gshard, ...)")
     p.add_argument("--policy", default="fp32", help="precision policy: a preset or a compact string")
     p.add_argument("--z-loss", type=float, default=None,
@@ -374,7 +375,8 @@ def _add_train(p):
     p.add_argument("--steps", type=int, default=None, help=f"optimiser steps (default: {train.steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default: {train.batch_size})")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="train on a local text file, byte level (default: the synthetic Markov language)")
+                   help=f"train on a local text file, byte level (default: a mixture of {data.num_languages} synthetic "
+                        "Markov languages, one per sequence, the language latent)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any config field in TOML syntax, e.g. --set model.router_softmax_shift=false "
                         "(booleans: true/false only; repeatable)")

@@ -342,6 +342,8 @@ CURVES = {
                              "Update that reached the master weights", False),
     "grad_underflow": ("underflow_frac/grads", "mean", "gradient elements flushed to zero (of nonzero)",
                        "Gradient underflow in the grads format", False),
+    "allreduce_error": ("allreduce_rel_error", "mean", "||all-reduced grad - float32 sum|| / ||float32 sum||",
+                        "Gradient all-reduce roundoff", True),
     "grad_overflow": ("overflow_frac/grads", "mean", "gradient elements overflowed or saturated (of finite)",
                       "Gradient overflow in the grads format", False),
 }

@@ -401,6 +401,7 @@ TELEMETRY_COLUMNS = (
     ("underflow_frac/grads", "gradient underflow"),
     ("overflow_frac/grads", "gradient overflow"),
     ("underflow_frac/grad_allreduce", "all-reduce underflow"),
+    ("allreduce_rel_error", "all-reduce relative error"),
 )
 
 
@@ -921,13 +922,24 @@ def router_kind(c: ConfigResult) -> str:
     return routing if routing in CONTROL_ROUTINGS else "learned"
 
 
+# The fields that make a row a router arm (learned, random, hash, dense) rather than another setting.
+ROUTER_ARM_FIELDS = ("model.num_experts", "model.flop_matched_dense", "model.routing", "model.top_k", "train.label")
+
+
 def _learned_partner(control: ConfigResult, learned: list[ConfigResult]) -> ConfigResult | None:
-    """The learned-router row a control row is compared with: the one that agrees with it on every axis
-    outside the model section (policy, lr, ...), else the first learned row."""
+    """The learned-router row a control row is compared with: the one that agrees with it on every axis but
+    the router arm's own fields (so a lever such as model.vocab_size pairs within itself), else the one that
+    agrees outside the model section (policy, lr, ...), else the first learned row."""
+    def setting(c):
+        return {k: v for k, v in c.overrides.items() if k not in ROUTER_ARM_FIELDS and k not in c.hidden}
+
     def outside_model(c):
-        return {k: v for k, v in c.overrides.items()
-                if not k.startswith("model.") and k != "train.label" and k not in c.hidden}
-    return next((c for c in learned if outside_model(c) == outside_model(control)), learned[0] if learned else None)
+        return {k: v for k, v in setting(c).items() if not k.startswith("model.")}
+    for key in (setting, outside_model):
+        match = next((c for c in learned if key(c) == key(control)), None)
+        if match is not None:
+            return match
+    return learned[0] if learned else None
 
 
 def router_preconditions(configs) -> list[tuple[ConfigResult, ConfigResult, stats.PairedDifference]]:

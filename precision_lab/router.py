@@ -176,7 +176,8 @@ def top_k(router_probs, k: int):
 
 
 def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capacity: int, token_mask=None,
-          batch_prioritized: bool = False, gshard_threshold: float = 0.2, key=None, fixed=None) -> Routing:
+          batch_prioritized: bool = False, gshard_threshold: float = 0.2, normalize_gates: bool = False, key=None,
+          fixed=None) -> Routing:
     """Assign tokens to expert slots.
 
     Args:
@@ -190,6 +191,9 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
       batch_prioritized: V-MoE's Batch Prioritized Routing: within each k, tokens with a larger top-1
         router probability take slots first (instead of group order); the raw probability, also under
         top2-gshard (whose renormalised first gate p1 / (p1 + p2) orders tokens differently).
+      normalize_gates: divide the k selected probabilities by their sum (Mixtral; GShard's pair always is),
+        so the combine weights of a token sum to 1 instead of p1 + ... + pk (ST-MoE's raw probabilities:
+        about k / E at initialisation, which scales the experts' output down until the router sharpens).
       fixed: (gates, expert_index) <float32/int32>[G, S, K] chosen elsewhere (the "random" and "hash"
         controls, see `fixed_routing`): used instead of the top-k of router_probs; capacity and slots as usual.
     """
@@ -209,6 +213,9 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
         else:
             keep2 = gate2_rel >= 1.0
         requested = requested.at[..., 1].set(requested[..., 1] & keep2)
+    elif normalize_gates and fixed is None:  # the controls' gates are 1/k already
+        denom = ops.sum(gates, policy, "combine_weights", axis=-1, keepdims=True)
+        gates = gates / denom
     gates = ops.cast(gates, policy, "combine_weights")
 
     # Slot of each request in its expert's buffer: a cumulative count over (k, token) in priority order.

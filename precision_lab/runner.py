@@ -11,6 +11,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -139,6 +140,9 @@ def smoke(spec: SweepSpec) -> SweepSpec:
     base = {k: dict(v) if isinstance(v, dict) else v for k, v in spec.base.items()}
     for section, fields in SMOKE_BASE.items():
         base[section] = {**base.get(section, {}), **fields}
+    if base["train"].get("replicas", 1) > 1:  # emulated replicas must still divide the smoke batch (and
+        # stay > 1, so the smoke version runs the ring all-reduce path)
+        base["train"]["replicas"] = math.gcd(base["train"]["replicas"], SMOKE_BASE["train"]["batch_size"])
     pretrain = base.get("finetune", {}).get("pretrain")
     if pretrain:  # a pretraining sweep point trains a few steps too (its model is the smoke model already)
         base["finetune"] = {**base["finetune"], "pretrain": {**pretrain, "train": {**pretrain.get("train", {}),

@@ -259,6 +259,8 @@ class Trainer:
             loss, out, grads, new_scale_state, site_counts = self._replica_grads(
                 grad_fn, params, state.scale_state, probe, batch, k_model, hp)
         # Stochastic grad_allreduce / optimizer_state roundings draw from a key of this seed and step.
+        # the all-reduce as float32 would compute it (R = 1: the local gradient), for its relative error
+        exact = grads if self.replicas == 1 else jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
         with ops.rounding_keys(jax.random.fold_in(key, 3)):
             if self.replicas == 1:
                 reduced = _rounder(self.policy, "grad_allreduce")(grads)
@@ -282,6 +284,8 @@ class Trainer:
         metrics.update(loss=loss, grad_norm=grad_norm, update_rms=_rms(updates), param_rms=_rms(state.master))
         if telemetry:
             metrics.update(_precision_telemetry(site_counts, allreduce_counts, updates, state.master, master))
+            metrics["allreduce_rel_error"] = _global_norm(jax.tree.map(jnp.subtract, grads, exact)) / jnp.maximum(
+                _global_norm(exact), jnp.float32(1e-30))
         # after a seed froze its numbers are not training results any more: NaN marks them
         metrics = jax.tree.map(lambda m: jnp.where(state.active, m.astype(_F32), jnp.nan), metrics)
         return new, metrics
@@ -469,7 +473,8 @@ def _precision_telemetry(site_counts, allreduce_counts, updates, old_master, new
     `grads`), for all gradient roundings together (grads) and for the all-reduce (grad_allreduce); and
     lost_update_frac: of the parameters with a nonzero intended update, the fraction whose master value did
     not move after rounding into the master format (Zamirai et al. 2020's cancelled small updates); and
-    applied_update_ratio = sum |applied update| / sum |intended update|."""
+    applied_update_ratio = sum |applied update| / sum |intended update|. (step_one adds allreduce_rel_error:
+    ||all-reduced gradient - its float32 sum|| / ||float32 sum||, the all-reduce's own roundoff.)"""
     out = ops.fractions(site_counts)
     bwd = [i for i, site in enumerate(ops.TELEMETRY_SITES) if site.endswith("_bwd")]
     out.update(ops.fractions(jnp.sum(site_counts[np.asarray(bwd)], axis=0), "grads"))

@@ -16,6 +16,7 @@ from precision_lab.report import (
     informative_rows,
     load_sweep_results,
     router_kind,
+    router_preconditions,
     table_lr_intervals,
     write_figures,
     write_report,
@@ -137,6 +138,29 @@ def test_precondition_table_recognises_controls_by_config(report):
     assert rows["dense (dense)"].rstrip().endswith("| yes |")
     assert informative_rows(configs) == {"baseline": True}
     assert "- baseline: informative" in text
+
+
+def test_precondition_pairs_each_control_with_the_learned_row_of_its_own_setting(tmp_path):
+    """A lever on a model field (here vocab_size) must not pair the 256-token dense row with the 128-token
+    learned row: only the router arm's own fields (num_experts, routing, ...) may differ within a pair."""
+    store, runs = ResultsStore(tmp_path), []
+    for vocab in (128, 256):
+        for arm, experts in (("learned", 8), ("dense", 0)):
+            label = f"{arm}-v{vocab}"
+            for seed in range(4):
+                loss = 2.0 + (0.1 if vocab == 256 else 0.0) + (0.05 if arm == "dense" else 0.0) + SEED_EFFECT[seed]
+                rec, metrics = make_record(label, seed, loss, "stable", num_experts=experts,
+                                           extra={"model.vocab_size": vocab, "model.num_experts": experts})
+                store.put(rec["run_id"], rec, metrics)
+                runs.append({"run_id": rec["run_id"], "group_key": label, "seed": seed, "overrides": rec["overrides"]})
+    store.write_manifest({"name": "levers", "description": "", "axes": [], "report": {"tables": ["summary"]},
+                          "runs": runs})
+    _, configs = load_sweep_results(tmp_path)
+    pairs = {control.value("train.label"): learned.value("train.label")
+             for control, learned, _ in router_preconditions(configs)}
+    assert pairs == {"dense-v128": "learned-v128", "dense-v256": "learned-v256"}
+    for _, _, d in router_preconditions(configs):  # learned - dense = -0.05 exactly (same seed offsets)
+        assert d.mean == pytest.approx(-0.05, abs=0.02)
 
 
 def test_budget_section_reports_plateau_and_noise(report):

@@ -211,6 +211,17 @@ def test_gshard_renormalises_and_thresholds():
     assert bool(jnp.all(kept[:, 0, 0, 1]))  # gate2 1/3 > threshold: always
 
 
+def test_normalize_gates_divides_the_selected_probabilities_by_their_sum():
+    """router_normalize_gates (Mixtral's top-2): combine weights p_i / (p1 + p2), both experts always asked;
+    off (ST-MoE's default), the raw probabilities, summing to 0.9 and 0.95 here."""
+    p = jnp.asarray([[[0.6, 0.3, 0.1], [0.8, 0.05, 0.15]]], jnp.float32)
+    norm = np.asarray(router.route(p, FP32, routing="top2", k=2, capacity=4, normalize_gates=True).combine[0].sum(-1))
+    np.testing.assert_allclose(norm[0], [0.6 / 0.9, 0.3 / 0.9, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(norm[1], [0.8 / 0.95, 0.0, 0.15 / 0.95], rtol=1e-6)
+    raw = np.asarray(router.route(p, FP32, routing="top2", k=2, capacity=4).combine[0].sum(-1))
+    np.testing.assert_allclose(raw, [[0.6, 0.3, 0.0], [0.8, 0.0, 0.15]], rtol=1e-6)
+
+
 def test_shadow_router_agrees_under_fp32_and_flips_under_bf16():
     key = jax.random.PRNGKey(3)
     x = jax.random.normal(key, (2, 512, 32), jnp.float32)

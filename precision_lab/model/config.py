@@ -90,6 +90,8 @@ class ModelConfig:
         "random" (uniformly random experts per token position and step, deterministic per seed) | "hash"
         (experts fixed by a hash of the token id, Hash Layers).
       top_k: the k of "topk" (ignored otherwise).
+      router_normalize_gates: combine weights = the selected probabilities divided by their sum (Mixtral's
+        top-2) instead of the raw probabilities (ST-MoE, the default); "top2-gshard" always renormalises.
       router_init: "normal" (std router_init_std, flaxformer's 2e-2) | "truncated_normal" (Switch: std
         sqrt(router_init_scale / d_model), truncated at 2 std; scale 0.1 is Switch's default, 1.0 its
         unstable variant).
@@ -154,6 +156,7 @@ class ModelConfig:
     expert_block_size: int = 64
     batch_prioritized_routing: bool = False
     gshard_threshold: float = 0.2
+    router_normalize_gates: bool = False
     load_balance_mask: str = "top1"
     aux_loss_aggregation: str = "mean"
     # Loss coefficients
@@ -196,6 +199,8 @@ class ModelConfig:
             _check_float(name, getattr(self, name), 0.0, math.inf, low_open=True)
         for name in ("load_balance_coef", "router_z_loss_coef", "output_z_loss_coef"):
             _check_float(name, getattr(self, name), 0.0, math.inf)
+        if not isinstance(self.router_normalize_gates, bool):
+            raise UserError(f"router_normalize_gates must be true or false, got {self.router_normalize_gates!r}")
         if not isinstance(self.flop_matched_dense, bool):
             raise UserError(f"flop_matched_dense must be true or false, got {self.flop_matched_dense!r}")
         if self.flop_matched_dense and self.num_experts:

@@ -94,6 +94,7 @@ def moe_ffn(params, state, x, token_mask, *, cfg: ModelConfig, policy: Precision
         fixed = router.fixed_routing(cfg.routing, k=k, num_experts=e, shape=(g, s), token_ids=ids, key=route_key)
     routing = router.route(probs, policy, routing=cfg.routing, k=k, capacity=capacity, token_mask=mask,
                            batch_prioritized=prioritized, gshard_threshold=cfg.gshard_threshold,
+                           normalize_gates=cfg.router_normalize_gates,
                            key=k_route if train else None, fixed=fixed)
 
     def expert_ffn(expert_in, matmul):  # the experts' FFN on the dispatch's layout of rows
