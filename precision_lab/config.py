@@ -263,6 +263,10 @@ def run_config(spec: Mapping[str, Any] | None = None) -> RunConfig:
         # replace() re-runs OptimConfig's check: a cosine that ends inside its warm-up is refused there
         parts["optim"] = dataclasses.replace(optim, total_steps=parts["train"].steps)
     run = RunConfig(**parts, policy=get_policy(spec.get("policy", "fp32")))
+    if run.policy.traced_format is not None and (run.train.precision_telemetry or run.train.mesh):
+        field = "train.precision_telemetry" if run.train.precision_telemetry else "train.mesh"
+        raise UserError(f"{field}: not available with a traced format (policy {format_policy(run.policy)}); "
+                        "valid: leave it off, or name the format without :traced")
     if run.finetune.pretrain:  # a pretraining sweep point: checked now, not when its fine-tuning group starts
         from precision_lab.finetune import pretraining_spec
 

@@ -189,6 +189,7 @@ ALIASES: dict[str, str] = {
 }
 
 _CUSTOM = re.compile(r"^e(\d+)m(\d+)$")
+_CUSTOM_IEEE = re.compile(r"^e(\d+)m(\d+)_ieee$")
 
 
 def format_names() -> list[str]:
@@ -207,17 +208,33 @@ def get_format(name: str | Format) -> Format:
     key = ALIASES.get(key, key)
     if key in FORMATS:
         return FORMATS[key]
+    match = _CUSTOM_IEEE.match(key)
+    if match:
+        # "eXmY_ieee": the IEEE-style eXmY even where the plain name means another format (e8m0 is the MX
+        # scale, e2m3 the OCP fp6): the sensitivity map sweeps one family of formats. Canonical name: the
+        # plain "eXmY" where that already is the IEEE-style format, else "eXmY_ieee".
+        plain = f"e{match.group(1)}m{match.group(2)}"
+        if ALIASES.get(plain, plain) not in FORMATS:
+            return get_format(plain)
+        e, m = int(match.group(1)), int(match.group(2))
+        _check_custom(name, e, m)
+        return _ieee(key, e, m, description="custom IEEE-style format with inf/NaN")
     match = _CUSTOM.match(key)
     if match:
         e, m = int(match.group(1)), int(match.group(2))
-        if not (2 <= e <= 8 and 0 <= m <= 23):
-            raise UserError(
-                f"custom format {name!r} must have 2..8 exponent bits and 0..23 mantissa bits "
-                "(the lab stores every format in float32)"
-            )
+        _check_custom(name, e, m)
         fmt = _ieee(key, e, m, description="custom IEEE-style format with inf/NaN")
         return fmt
-    raise unknown_choice("format", name, FORMATS, aliases=ALIASES, patterns=["eXmY (custom, e.g. e5m7)"])
+    raise unknown_choice("format", name, FORMATS, aliases=ALIASES,
+                         patterns=["eXmY (custom, e.g. e5m7)", "eXmY_ieee (IEEE-style even where eXmY names another format)"])
+
+
+def _check_custom(name, e: int, m: int) -> None:
+    if not (2 <= e <= 8 and 0 <= m <= 23):
+        raise UserError(
+            f"custom format {name!r} must have 2..8 exponent bits and 0..23 mantissa bits "
+            "(the lab stores every format in float32)"
+        )
 
 
 def register_format(fmt: Format) -> Format:

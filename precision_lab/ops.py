@@ -45,7 +45,7 @@ import numpy as np
 from precision_lab.errors import UserError
 from precision_lab.formats import get_format
 from precision_lab.policy import Accumulator, PrecisionPolicy, Spec, parse_accumulator
-from precision_lab.rounding import quantize
+from precision_lab.rounding import quantize, quantize_ieee_traced
 from precision_lab.scaling import DelayedState, format_view, init_delayed_state, scaled_quantize
 
 _F32 = jnp.float32
@@ -57,7 +57,7 @@ _FP32_SPEC = Spec(format="fp32")
 
 def _native_dtype(spec: Spec):
     """The jnp dtype that holds this spec natively, or None (then native mode emulates this spec)."""
-    if spec.scaling != "none" or spec.rounding != "nearest_even":
+    if spec.scaling != "none" or spec.rounding != "nearest_even" or spec.traced:
         return None
     fmt = get_format(spec.format)
     if fmt.dtype is None:
@@ -157,12 +157,47 @@ def _subkey(key, i: int):
     return None if key is None else jax.random.fold_in(key, i)
 
 
-def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None):
-    """Round float32 `x` per spec. Returns (float32 y, new delayed state)."""
+# -- traced formats ------------------------------------------------------------------------------------------
+#
+# A spec with `traced` rounds to the IEEE-style format whose widths the caller supplies at run time: `with
+# traced_format(fields): ...` where fields is <int32>[2] (exponent bits, mantissa bits), a traced value (the
+# trainer's per-member format, vmapped). The policy still decides WHICH components round so; the run decides
+# the widths, so one compiled program trains every format of a sweep. `dot` passes the fields into its custom
+# VJP as an input (a custom VJP must not close over traced values), as it does its random key.
+
+_TRACED_FORMATS: list = []  # stack of <int32>[2] arrays, innermost last
+
+
+@contextlib.contextmanager
+def traced_format(fields):
+    """Traced-format specs inside this block round to IEEE-style e{fields[0]}m{fields[1]}."""
+    _TRACED_FORMATS.append(None if fields is None else jnp.asarray(fields, jnp.int32))
+    try:
+        yield
+    finally:
+        _TRACED_FORMATS.pop()
+
+
+def _traced_fields():
+    if not _TRACED_FORMATS or _TRACED_FORMATS[-1] is None:
+        raise UserError("a traced-format spec needs its format's widths at run time: run the computation under "
+                        "ops.traced_format(fields) (the trainer does, for a policy with traced specs)")
+    return _TRACED_FORMATS[-1]
+
+
+def _round(x, spec: Spec, mode: str, *, axis: int = -1, state=None, key=None, fields=None):
+    """Round float32 `x` per spec. Returns (float32 y, new delayed state). `fields`: the traced format's
+    widths (<int32>[2]) for a traced spec; default: those of the innermost `traced_format` block."""
     if spec.is_identity:
         return x, state
     if mode == "emulate" and _already(x, spec):
         return x, state  # idempotent: see "skipping roundings" above
+    if spec.traced:
+        fields = _traced_fields() if fields is None else fields
+        y = quantize_ieee_traced(x, fields[0], fields[1], overflow=spec.overflow)
+        if mode == "emulate":
+            _remember(y, spec)
+        return y, state
     dtype = _native_dtype(spec) if mode == "native" else None
     if dtype is not None:
         if spec.overflow == "saturate":
@@ -467,7 +502,7 @@ def _blocked(spec: Spec | None) -> bool:
 
 def _round_along(x, spec: Spec, mode: str, axes: tuple[int, ...], *, key=None):
     """Round `x` with its blocks along `axes` taken together as one axis (several token axes, say [B, L],
-    are one reduction of B*L terms)."""
+    are one reduction of B*L terms). Only blocked (MX, tile) specs come here, never traced ones."""
     if len(axes) <= 1:
         return _round(x, spec, mode, axis=axes[0] if axes else -1, key=key)[0]
     rest = [i for i in range(x.ndim) if i not in axes]
@@ -496,6 +531,11 @@ class _DotConfig(NamedTuple):
                    for s in (self.lhs, self.rhs, self.out, self.grad, self.grad_out, self.rhs_grad_out))
 
     @property
+    def traced(self) -> bool:
+        return any(s is not None and s.traced
+                   for s in (self.lhs, self.rhs, self.out, self.grad, self.grad_out, self.rhs_grad_out))
+
+    @property
     def reblocks(self) -> bool:
         """Whether the backward re-quantizes operands along its own reduction axes (MX / 1x128 tiles)."""
         return self.kind != "rows" and (_blocked(self.lhs) or _blocked(self.rhs) or _blocked(self.grad))
@@ -520,25 +560,25 @@ def _contract(cfg: _DotConfig, a, b, index):
     return _einsum(cfg, a, b)
 
 
-def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index, key):
+def _dot_fwd_impl(cfg: _DotConfig, a, b, state, index, key, fields):
     ka, kb = _contracting_axes(cfg.eq)
     st = state if state is not None else DotState(None, None, None)
-    qa, sa = _round(a, cfg.lhs, cfg.mode, axis=ka, state=st.lhs, key=_subkey(key, 0))
+    qa, sa = _round(a, cfg.lhs, cfg.mode, axis=ka, state=st.lhs, key=_subkey(key, 0), fields=fields)
     # The rhs is rounded BEFORE any gather (grouped): each expert's matrix once, with the scale of the
     # whole [E, ...] tensor, exactly as the dense einsum over all experts rounds it.
     qb, sb = (None, None) if cfg.rhs is None else _round(b, cfg.rhs, cfg.mode, axis=kb, state=st.rhs,
-                                                         key=_subkey(key, 1))
-    y, _ = _round(_contract(cfg, qa, qb, index), cfg.out, cfg.mode, key=_subkey(key, 2))
+                                                         key=_subkey(key, 1), fields=fields)
+    y, _ = _round(_contract(cfg, qa, qb, index), cfg.out, cfg.mode, key=_subkey(key, 2), fields=fields)
     return y, (qa, qb, sa, sb)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dot(cfg: _DotConfig, a, b, state, index, key, probe):
-    return _dot_fwd_impl(cfg, a, b, state, index, key)[0]
+def _dot(cfg: _DotConfig, a, b, state, index, key, probe, fields):
+    return _dot_fwd_impl(cfg, a, b, state, index, key, fields)[0]
 
 
-def _dot_fwd(cfg, a, b, state, index, key, probe):
-    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index, key)
+def _dot_fwd(cfg, a, b, state, index, key, probe, fields):
+    y, (qa, qb, sa, sb) = _dot_fwd_impl(cfg, a, b, state, index, key, fields)
     counts = None
     if probe is not None:  # precision telemetry (see above): the operands' roundings
         ka, kb = _contracting_axes(cfg.eq)
@@ -547,13 +587,13 @@ def _dot_fwd(cfg, a, b, state, index, key, probe):
         if cfg.rhs is not None:
             counts = counts + rounding_counts(b, qb, cfg.rhs, axis=kb, state=st.rhs)
     raw = (a, b) if cfg.reblocks else (None, None)  # the float32 operands, re-blocked by the backward
-    return y, (qa, qb, sa, sb, state, index, key, raw, counts)
+    return y, (qa, qb, sa, sb, state, index, key, raw, counts, fields)
 
 
 def _dot_bwd(cfg, res, g):
-    qa, qb, sa, sb, state, index, key, (a, b), counts = res
+    qa, qb, sa, sb, state, index, key, (a, b), counts, fields = res
     st = state if state is not None else DotState(None, None, None)
-    qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad, key=_subkey(key, 3))
+    qg, sg = _round(g, cfg.grad, cfg.mode, state=st.grad, key=_subkey(key, 3), fields=fields)
     dprobe = None
     if counts is not None:  # the probe's cotangent: this site's forward and gradient rounding counts
         grad_counts = rounding_counts(g, qg, cfg.grad, state=st.grad)
@@ -576,13 +616,13 @@ def _dot_bwd(cfg, res, g):
         a_w = _round_along(a, cfg.lhs, cfg.mode, a_axes, key=_subkey(key, 8)) if _blocked(cfg.lhs) else qa
         (da,) = jax.vjp(lambda a_: _contract(cfg, a_, b_d, index), qa)[1](g_d)
         (db,) = jax.vjp(lambda b_: _contract(cfg, a_w, b_, index), qb)[1](g_w)
-    da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode, key=_subkey(key, 4))
+    da, _ = _round(da.astype(_F32), cfg.grad_out, cfg.mode, key=_subkey(key, 4), fields=fields)
     if db is not None:
         db = db.astype(_F32)
         if cfg.rhs_grad_out is not None:
-            db, _ = _round(db, cfg.rhs_grad_out, cfg.mode, key=_subkey(key, 5))
+            db, _ = _round(db, cfg.rhs_grad_out, cfg.mode, key=_subkey(key, 5), fields=fields)
     new_state = None if state is None else DotState(sa, sb, sg)
-    return da, db, new_state, _zero_cotangent(index), _zero_cotangent(key), dprobe
+    return da, db, new_state, _zero_cotangent(index), _zero_cotangent(key), dprobe, _zero_cotangent(fields)
 
 
 def _accumulated_grads(cfg: _DotConfig, qa, qb, qg, index):
@@ -632,7 +672,8 @@ def _run_dot(kind: str, eq: str, a, b, index, policy: PrecisionPolicy, lhs: str,
                      site=site, acc=acc, rhs_grad_out=None if rhs_grad is None else policy[rhs_grad])
     key = _next_key() if cfg.stochastic else None  # one per call; the VJP derives its own from it
     probe = _PROBES[-1] if _PROBES else None
-    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), key, probe)
+    fields = _traced_fields() if cfg.traced else None  # an input of the custom VJP, never a closure
+    y = _dot(cfg, a, b, state, None if index is None else jnp.asarray(index, jnp.int32), key, probe, fields)
     if policy.mode == "emulate":
         _remember(y, policy[out])
     return y

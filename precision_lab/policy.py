@@ -177,6 +177,9 @@ class Spec:
     rounding: str = "nearest_even"
     overflow: str | None = None
     accumulator: Accumulator | None = None  # matmul operands only: how the product's K sum accumulates
+    # The format's widths enter the compiled program as run-time values (`ops.traced_format`): one program
+    # serves every IEEE-style format, bit for bit what the static rounding gives (`quantize_ieee_traced`).
+    traced: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "format", get_format(self.format).name)
@@ -188,6 +191,10 @@ class Spec:
             raise unknown_choice("rounding", self.rounding, ROUNDINGS)
         if self.overflow is not None and self.overflow not in OVERFLOWS:
             raise unknown_choice("overflow", self.overflow, OVERFLOWS)
+        if self.traced and (self.fmt.specials != "ieee" or self.scaling != "none" or self.rounding != "nearest_even"
+                            or self.accumulator is not None):
+            raise UserError(f"spec {self}: a traced format must be an IEEE-style format (eXmY, eXmY_ieee, bf16, "
+                            "fp16, fp8_e5m2, ...) rounded to nearest even, without scaling or accumulator")
 
     @property
     def fmt(self):
@@ -196,7 +203,7 @@ class Spec:
     @property
     def is_identity(self) -> bool:
         """True when rounding to this spec never changes a float32 value."""
-        return self.format == "fp32" and self.scaling == "none" and self.overflow != "saturate"
+        return self.format == "fp32" and self.scaling == "none" and self.overflow != "saturate" and not self.traced
 
     def __str__(self) -> str:
         parts = [self.format]
@@ -208,7 +215,12 @@ class Spec:
             parts.append(self.overflow)
         if self.accumulator is not None:
             parts.append(f"acc={self.accumulator}")
+        if self.traced:
+            parts.append(TRACED)
         return ":".join(parts)
+
+
+TRACED = "traced"  # the spec token of a traced format (`Spec.traced`)
 
 
 _ROUNDING_ALIASES = {"rne": "nearest_even", "nearest": "nearest_even", "sr": "stochastic", "rtz": "toward_zero"}
@@ -231,6 +243,11 @@ def parse_spec(text: str, field: str = "spec") -> Spec:
             kw["accumulator"] = parse_accumulator(tok[4:], field=f"{field} accumulator")
             continue
         tok = _ROUNDING_ALIASES.get(tok.lower(), tok.lower())
+        if tok == TRACED:
+            if "traced" in kw:
+                raise UserError(f"{field}: two traced options in {text!r}")
+            kw["traced"] = True
+            continue
         if tok in SCALINGS:
             key = "scaling"
         elif tok in ROUNDINGS:
@@ -238,7 +255,7 @@ def parse_spec(text: str, field: str = "spec") -> Spec:
         elif tok in OVERFLOWS:
             key = "overflow"
         else:
-            err = unknown_choice(f"{field} option", tok, [*SCALINGS, *ROUNDINGS, *OVERFLOWS, "acc=ACCUMULATOR"])
+            err = unknown_choice(f"{field} option", tok, [*SCALINGS, *ROUNDINGS, *OVERFLOWS, TRACED, "acc=ACCUMULATOR"])
             raise UserError(str(err)) from None
         if key in kw:
             raise UserError(f"{field}: two {key} options in {text!r}")
@@ -272,6 +289,10 @@ class PrecisionPolicy:
                 raise UserError(f"policy {c}: an accumulator (acc=...) belongs to a matmul operand component; "
                                 f"valid components: {', '.join(ACCUMULATOR_COMPONENTS)} (or the groups operands, "
                                 f"experts, ffn)")
+        traced = sorted({s.format for s in self.specs.values() if s.traced})
+        if len(traced) > 1:
+            raise UserError(f"policy: traced specs must share one format (the run's traced format), got "
+                            f"{', '.join(traced)}")
         ordered = {c: self.specs[c] for c in COMPONENTS}
         object.__setattr__(self, "specs", MappingProxyType(ordered))
 
@@ -293,6 +314,12 @@ class PrecisionPolicy:
 
     def uses(self, predicate) -> bool:
         return any(predicate(s) for s in self.specs.values())
+
+    @property
+    def traced_format(self):
+        """The `Format` every traced spec rounds to in this run (at most one: see `Spec.traced`), or None."""
+        names = [s.format for s in self.specs.values() if s.traced]
+        return get_format(names[0]) if names else None
 
     def __str__(self) -> str:
         return format_policy(self)
@@ -353,12 +380,41 @@ def policy_to_toml_table(policy: PrecisionPolicy) -> dict[str, str]:
     return dict(item.split("=", 1) for item in format_policy(policy).split(","))
 
 
+# A TOML policy table may name one component (or group) and a format in two keys, `traced_group` and
+# `traced_format`: the policy is then the rest of the table with `GROUP=FORMAT:traced` applied last. Two
+# keys, so a sweep can cross an axis of groups with an axis of formats, and the trainer batches the formats
+# (`train.BATCHABLE_FIELDS`: runs that differ only in `policy.traced_format` share one compiled program).
+TRACED_KEYS = ("traced_group", "traced_format")
+
+
+def traced_group_choices() -> list[str]:
+    """What `traced_group` may name: a component or a group (`default` would trace every component)."""
+    return [*COMPONENTS, *GROUPS]
+
+
 def policy_from_toml_table(table: Mapping[str, object]) -> PrecisionPolicy:
-    """Inverse of `policy_to_toml_table`; a `preset` key, if present, is applied first."""
+    """Inverse of `policy_to_toml_table`; a `preset` key, if present, is applied first; `traced_group` with
+    `traced_format` (see `TRACED_KEYS`) last."""
     items = []
     if "preset" in table:
         items.append(str(table["preset"]))
-    items += [f"{k}={v}" for k, v in table.items() if k != "preset"]
+    items += [f"{k}={v}" for k, v in table.items() if k != "preset" and k not in TRACED_KEYS]
+    given = [k for k in TRACED_KEYS if k in table]
+    if given:
+        if len(given) == 1:
+            missing = next(k for k in TRACED_KEYS if k not in table)
+            raise UserError(f"policy.{given[0]} needs policy.{missing} too (a component group and the format "
+                            "it is traced in)")
+        group, fmt = table["traced_group"], table["traced_format"]
+        if not isinstance(group, str) or group.strip().lower() not in traced_group_choices():
+            raise unknown_choice("policy.traced_group", group, traced_group_choices())
+        if not isinstance(fmt, str):
+            raise UserError(f"policy.traced_format must be a format name (e.g. e8m3, e8m0_ieee), got {fmt!r}")
+        try:
+            spec = Spec(format=fmt, traced=True)
+        except UserError as err:
+            raise UserError(f"policy.traced_format: {err}") from None
+        items.append(f"{group.strip().lower()}={spec}")
     return parse_policy(",".join(items))
 
 
@@ -435,5 +491,5 @@ __all__ = [
     "COMPONENTS", "GROUPS", "SCALINGS", "DELAYED_SCALING_COMPONENTS", "MODES", "Spec", "Accumulator",
     "ACCUMULATOR_COMPONENTS", "parse_accumulator", "PrecisionPolicy", "PRESETS", "PRESET_SOURCES",
     "parse_spec", "parse_policy", "format_policy", "get_policy", "get_preset", "policy_to_toml_table",
-    "policy_from_toml_table",
+    "policy_from_toml_table", "TRACED", "TRACED_KEYS", "traced_group_choices",
 ]

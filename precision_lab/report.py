@@ -1289,6 +1289,157 @@ def table_finetune_capacity(configs) -> str:
     return paper + " " + FINETUNE_NOTE + "\n\n" + "\n".join(out)
 
 
+# -- the precision sensitivity map (issue 14, item 6) ---------------------------------------------------------
+#
+# A sweep over `policy.traced_group` (a component group) x `policy.traced_format` (an IEEE-style eXmY) with the
+# rest float32 (experiments/sensitivity_map.toml). Each group's reference is its own e8m23 row (float32 into
+# e8m23 changes no value; it trains in the same compiled program), else a configuration without a traced group
+# (float32). Gaps are final eval loss minus the reference's, paired by seed over seeds stable in both.
+
+SENSITIVITY_TOLERANCE = 0.01  # nats per target token: "within 0.01 nats of float32" (issue 14)
+SENSITIVITY_MANTISSA_EXPONENT = 8  # the mantissa sweep's exponent width (float32's range)
+SENSITIVITY_EXPONENT_MANTISSA = 3  # the exponent sweep's mantissa width
+
+
+@dataclasses.dataclass
+class SensitivityCell:
+    """One (component group, format) configuration against its group's float32 reference."""
+
+    group: str
+    format: str
+    exponent_bits: int
+    mantissa_bits: int
+    config: ConfigResult
+    gap: stats.PairedDifference
+    flip_rate: float | None  # routing decisions that differ from a float32 shadow router (last 10 steps)
+
+    @property
+    def all_stable(self) -> bool:
+        """Every seed trained to the end and learned (no divergence, no failure to learn)."""
+        return self.config.n > 0 and self.config.outcome_counts()["stable"] == self.config.n
+
+    @property
+    def failed(self) -> bool:
+        """Some seed diverged or failed to learn (marked x in the map)."""
+        return self.config.n > 0 and not self.all_stable
+
+    @property
+    def shown_within(self) -> bool:
+        """Shown within tolerance: every seed stable and the paired 95% CI's upper end <= +0.01 nats."""
+        return self.all_stable and self.gap.n >= 2 and self.gap.ci_hi <= SENSITIVITY_TOLERANCE
+
+    @property
+    def point_within(self) -> bool:
+        """Point estimate within tolerance: every seed stable and the mean paired gap <= +0.01 nats."""
+        return self.all_stable and self.gap.n >= 1 and self.gap.mean <= SENSITIVITY_TOLERANCE
+
+    @property
+    def ci_excludes_zero(self) -> bool:
+        return self.gap.n >= 2 and (self.gap.ci_lo > 0 or self.gap.ci_hi < 0)
+
+
+def traced_point(c: ConfigResult) -> tuple[str | None, str | None]:
+    """(traced group, traced format) of a configuration: its axis values, else its sweep config's policy."""
+    policy = c.config.get("policy") if isinstance(c.config, dict) else None
+    table = policy if isinstance(policy, dict) else {}
+    return (c.overrides.get("policy.traced_group", table.get("traced_group")),
+            c.overrides.get("policy.traced_format", table.get("traced_format")))
+
+
+def _is_reference(fmt: str) -> bool:
+    f = get_format(fmt)
+    return (f.exponent_bits, f.mantissa_bits) == (8, 23)
+
+
+def sensitivity_map(configs: list[ConfigResult]) -> dict[str, dict[str, SensitivityCell]]:
+    """{group: {format: cell}} in sweep order, reference rows left out (they are the zero of each group)."""
+    points = [(c, *traced_point(c)) for c in configs]
+    fallback = next((c for c, g, _ in points if g is None), None)  # a plain float32 row, if the sweep has one
+    refs = {g: c for c, g, f in points if g is not None and f is not None and _is_reference(f)}
+    out: dict[str, dict[str, SensitivityCell]] = {}
+    for c, group, fmt in points:
+        if group is None or fmt is None or _is_reference(fmt):
+            continue
+        ref = refs.get(group, fallback)
+        gap = stats.paired_difference(c.eval_by_seed(), ref.eval_by_seed() if ref is not None else {},
+                                      test=c.paired_test)
+        f = get_format(fmt)
+        flip = _final(c, "router_flip_rate", np.nanmean)
+        out.setdefault(group, {})[fmt] = SensitivityCell(group, fmt, f.exponent_bits, f.mantissa_bits, c, gap, flip)
+    return out
+
+
+def sensitivity_axes(cells: dict[str, SensitivityCell]) -> tuple[dict[int, SensitivityCell], dict[int, SensitivityCell]]:
+    """A group's cells on the two sweeps: ({mantissa bits: cell} at 8 exponent bits, {exponent bits: cell} at
+    3 mantissa bits), each sorted by bits."""
+    mant = {c.mantissa_bits: c for c in cells.values() if c.exponent_bits == SENSITIVITY_MANTISSA_EXPONENT}
+    expo = {c.exponent_bits: c for c in cells.values() if c.mantissa_bits == SENSITIVITY_EXPONENT_MANTISSA}
+    return dict(sorted(mant.items())), dict(sorted(expo.items()))
+
+
+def fewest_bits(axis: dict[int, SensitivityCell], rule: Callable[[SensitivityCell], bool]) -> int | None:
+    """The fewest bits b of the grid such that the cell at b and every cell with more bits satisfy `rule`
+    (a lucky pass below a failing width does not count); None if not even the widest does."""
+    bits = sorted(axis)
+    ok = [b for b in bits if all(rule(axis[w]) for w in bits if w >= b)]
+    return min(ok) if ok else None
+
+
+def _bits_cell(axis: dict[int, SensitivityCell], rule) -> str:
+    if not axis:
+        return "-"
+    b = fewest_bits(axis, rule)
+    if b is None:
+        return f"none (> {max(axis)})"
+    return f"{b}" + (" (fewest tried)" if b == min(axis) else "")
+
+
+def _gap_mark(cell: SensitivityCell) -> str:
+    if cell.config.n and not cell.config.stable:
+        return "x (all diverged)"
+    if cell.gap.n == 0:
+        return "x (no stable seed)"
+    text = f"{cell.gap.mean:+.3f}" + ("*" if cell.ci_excludes_zero else "")
+    return text + (f" x{cell.config.n - cell.config.outcome_counts()['stable']}" if cell.failed else "")
+
+
+def table_sensitivity_map(configs) -> str:
+    """Per component group, the fewest mantissa bits (at 8 exponent bits) and exponent bits (at 3 mantissa
+    bits) within 0.01 nats of float32, by two stated rules; then every cell's gap, and the router's flip rate."""
+    grid = sensitivity_map(configs)
+    if not grid:
+        return "No configuration sets policy.traced_group and policy.traced_format: no map."
+    tol = SENSITIVITY_TOLERANCE
+    rule = (f"Gap = final eval loss minus the group's float32 reference (its e8m23 row), paired by seed over seeds "
+            f"stable in both. A cell is *shown within* {tol} nats when every seed is stable and the upper end of the "
+            f"paired 95% t-interval is <= +{tol}; *within by point estimate* when every seed is stable and the mean "
+            f"gap is <= +{tol} (each group's median CI half-width is in the last column). Fewest bits: the smallest width b such that b and every "
+            "wider width on that sweep satisfy the rule (\"none\": not even the widest tried).")
+    head = ["| group | fewest mantissa bits at e8: shown within | by point estimate | fewest exponent bits at m3: "
+            "shown within | by point estimate | cells with a diverged or failed seed | median paired CI half-width |",
+            "|---|---|---|---|---|---|---|"]
+    for group, cells in grid.items():
+        mant, expo = sensitivity_axes(cells)
+        failed = [c.format for c in cells.values() if c.failed]
+        half = [(c.gap.ci_hi - c.gap.ci_lo) / 2 for c in cells.values() if c.gap.n >= 2 and math.isfinite(c.gap.ci_hi)]
+        head.append(f"| {group} | {_bits_cell(mant, lambda c: c.shown_within)} | "
+                    f"{_bits_cell(mant, lambda c: c.point_within)} | {_bits_cell(expo, lambda c: c.shown_within)} | "
+                    f"{_bits_cell(expo, lambda c: c.point_within)} | {', '.join(failed) or '-'} | "
+                    f"{_fmt(float(np.median(half)) if half else None)} |")
+    formats = list(dict.fromkeys(f for cells in grid.values() for f in cells))
+    cells_head = ["| format |" + "".join(f" {g} |" for g in grid) + " router flip rate |",
+                  "|---|" + "---|" * (len(grid) + 1)]
+    for fmt in formats:
+        row = f"| {fmt} |" + "".join(f" {_gap_mark(grid[g][fmt]) if fmt in grid[g] else '-'} |" for g in grid)
+        router = grid.get("router", {}).get(fmt)
+        cells_head.append(row + f" {_fmt(router.flip_rate, 4) if router is not None else '-'} |")
+    legend = ("Each cell: mean paired gap in nats (* its 95% CI excludes 0; xK: K seeds diverged or failed to learn). "
+              "Router flip rate: the fraction of routing decisions that differ from a float32 shadow router with "
+              "the same weights and inputs (mean over the last 10 steps, seeds and sparse layers), in the router "
+              "group's row of each format.")
+    return "\n".join([rule, "", *head, "", legend, "", *cells_head])
+
+
 TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "summary": table_summary,
     "stability": table_stability,
@@ -1311,6 +1462,7 @@ TABLES: dict[str, Callable[[list[ConfigResult]], str]] = {
     "finetune_capacity": table_finetune_capacity,
     "onset": table_onset,
     "precursors": table_precursors,
+    "sensitivity_map": table_sensitivity_map,
 }
 
 

@@ -306,6 +306,107 @@ def _quantize_st_jvp(fmt, rounding, overflow, subnormals, primals, tangents):
     return _quantize_st(x, fmt, rounding, overflow, subnormals, key), dx  # straight-through
 
 
+# -- IEEE-style formats with field widths known only at run time --------------------------------------------
+#
+# A sweep over formats (the sensitivity map: mantissa bits 0..10, exponent bits 2..8) would compile one XLA
+# program per format if the format were baked in, and compiling dominates a small run. `quantize_ieee_traced`
+# takes the exponent and mantissa widths as (traced) integer arrays instead, so one compiled program serves
+# every IEEE-style format (specials "ieee": inf and NaN on the all-ones exponent, bias 2^(e-1) - 1) and a
+# vmapped program can hold members in different formats side by side. It is the static path's
+# round-to-nearest-even (`_nearest_even_magnitude` + `_apply_specials`, and `_nearest_even_wide_ieee` for 8
+# exponent bits) written with per-element shift amounts: bit for bit the same result for every input and
+# every format it covers (tests/test_traced_format.py checks all of them on the edge cases of each binade,
+# float32 subnormals, overflow, inf and NaN, and on random bit patterns).
+
+
+def _pow2_f32(k):
+    """float32 2^k for int32 k in [-126, 127], built from its bit pattern (exact, no float arithmetic)."""
+    return lax.bitcast_convert_type(jnp.left_shift((k + 127).astype(_U32), _u(23)), jnp.float32)
+
+
+def ieee_format_fields(exponent_bits, mantissa_bits):
+    """(emin, max bits, min-normal bits) of the IEEE-style format eXmY as integer arrays (traced or not)."""
+    e = jnp.asarray(exponent_bits, jnp.int32)
+    m = jnp.asarray(mantissa_bits, jnp.int32)
+    bias = jnp.left_shift(jnp.int32(1), e - 1) - 1
+    emin = 1 - bias
+    emax = jnp.left_shift(jnp.int32(1), e) - 2 - bias  # the all-ones exponent is inf/NaN
+    shift = (23 - m).astype(_U32)
+    frac = jnp.bitwise_and(jnp.bitwise_not(jnp.left_shift(_u(1), shift) - _u(1)), _u(0x7FFFFF))
+    max_bits = jnp.left_shift((emax + 127).astype(_U32), _u(23)) | frac
+    min_bits = jnp.left_shift((emin + 127).astype(_U32), _u(23))
+    return emin, max_bits, min_bits
+
+
+def _quantize_ieee_bits_traced(u, e, m, overflow, subnormals: bool):
+    """`_quantize_bits(u, eXmY, "nearest_even", overflow, subnormals)` with e, m int32 arrays (see above)."""
+    sign = u & _u(_SIGN)
+    a = u & _u(_ABS)
+    shift = (23 - m).astype(_U32)  # 0..23 float32 bit units per quantum in the normal range
+    emin, max_bits, min_bits = ieee_format_fields(e, m)
+    # Normal range: round the bit pattern as an integer (the carry walks into the exponent by itself). Ties
+    # go to the even significand; with no mantissa bits every significand is 1 (odd), so ties round up;
+    # with 23 mantissa bits nothing is dropped.
+    half_m1 = jnp.where(shift > 0, jnp.left_shift(_u(1), jnp.maximum(shift, _u(1)) - _u(1)) - _u(1), _u(0))
+    lsb = jnp.where(m == 0, _u(1), jnp.right_shift(a, shift) & _u(1))
+    lsb = jnp.where(shift > 0, lsb, _u(0))
+    keep = jnp.bitwise_not(jnp.left_shift(_u(1), shift) - _u(1))
+    normal = (a + half_m1 + lsb) & keep
+    # Below a narrower format's smallest normal the quantum is the fixed 2^(emin - m): shift the significand
+    # by a per-element amount, round it as an integer, scale back exactly (n < 2^24: a normal float32).
+    biased = jnp.right_shift(a, _u(23)).astype(jnp.int32)
+    sig = (a & _u(0x7FFFFF)) | _u(0x800000)
+    drop = jnp.clip(shift.astype(jnp.int32) + (emin + 127) - biased, 0, 25).astype(_U32)
+    trunc = jnp.right_shift(sig, drop)
+    rem = sig - jnp.left_shift(trunc, drop)
+    half = jnp.left_shift(_u(1), jnp.maximum(drop, _u(1)) - _u(1))
+    n = trunc + ((rem > half) | ((rem == half) & ((trunc & _u(1)) == 1))).astype(_U32)
+    n = jnp.where(biased == 0, _u(0), n)  # float32 subnormals are below half the format's smallest subnormal
+    sub = lax.bitcast_convert_type(n.astype(jnp.float32) * _pow2_f32(emin - m), _U32)
+    # 8 exponent bits (emin = -126): float32's own subnormals are on the format's grid, as in the static path.
+    mag = jnp.where((emin > -126) & (a < min_bits), sub, normal)
+    # Specials (`_apply_specials` for an IEEE format rounding to nearest): flush, overflow, NaN.
+    if not subnormals:
+        mag = jnp.where(mag < min_bits, _u(0), mag)
+    else:
+        mag = jnp.where((m == 0) & (mag < min_bits), _u(0), mag)  # no mantissa bits: no subnormals
+    overflowed = (mag > max_bits) | (a == _u(_INF))
+    mag = jnp.where(overflowed, max_bits if overflow == "saturate" else _u(_INF), mag)
+    return jnp.where(a > _u(_INF), u | _u(0x400000), mag | sign)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _quantize_traced_st(x, e, m, overflow, subnormals):
+    u = lax.bitcast_convert_type(x, _U32)
+    return lax.bitcast_convert_type(_quantize_ieee_bits_traced(u, e, m, overflow, subnormals), jnp.float32)
+
+
+@_quantize_traced_st.defjvp
+def _quantize_traced_st_jvp(overflow, subnormals, primals, tangents):
+    x, e, m = primals
+    return _quantize_traced_st(x, e, m, overflow, subnormals), tangents[0]  # straight-through
+
+
+def quantize_ieee_traced(x, exponent_bits, mantissa_bits, *, overflow: Overflow = None,
+                         subnormals: bool = True) -> jax.Array:
+    """Round float32 `x` to nearest-even into the IEEE-style format with `exponent_bits` (2..8) and
+    `mantissa_bits` (0..23) given as integers or integer arrays (traced: one compiled program serves every
+    such format; arrays broadcast against x, e.g. one format per vmapped member).
+
+    Bit-identical to `quantize(x, f"e{e}m{m}", overflow=overflow, subnormals=subnormals)` for the IEEE
+    custom format eXmY (NaN quieted, signed zeros kept, overflow to inf unless "saturate"). Widths outside
+    the ranges are not checked here (they may be tracers): `precision_lab.policy` only lets valid ones in.
+    """
+    if overflow is not None and overflow not in OVERFLOWS:
+        raise unknown_choice("overflow", overflow, OVERFLOWS)
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)
+    e = jnp.asarray(exponent_bits, jnp.int32)
+    m = jnp.asarray(mantissa_bits, jnp.int32)
+    return _quantize_traced_st(x, e, m, "saturate" if overflow == "saturate" else None, subnormals)
+
+
 def quantize(
     x,
     fmt: str | Format,
@@ -351,4 +452,4 @@ def quantize(
     return _quantize_st(x, fmt, rounding, overflow, subnormals, key)
 
 
-__all__ = ["quantize", "ROUNDINGS", "OVERFLOWS", "Rounding", "Overflow"]
+__all__ = ["quantize", "quantize_ieee_traced", "ieee_format_fields", "ROUNDINGS", "OVERFLOWS", "Rounding", "Overflow"]

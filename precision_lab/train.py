@@ -47,18 +47,27 @@ _F32 = jnp.float32
 
 # Hyperparameters that enter the compiled step as traced values, one per vmapped member: runs that differ
 # only in these (and in their seed) share one program and train side by side.
+# The policy's traced format (`policy.traced_format`, see precision_lab.policy.TRACED_KEYS) enters as its two
+# widths: runs that differ only in the format their traced component group rounds to share one program.
 BATCHABLE_FIELDS: dict[str, str] = {
     "optim.lr": "lr",
     "model.load_balance_coef": "load_balance_coef",
     "model.router_z_loss_coef": "router_z_loss_coef",
     "model.output_z_loss_coef": "output_z_loss_coef",
+    "policy.traced_format": "traced_format",
 }
+TRACED_WIDTHS = ("traced_exponent_bits", "traced_mantissa_bits")  # the hparams that carry it
 
 
 def hparams_of(run: RunConfig) -> dict[str, float]:
-    """The batchable hyperparameters of a run, by their short names."""
-    return dict(lr=run.optim.lr, load_balance_coef=run.model.load_balance_coef,
-                router_z_loss_coef=run.model.router_z_loss_coef, output_z_loss_coef=run.model.output_z_loss_coef)
+    """The batchable hyperparameters of a run, by their short names (a traced format by its widths, only
+    when the policy has traced specs: every other program is unchanged)."""
+    hp = dict(lr=run.optim.lr, load_balance_coef=run.model.load_balance_coef,
+              router_z_loss_coef=run.model.router_z_loss_coef, output_z_loss_coef=run.model.output_z_loss_coef)
+    fmt = run.policy.traced_format
+    if fmt is not None:
+        hp.update(zip(TRACED_WIDTHS, (float(fmt.exponent_bits), float(fmt.mantissa_bits))))
+    return hp
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
@@ -77,6 +86,9 @@ class TrainState(NamedTuple):
     opt_state: Any
     scale_state: Any  # delayed-scaling histories, one per dot site (or None)
     active: jax.Array  # <bool>[]: False once the seed diverged (frozen)
+    # <int32>[2] (exponent bits, mantissa bits) of the member's traced format (policy specs with `traced`),
+    # None without: every rounding of the member (train, eval, routing) reads it through ops.traced_format
+    formats: Any = None
 
 
 def _rounder(policy: PrecisionPolicy, component: str):
@@ -165,15 +177,16 @@ class Trainer:
 
     # -- one seed ------------------------------------------------------------------------------------------
 
-    def init_one(self, seed_key, pretrained=None):
+    def init_one(self, seed_key, pretrained=None, formats=None):
         master, scale_state = stmoe.init(jax.random.fold_in(seed_key, 0), self.model_cfg, self.policy)
         if pretrained is not None:  # fine-tuning: the pretrained weights, fresh scaling and optimiser state
             master = pretrained
-        master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
-                                                  if _needs_key(self.policy, "master") else None)
-        with ops.rounding_keys(jax.random.fold_in(seed_key, 4)):  # a stochastic optimizer_state
-            opt_state = self.optimizer.init(master)
-        return TrainState(master, opt_state, scale_state, jnp.array(True))
+        with ops.traced_format(formats):
+            master = _rounder(self.policy, "master")(master, jax.random.fold_in(seed_key, 1)
+                                                      if _needs_key(self.policy, "master") else None)
+            with ops.rounding_keys(jax.random.fold_in(seed_key, 4)):  # a stochastic optimizer_state
+                opt_state = self.optimizer.init(master)
+        return TrainState(master, opt_state, scale_state, jnp.array(True), formats)
 
     def _loss(self, params, scale_state, probe, batch, key, hp, weights=None):
         """(loss, ModelOutput). probe: the precision-telemetry probe (ops.count_roundings) or None.
@@ -229,6 +242,10 @@ class Trainer:
 
     def step_one(self, state: TrainState, batch, seed_key, hp, step):
         """One optimiser step of one seed. Returns (new state, metrics dict of scalars/[layers] arrays)."""
+        with ops.traced_format(state.formats):
+            return self._step_one(state, batch, seed_key, hp, step)
+
+    def _step_one(self, state: TrainState, batch, seed_key, hp, step):
         key = jax.random.fold_in(jax.random.fold_in(seed_key, 2), step)
         k_model, k_params, k_master = jax.random.split(key, 3)
         params = _rounder(self.policy, "params")(state.master, k_params if _needs_key(self.policy, "params") else None)
@@ -261,7 +278,7 @@ class Trainer:
         grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = state.active & finite  # a non-finite step freezes the seed before it poisons the state
-        new = TrainState(master, opt_state, new_scale_state, keep)
+        new = TrainState(master, opt_state, new_scale_state, keep, state.formats)
         new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new, state._replace(active=keep))
         metrics = _telemetry(out)
         metrics.update(loss=loss, grad_norm=grad_norm, update_rms=_rms(updates), param_rms=_rms(state.master))
@@ -274,19 +291,21 @@ class Trainer:
         return new, metrics
 
     def _eval_one(self, state: TrainState, seed_key, batch):
-        with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):  # stochastic `params`
-            params = _rounder(self.policy, "params")(state.master)
-        out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
-                          key=jax.random.fold_in(seed_key, 3))
+        with ops.traced_format(state.formats):
+            with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):  # stochastic `params`
+                params = _rounder(self.policy, "params")(state.master)
+            out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy,
+                              train=False, key=jax.random.fold_in(seed_key, 3))
         return out.ce_loss
 
     def _route_one(self, state: TrainState, seed_key, batch):
         """The top-1 expert of every position, per sparse layer: a tuple of <int32>[B, L_stack] (what
         `_eval_one` evaluates, routed the same way: eval capacity factor, the same keys)."""
-        with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):
-            params = _rounder(self.policy, "params")(state.master)
-        out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy, train=False,
-                          key=jax.random.fold_in(seed_key, 3))
+        with ops.traced_format(state.formats):
+            with ops.rounding_keys(jax.random.fold_in(seed_key, 5)):
+                params = _rounder(self.policy, "params")(state.master)
+            out = stmoe.apply(params, state.scale_state, batch, cfg=self.model_cfg, policy=self.policy,
+                              train=False, key=jax.random.fold_in(seed_key, 3))
         stacks = [name.split("/")[0] for name in self.model_cfg.moe_layer_names()]
         shape = {"encoder": batch["inputs"].shape, "decoder": batch["decoder_inputs"].shape}
         return tuple(idx[..., 0].reshape(shape[st]) for idx, st in zip(out.expert_index, stacks))
@@ -331,13 +350,19 @@ class Trainer:
             metrics = jax.lax.with_sharding_constraint(metrics, NamedSharding(self.mesh, PartitionSpec()))
         return state, metrics
 
-    def init(self, seeds: list[int]):
+    def init(self, seeds: list[int], hparams: list[dict] | None = None):
+        """(state, seed keys) of `seeds`; `hparams` (one dict per seed) give each member its traced format
+        (default: the run's own, `hparams_of`)."""
         seed_keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-        if not self.run.finetune.active:
-            return jax.jit(jax.vmap(self.init_one))(seed_keys), seed_keys
-        template = jax.eval_shape(lambda k: stmoe.init(k, self.model_cfg, self.policy)[0], jax.random.key(0))
-        pretrained = load_params(self.run.finetune.from_run, template, seeds)
-        return jax.jit(jax.vmap(self.init_one))(seed_keys, pretrained), seed_keys
+        formats = None
+        if self.policy.traced_format is not None:
+            hparams = hparams or [hparams_of(self.run)] * len(seeds)
+            formats = jnp.asarray([[h[w] for w in TRACED_WIDTHS] for h in hparams], jnp.int32)
+        pretrained = None
+        if self.run.finetune.active:
+            template = jax.eval_shape(lambda k: stmoe.init(k, self.model_cfg, self.policy)[0], jax.random.key(0))
+            pretrained = load_params(self.run.finetune.from_run, template, seeds)
+        return jax.jit(jax.vmap(self.init_one))(seed_keys, pretrained, formats), seed_keys
 
 
     def batches(self, seeds: list[int], step0: int, k: int):
@@ -586,7 +611,7 @@ def train(run: RunConfig, seeds: list[int] | None = None, *, hparams: list[dict]
     hps = {name: jnp.asarray([h[name] for h in hparams], _F32) for name in hparams_of(run)}
     trainer = Trainer(run)
     t0 = time.perf_counter()
-    state, seed_keys = trainer.init(seeds)
+    state, seed_keys = trainer.init(seeds, hparams)
     if trainer.mesh is None:
         member_devices, place = member_sharding(len(seeds))
         place_batches = functools.partial(place, axis=1)
