@@ -827,26 +827,27 @@ def ring_allreduce(stacked, policy: PrecisionPolicy, component: str = "grad_allr
     with_counts, the <float32>[4] `rounding_counts` of all those roundings together).
 
     The order, stated: ring all-reduce (NCCL's algorithm for large messages) = reduce-scatter + all-gather.
-    Each leaf, flattened, is cut into R chunks (zero padded); chunk c starts at replica (c + 1) mod R and
-    travels the ring c+1, c+2, ..., c (mod R): each replica rounds its own gradient to the format, adds the
-    incoming partial sum and rounds the result (s = round(s + round(g_r)): R - 1 rounded partial sums per
-    element, in an order that differs per chunk, as on real hardware). The all-gather then copies the
-    finished chunks, which rounds nothing. A sequential chain, not a tree: error grows like (R - 1) units
-    of roundoff in the worst case, against log2(R) for a tree, which is why a bf16 all-reduce over many
-    replicas is a precision risk. R = 1 is one rounding of the local gradient. Stochastic rounding needs
-    `key` (one fresh key per rounding)."""
+    All leaves are concatenated into one flat buffer per replica (as DDP's gradient buckets and XLA's
+    all-reduce combiner do: one collective, not one per parameter), which is cut into R chunks (zero padded);
+    chunk c starts at replica (c + 1) mod R and travels the ring c+1, c+2, ..., c (mod R): each replica
+    rounds its own gradient to the format, adds the incoming partial sum and rounds the result
+    (s = round(s + round(g_r)): R - 1 rounded partial sums per element, in an order that differs per chunk,
+    as on real hardware). The all-gather then copies the finished chunks, which rounds nothing. A sequential
+    chain, not a tree: error grows like (R - 1) units of roundoff in the worst case, against log2(R) for a
+    tree, which is why a bf16 all-reduce over many replicas is a precision risk. R = 1 is one rounding of
+    the local gradient. Stochastic rounding needs `key` (one fresh key per rounding).
+    One buffer also means one scan of R - 1 hops per step, not one per leaf: with a leaf at a time the tiny
+    model's step held 55 while loops (benchmarks/RESULTS.md)."""
     spec = policy[component]
-    needs_key = spec.rounding == "stochastic"
     leaves, treedef = jax.tree.flatten(stacked)
-    keys = list(jax.random.split(key, len(leaves))) if needs_key else [None] * len(leaves)
-    total = jnp.zeros((len(COUNT_KINDS),), _F32)
-    out = []
-    for leaf, k in zip(leaves, keys):
-        summed, counts = _ring_sum(jnp.asarray(leaf, _F32), spec, policy.mode, k, with_counts)
-        out.append(summed)
-        total = total + counts
-    tree = jax.tree.unflatten(treedef, out)
-    return (tree, total) if with_counts else tree
+    r = leaves[0].shape[0]
+    flat = jnp.concatenate([jnp.asarray(leaf, _F32).reshape(r, -1) for leaf in leaves], axis=1)
+    summed, counts = _ring_sum(flat, spec, policy.mode, key if spec.rounding == "stochastic" else None,
+                               with_counts)
+    sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
+    parts = jnp.split(summed, np.cumsum(sizes)[:-1])
+    tree = jax.tree.unflatten(treedef, [p.reshape(leaf.shape[1:]) for p, leaf in zip(parts, leaves)])
+    return (tree, counts) if with_counts else tree
 
 
 def _ring_sum(x, spec: Spec, mode: str, key, with_counts: bool):
