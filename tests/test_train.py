@@ -220,3 +220,31 @@ def test_stochastic_rounding_of_every_component_trains_deterministically():
     for x, y in zip(jax.tree.leaves((opt_a, m_a)), jax.tree.leaves((opt_b, m_b))):
         np.testing.assert_array_equal(x, y)
     assert float(m_a["loss"][0, 0]) != float(three_steps(1)[1]["loss"][0, 0])  # the first step's noise differs
+
+
+def test_evaluation_scores_the_model_in_float32_whatever_its_output_format():
+    """Evaluation is the float32 cross entropy of the logits the model produced: with a 1-bit-mantissa
+    output_logits format the loss the policy computes (rounded logsumexp and difference) is off by a large
+    margin, and the reported eval loss must not be that number."""
+    import jax
+    import jax.numpy as jnp
+
+    from precision_lab.model import transformer as stmoe
+    from precision_lab.train import Trainer, exact_cross_entropy
+
+    run = micro("fp32,output_logits=e8m1", steps=1)
+    trainer = Trainer(run)
+    state, keys = trainer.init([0])
+    batch = trainer.dataset.eval_batches(1, run.train.batch_size)[0]
+    reported = float(trainer.evaluate_batches(state, keys, [batch])[0, 0])
+    master = jax.tree.map(lambda x: x[0], state.master)
+    out = stmoe.apply(master, jax.tree.map(lambda x: x[0], state.scale_state), batch, cfg=trainer.model_cfg,
+                      policy=trainer.policy, train=False, key=jax.random.fold_in(keys[0], 3), return_logits=True)
+    logits = np.asarray(out.logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = lse - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
+    exact = float((ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+    assert reported == pytest.approx(exact, abs=1e-5)
+    assert abs(float(out.ce_loss) - exact) > 0.01  # what the rounded loss would have reported
+    assert float(exact_cross_entropy(out.logits, jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"]))) \
+        == pytest.approx(exact, abs=1e-5)
