@@ -238,8 +238,9 @@ def test_evaluation_scores_the_model_in_float32_whatever_its_output_format():
     batch = trainer.dataset.eval_batches(1, run.train.batch_size)[0]
     reported = float(trainer.evaluate_batches(state, keys, [batch])[0, 0])
     master = jax.tree.map(lambda x: x[0], state.master)
-    out = stmoe.apply(master, jax.tree.map(lambda x: x[0], state.scale_state), batch, cfg=trainer.model_cfg,
-                      policy=trainer.policy, train=False, key=jax.random.fold_in(keys[0], 3), return_logits=True)
+    apply = jax.jit(lambda p, s, b, k: stmoe.apply(p, s, b, cfg=trainer.model_cfg, policy=trainer.policy,
+                                                   train=False, key=k, return_logits=True))
+    out = apply(master, jax.tree.map(lambda x: x[0], state.scale_state), batch, jax.random.fold_in(keys[0], 3))
     logits = np.asarray(out.logits, np.float64)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     ce = lse - np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
