@@ -709,8 +709,7 @@ def sensitivity_map_figure(configs, out_dir, stem):
     import numpy as np
     from matplotlib import colors as mcolors
 
-    from precision_lab.report import (SENSITIVITY_EXPONENT_MANTISSA as SENSITIVITY_MANT_E,
-                                      SENSITIVITY_MANTISSA_EXPONENT as SENSITIVITY_EXPONENT_M,
+    from precision_lab.report import (SENSITIVITY_EXPONENT_MANTISSA, SENSITIVITY_MANTISSA_EXPONENT,
                                       SENSITIVITY_TOLERANCE, sensitivity_axes, sensitivity_map)
 
     grid = sensitivity_map(configs)
@@ -740,12 +739,12 @@ def sensitivity_map_figure(configs, out_dir, stem):
     im = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", norm=norm, aspect="auto")
     fig.colorbar(im, ax=ax, label="eval loss - float32 (nats, paired mean)")
     ax.set_yticks(range(len(groups)), groups)
-    ax.set_xticks(range(len(columns)), [f"e{SENSITIVITY_EXPONENT_M}m{b}" if k == "m" else f"e{b}m{SENSITIVITY_MANT_E}"
+    ax.set_xticks(range(len(columns)), [f"e{SENSITIVITY_MANTISSA_EXPONENT}m{b}" if k == "m" else f"e{b}m{SENSITIVITY_EXPONENT_MANTISSA}"
                                          for k, b in columns], rotation=60, fontsize=7)
     if mant_bits and expo_bits:
         ax.axvline(len(mant_bits) - 0.5, color="k", lw=1.5)
-    ax.set_xlabel(f"format: mantissa bits at {SENSITIVITY_EXPONENT_M} exponent bits | exponent bits at "
-                  f"{SENSITIVITY_MANT_E} mantissa bits")
+    ax.set_xlabel(f"format: mantissa bits at {SENSITIVITY_MANTISSA_EXPONENT} exponent bits | exponent bits at "
+                  f"{SENSITIVITY_EXPONENT_MANTISSA} mantissa bits")
     ax.set_title("Precision sensitivity map: one component group in the format, the rest float32\n"
                  "(* paired 95% CI excludes 0; x a seed diverged or failed to learn; grey: no stable seed)",
                  fontsize=9)

@@ -203,19 +203,18 @@ def route(router_probs, policy: PrecisionPolicy, *, routing: str, k: int, capaci
     requested = jnp.ones(expert_index.shape, bool)
     if token_mask is not None:
         requested = requested & (token_mask[..., None] > 0)
-    if routing == "top2-gshard":
-        # Mesh TF / GShard: renormalise the pair, always ask the first expert, the second only sometimes.
+    if routing == "top2-gshard" or (normalize_gates and fixed is None):  # the controls' gates are 1/k already
+        # the k gates renormalised to sum to 1: Mesh TF / GShard always, Mixtral's top-k with normalize_gates
         denom = ops.sum(gates, policy, "combine_weights", axis=-1, keepdims=True)
         gates = ops.cast(gates / denom, policy, "combine_weights")
+    if routing == "top2-gshard":
+        # Mesh TF / GShard: always ask the first expert, the second only sometimes.
         gate2_rel = gates[..., 1] / jnp.float32(gshard_threshold)
         if key is not None:
             keep2 = jax.random.uniform(key, gate2_rel.shape, jnp.float32) < gate2_rel
         else:
             keep2 = gate2_rel >= 1.0
         requested = requested.at[..., 1].set(requested[..., 1] & keep2)
-    elif normalize_gates and fixed is None:  # the controls' gates are 1/k already
-        denom = ops.sum(gates, policy, "combine_weights", axis=-1, keepdims=True)
-        gates = gates / denom
     gates = ops.cast(gates, policy, "combine_weights")
 
     # Slot of each request in its expert's buffer: a cumulative count over (k, token) in priority order.

@@ -259,8 +259,13 @@ class Trainer:
             loss, out, grads, new_scale_state, site_counts = self._replica_grads(
                 grad_fn, params, state.scale_state, probe, batch, k_model, hp)
         # Stochastic grad_allreduce / optimizer_state roundings draw from a key of this seed and step.
-        # the all-reduce as float32 would compute it (R = 1: the local gradient), for its relative error
-        exact = grads if self.replicas == 1 else jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+        # The all-reduce as float32 would compute it (R = 1: the local gradient), for the telemetry's relative
+        # error; None where nothing is rounded (R = 1, float32 all-reduce: the error is exactly 0, and computing
+        # it anyway changed XLA's fusion of the update and the trajectory by an ulp, even behind an
+        # optimization barrier: test_telemetry_changes_no_result).
+        exact = None
+        if telemetry and not (self.replicas == 1 and self.policy["grad_allreduce"].is_identity):
+            exact = grads if self.replicas == 1 else jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
         with ops.rounding_keys(jax.random.fold_in(key, 3)):
             if self.replicas == 1:
                 reduced = _rounder(self.policy, "grad_allreduce")(grads)
@@ -284,13 +289,9 @@ class Trainer:
         metrics.update(loss=loss, grad_norm=grad_norm, update_rms=_rms(updates), param_rms=_rms(state.master))
         if telemetry:
             metrics.update(_precision_telemetry(site_counts, allreduce_counts, updates, state.master, master))
-            if self.replicas == 1 and self.policy["grad_allreduce"].is_identity:
-                # nothing was rounded: exactly 0. Computing it anyway changed XLA's fusion of the update and the
-                # trajectory by an ulp, even behind an optimization barrier (test_telemetry_changes_no_result)
-                metrics["allreduce_rel_error"] = jnp.float32(0.0)
-            else:
-                metrics["allreduce_rel_error"] = _global_norm(jax.tree.map(jnp.subtract, grads, exact)) / jnp.maximum(
-                    _global_norm(exact), jnp.float32(1e-30))
+            metrics["allreduce_rel_error"] = jnp.float32(0.0) if exact is None else (
+                _global_norm(jax.tree.map(jnp.subtract, grads, exact))
+                / jnp.maximum(_global_norm(exact), jnp.float32(1e-30)))
         # after a seed froze its numbers are not training results any more: NaN marks them
         metrics = jax.tree.map(lambda m: jnp.where(state.active, m.astype(_F32), jnp.nan), metrics)
         return new, metrics
