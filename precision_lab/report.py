@@ -967,6 +967,23 @@ def informative_rows(configs) -> dict[str, bool]:
     return verdict
 
 
+def router_entropy_ratio(c: ConfigResult) -> float | None:
+    """How far this row's router committed: its per-token routing entropy over the last 10% of the steps
+    (mean over sparse layers and stable seeds) divided by ln(num_experts), the entropy of a uniform router.
+    Near 1: the router still spreads every token almost evenly (its top-k choices ride on small logit
+    differences); None for dense rows or runs without router telemetry."""
+    experts = c.value("model.num_experts")
+    if not experts or experts < 2:
+        return None
+    means = []
+    for m, o in zip(c.metrics, c.outcomes):
+        if o == "stable" and "router_entropy" in m and len(m["router_entropy"]):
+            tail = np.asarray(m["router_entropy"], dtype=np.float64)[-max(1, len(m["router_entropy"]) // 10):]
+            if np.isfinite(tail).any():
+                means.append(np.nanmean(tail))
+    return float(np.mean(means) / math.log(experts)) if means else None
+
+
 def table_precondition(configs) -> str:
     rows = router_preconditions(configs)
     if not rows:
@@ -974,14 +991,15 @@ def table_precondition(configs) -> str:
                 "precondition is not checked here, so no router-precision result of this report is shown to be "
                 "informative.")
     out = ["| control | compared with (learned router) | control: stable / diverged / failed | learned: stable / "
-           "diverged / failed | learned - control eval loss, mean [95% CI] (paired by seed) | "
-           f"p ({_test_name(configs)}) | seeds for 80% power | learned significantly better? |",
-           "|---|---|---|---|---|---|---|---|"]
+           "diverged / failed | learned router's final entropy / ln E | learned - control eval loss, mean [95% CI] "
+           f"(paired by seed) | p ({_test_name(configs)}) | seeds for 80% power | learned significantly better? |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for control, learned, d in rows:
         better = "yes" if d.significant and d.ci_hi < 0 else "no"
+        ratio = router_entropy_ratio(learned)
         out.append(f"| {control.label} ({router_kind(control)}) | {learned.label} | {_outcome_cell(control)} | "
-                   f"{_outcome_cell(learned)} | {_diff_cell(d)} | {_p(d.p_value)} | {_seeds(d.seeds_for_power)} | "
-                   f"{better} |")
+                   f"{_outcome_cell(learned)} | {'-' if ratio is None else f'{ratio:.3f}'} | {_diff_cell(d)} | "
+                   f"{_p(d.p_value)} | {_seeds(d.seeds_for_power)} | {better} |")
     verdict = informative_rows(configs)
     lines = [f"- {label}: " + ("informative (the learned router beats random routing significantly)" if ok else
                                "NOT informative (the learned router does not beat random routing significantly)")
@@ -989,7 +1007,9 @@ def table_precondition(configs) -> str:
     if not verdict:
         lines = ["- no random-routed row: no router-precision result of this report is shown to be informative"]
     return ("Does routing matter here? Each control (random or hash routing, or the FLOP-matched dense model) "
-            "against the learned router, over seeds stable in both. A router-precision result is called "
+            "against the learned router, over seeds stable in both. The entropy column says how far the learned "
+            "router committed (1 = it still spreads every token evenly over the E experts). A router-precision "
+            "result is called "
             "informative only where the learned router is significantly better than random routing (CI below "
             "0 and p < 0.05).\n\n" + "\n".join(out) + "\n\n" + "\n".join(lines))
 

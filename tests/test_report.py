@@ -163,6 +163,30 @@ def test_precondition_pairs_each_control_with_the_learned_row_of_its_own_setting
         assert d.mean == pytest.approx(-0.05, abs=0.02)
 
 
+def test_precondition_table_says_how_far_the_learned_router_committed(tmp_path):
+    """The entropy column: the learned router's per-token routing entropy over the last 10% of the steps
+    (mean over layers and stable seeds) / ln E. Here it falls from ln 8 to 0.9 ln 8 in layer 0 and 0.7 ln 8
+    in layer 1 at step 270, so the tail reads 0.800; the dense row has no router and the learned row is the
+    one whose number is printed."""
+    store, runs = ResultsStore(tmp_path), []
+    for arm, experts in (("learned", 8), ("dense", 0)):
+        for seed in range(4):
+            rec, metrics = make_record(arm, seed, 2.0 + (0.05 if arm == "dense" else 0.0) + SEED_EFFECT[seed],
+                                       "stable", num_experts=experts, extra={"model.num_experts": experts})
+            if experts:
+                entropy = np.full((STEPS, 2), math.log(8), np.float32)
+                entropy[270:] = np.array([0.9, 0.7], np.float32) * np.float32(math.log(8))
+                metrics["router_entropy"] = entropy
+            store.put(rec["run_id"], rec, metrics)
+            runs.append({"run_id": rec["run_id"], "group_key": arm, "seed": seed, "overrides": rec["overrides"]})
+    store.write_manifest({"name": "commit", "description": "", "axes": [], "report": {"tables": ["summary"]},
+                          "runs": runs})
+    text = write_report(tmp_path).read_text()
+    assert "learned router's final entropy / ln E" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dense") and "(dense) | learned" in line)
+    assert [c.strip() for c in row.split("|")][5] == "0.800"
+
+
 def test_budget_section_reports_plateau_and_noise(report):
     _, text = report
     section = text.split("## Budget")[1].split("##")[0]
