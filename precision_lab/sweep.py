@@ -436,9 +436,10 @@ def expand(spec: SweepSpec, batchable_fields: Iterable[str] = ()) -> list[RunSpe
 
     `batchable_fields`: dotted paths the trainer can batch over inside one compiled program (values that
     do not change compiled shapes or dtypes, e.g. "train.lr"). Runs that differ only in the seed and in
-    these fields share a group_key. By default only seeds are batched.
+    these fields share a group_key. By default only seeds are batched. `train.label` never splits a group:
+    it names a row of the report and changes nothing that is compiled (each run's record keeps its own).
     """
-    batchable_fields = tuple(batchable_fields)
+    batchable_fields = tuple(batchable_fields) + ("train.label",)
     runs = []
     for config, overrides in _configs(spec):
         group_key = _hash({"config": _without(config, batchable_fields)}, 16)

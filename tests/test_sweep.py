@@ -159,6 +159,19 @@ def test_groups_are_configs_without_seed(spec_path):
     assert {r.run_id for g in batched for r in g} == {r.run_id for r in runs}  # ids do not depend on it
 
 
+def test_a_label_never_splits_a_group(spec_path):
+    """Rows that differ only in train.label and batchable fields share one compiled program (e.g. a
+    baseline and its output z-loss arm), and each run keeps its own label."""
+    text = spec_path.read_text().replace('zip = { "policy" = ["fp32", "bf16"], "train.lr" = [1e-2, 3e-2] }',
+                                         'zip = { "train.lr" = [1e-2, 3e-2], "train.label" = ["low", "high"] }')
+    text = text.replace("z_loss = 1e-3 }", 'z_loss = 1e-3, label = "" }')
+    spec_path.write_text(text)
+    runs = expand(load_sweep(spec_path), batchable_fields=["train.lr", "train.z_loss"])
+    assert len(group_runs(runs)) == 1
+    assert {r.config["train"]["label"] for r in runs} == {"low", "high"}
+    assert len(group_runs(expand(load_sweep(spec_path)))) == 8  # unbatched, z_loss x lr still split
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 BASE = '[base]\ntrain = { lr = 1e-2, z_loss = 1e-3 }\npolicy = "bf16"\n'
