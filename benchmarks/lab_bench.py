@@ -17,6 +17,7 @@ Sections (each prints one JSON line with --json):
             `tiny` preset at the quick-start token lengths, interleaved.
   capacity  ST-MoE Table 9: step time at train capacity factor 2.0 over 1.25, `tiny` and `small`, sorted and
             dense expert dispatch, interleaved (`--presets micro --reps 1 --k 1`: the test's smallest mode).
+  data      the training data of one step, 1 and 8 seeds: per-seed loop vs the joint walk of all seeds' chains.
   compile   compile time of a tiny train run (Trainer._chunk) in a fresh process: no persistent cache, cold
             cache, warm cache (jax_compilation_cache_dir, min compile time 0).
 
@@ -665,10 +666,47 @@ def section_capacity(args) -> dict:
     return out
 
 
+def section_data(args) -> dict:
+    """Issue 12 item 2's host side: the training data of one step for 1 and 8 seeds, as the per-seed loop
+    drew it (`Dataset.seed_batches` of the base class: one `batch` call, one chain walk, per seed) vs the
+    joint walk of every seed's chains (the Markov sources' override), interleaved, for the experiments'
+    data (the `tiny` run's: vocab 128, 16 sentinels, 64 input tokens) and the matched configuration's. Both
+    give the same arrays (tests/test_data.py pins it); ms per step of data, median over reps."""
+    from precision_lab.data import Dataset
+    from precision_lab.train import make_run_dataset
+
+    out = {"benchmark": "data_per_step", "configs": {}}
+    for name, run in (("tiny", run_for({"preset": "tiny"}, "fp32")), ("matched", run_for(MATCHED, "fp32"))):
+        ds, batch = make_run_dataset(run), run.train.batch_size
+        res = {}
+        for n_seeds in (1, 8):
+            seeds = list(range(n_seeds))
+            ways = {"per_seed_loop": lambda st: Dataset.seed_batches(ds, st, batch, seeds),
+                    "joint_walk": lambda st: ds.seed_batches(st, batch, seeds)}
+            times = {w: [] for w in ways}
+            step = 0
+            for _ in range(args.reps):
+                for w, f in ways.items():
+                    f(step)  # untimed, as interleave() does
+                    t0 = time.perf_counter()
+                    for i in range(args.k):
+                        f(step + 1 + i)
+                    times[w].append((time.perf_counter() - t0) * 1e3 / args.k)
+                    step += args.k + 1
+            res[f"{n_seeds}_seeds"] = {w: {"ms_median": round(statistics.median(t), 3),
+                                           "ms_min_max": [round(min(t), 3), round(max(t), 3)]} for w, t in times.items()}
+            res[f"{n_seeds}_seeds"]["speedup_median"] = round(
+                statistics.median(a / b for a, b in zip(times["per_seed_loop"], times["joint_walk"])), 2)
+        out["configs"][name] = {"batch": batch, **res}
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
+
+
 SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry,
             "accumulator": section_accumulator, "gain": section_gain, "blocks": section_blocks, "hf": section_hf,
             "policies": section_policies, "seeds": section_seeds, "small": section_small,
-            "compile": section_compile, "capacity": section_capacity}
+            "compile": section_compile, "capacity": section_capacity, "data": section_data}
 
 
 def main(argv=None) -> int:

@@ -37,7 +37,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -316,10 +317,19 @@ class MarkovLanguage:
 
     def sample(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         """<int32>[batch, length] token ids (offset by NUM_SPECIAL); each row is a stationary run."""
-        start, flat = self._cdfs()
+        return self.walk(self.draw(rng, batch, length))
+
+    def draw(self, rng: np.random.Generator, batch: int, length: int) -> "ChainDraw":
+        """Every random number `sample` uses, drawn from `rng` in sample's order (the walk draws none), so
+        several generators' draws can be concatenated and walked at once (`walk`)."""
+        start, _ = self._cdfs()
         u = rng.random((batch, length))
         state = np.minimum(np.searchsorted(start, u[:, 0], side="right"), self.num_tokens - 1)
-        return _walk(flat, self.num_tokens, state, np.zeros(batch, np.int64), u) + NUM_SPECIAL
+        return ChainDraw(state, np.zeros(batch, np.int64), u)
+
+    def walk(self, draw: "ChainDraw") -> np.ndarray:
+        """<int32>[batch, length] token ids of `draw`'s rows (see `draw`)."""
+        return _walk(self._cdfs()[1], self.num_tokens, draw.state, draw.table, draw.u) + NUM_SPECIAL
 
     def _cdfs(self) -> tuple[np.ndarray, np.ndarray]:
         cache = self.__dict__.get("_cdf_cache")
@@ -338,16 +348,35 @@ def _flat_cdf(transitions: list[np.ndarray]) -> np.ndarray:
     return (rows + np.arange(rows.shape[0])[:, None]).reshape(-1)
 
 
+class ChainDraw(NamedTuple):
+    """The random part of a batch of chain runs: first states <int>[batch], transition table per row
+    <int>[batch] (the language; 0 for a single chain) and one uniform per position <float64>[batch, length]
+    (u[:, 0] chose the first state). Rows are independent, so draws concatenate along the batch."""
+
+    state: np.ndarray
+    table: np.ndarray
+    u: np.ndarray
+
+    @staticmethod
+    def concatenate(draws: "Sequence[ChainDraw]") -> "ChainDraw":
+        return ChainDraw(*(np.concatenate(parts) for parts in zip(*draws)))
+
+
 def _walk(flat: np.ndarray, k: int, state: np.ndarray, table: np.ndarray, u: np.ndarray) -> np.ndarray:
     """<int32>[batch, length] chain states (0-based) from first states `state` <int>[batch], each row moving
-    with transition table `table` <int>[batch] of the stacked `flat` cdf, one uniform per step (u[:, 1:])."""
+    with transition table `table` <int>[batch] of the stacked `flat` cdf, one uniform per step (u[:, 1:]).
+
+    The loop over positions is the data's whole cost (one searchsorted per position, however many rows),
+    so callers walk every seed's rows in one call; the clamp is in-place minimum/maximum, not np.clip,
+    whose per-call overhead was a third of the walk."""
     batch, length = u.shape
     out = np.empty((batch, length), np.int32)
     out[:, 0] = state
     for t in range(1, length):
         # row r of the stacked cdf lives in [r, r + 1] of `flat`, so one searchsorted serves all rows
         row = table * k + state
-        state = np.clip(np.searchsorted(flat, row + u[:, t], side="right") - row * k, 0, k - 1)
+        state = np.searchsorted(flat, row + u[:, t], side="right") - row * k
+        np.minimum(np.maximum(state, 0, out=state), k - 1, out=state)
         out[:, t] = state
     return out
 
@@ -423,14 +452,24 @@ class MarkovMixture:
     def sample(self, rng: np.random.Generator, batch: int, length: int, *, with_language: bool = False):
         """<int32>[batch, length] token ids (offset by NUM_SPECIAL), each row one language's stationary run;
         with_language=True also returns the <int64>[batch] language of each row."""
+        draw = self.draw(rng, batch, length)
+        tokens = self.walk(draw)
+        return (tokens, draw.table) if with_language else tokens
+
+    def draw(self, rng: np.random.Generator, batch: int, length: int) -> ChainDraw:
+        """Every random number `sample` uses, in its order (see MarkovLanguage.draw); `table` holds each
+        row's language."""
         k = self.num_tokens
-        starts, flat = self._cdfs()
+        starts, _ = self._cdfs()
         which = np.minimum(np.searchsorted(np.cumsum(self.weights), rng.random(batch), side="right"),
                            len(self.languages) - 1)
         u = rng.random((batch, length))
         state = np.minimum(np.searchsorted(starts, which + u[:, 0], side="right") - which * k, k - 1)
-        tokens = _walk(flat, k, state, which, u) + NUM_SPECIAL
-        return (tokens, which) if with_language else tokens
+        return ChainDraw(state, which, u)
+
+    def walk(self, draw: ChainDraw) -> np.ndarray:
+        """<int32>[batch, length] token ids of `draw`'s rows."""
+        return _walk(self._cdfs()[1], self.num_tokens, draw.state, draw.table, draw.u) + NUM_SPECIAL
 
     def _cdfs(self) -> tuple[np.ndarray, np.ndarray]:
         cache = self.__dict__.get("_cdf_cache")
@@ -780,6 +819,12 @@ class Dataset:
         rng = np.random.default_rng([_TRAIN, self.config.seed, seed, step])
         return self._corrupt(rng, self._train_tokens(rng, batch_size))
 
+    def seed_batches(self, step: int, batch_size: int, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+        """Training batch `step` of every seed in `seeds`, stacked: each array [len(seeds), batch_size, ...],
+        row i equal to `batch(step, batch_size, seeds[i])` (what a vmapped multi-seed run feeds per step)."""
+        per_seed = [self.batch(step, batch_size, seed=s) for s in seeds]
+        return {n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]}
+
     def eval_batches(self, n: int, batch_size: int, *, with_language: bool = False) -> list[dict[str, np.ndarray]]:
         """`n` held-out batches (the same on every call), disjoint from training data.
 
@@ -870,6 +915,21 @@ class SyntheticDataset(Dataset):
 
     def _train_tokens(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         return self.language.sample(rng, batch_size, self.layout.tokens_length)
+
+    def seed_batches(self, step: int, batch_size: int, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+        """As Dataset.seed_batches (bit-identical), with every seed's chains walked in one pass: each seed's
+        generator draws what `batch` would draw, in the same order (the walk draws nothing, so it can wait
+        until all seeds have drawn), then corrupts its own rows."""
+        _check_seed("step", step)
+        for s in seeds:
+            _check_seed("seed", s)
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size!r}")
+        rngs = [np.random.default_rng([_TRAIN, self.config.seed, s, step]) for s in seeds]
+        draws = [self.language.draw(rng, batch_size, self.layout.tokens_length) for rng in rngs]
+        tokens = self.language.walk(ChainDraw.concatenate(draws)).reshape(len(seeds), batch_size, -1)
+        per_seed = [self._corrupt(rng, t) for rng, t in zip(rngs, tokens)]
+        return {n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]}
 
     def _eval_tokens(self, rng: np.random.Generator, index: int, batch_size: int) -> np.ndarray:
         return self.language.sample(rng, batch_size, self.layout.tokens_length)

@@ -372,10 +372,7 @@ class Trainer:
 
 
     def batches(self, seeds: list[int], step0: int, k: int):
-        per_step = []
-        for i in range(k):
-            per_seed = [self.dataset.batch(step0 + i, self.run.train.batch_size, seed=s) for s in seeds]
-            per_step.append({n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]})
+        per_step = [self.dataset.seed_batches(step0 + i, self.run.train.batch_size, seeds) for i in range(k)]
         return {n: np.stack([b[n] for b in per_step]) for n in per_step[0]}
 
     def evaluate(self, state, seed_keys, batches=None) -> np.ndarray:

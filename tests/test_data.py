@@ -2,6 +2,7 @@
 best and unigram losses, text files, datasets."""
 
 import dataclasses
+import hashlib
 import itertools
 import math
 
@@ -362,6 +363,46 @@ def test_mixture_batches_deterministic_and_languages_differ(mixture):
     langs = mixture.language.languages
     assert not np.array_equal(langs[0].transition, langs[1].transition)
     assert mixture.entropy_rate == pytest.approx(np.mean([lang.entropy_rate for lang in langs]))
+
+
+def _digest(batch) -> str:
+    h = hashlib.sha256()
+    for name in sorted(batch):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(batch[name]).tobytes())
+    return h.hexdigest()[:16]
+
+
+# Batches as the per-position loop with np.clip drew them before seed_batches walked all seeds at once
+# (digests of the default configs' batch(step, 16, seed)): the training data of every stored run.
+PINNED_BATCHES = {("mixture", 0, 0): "44f54fb16c06baee", ("mixture", 5, 3): "ae44a5dcadc55ea7",
+                  ("mixture", 123, 7): "ceb7dc06edbcca34", ("synthetic", 0, 0): "da0c14af8d00776f",
+                  ("synthetic", 5, 3): "5a8e5246b5327f3e", ("synthetic", 123, 7): "a407ba8dfba28fc4"}
+
+
+@pytest.mark.parametrize("kind", ["mixture", "synthetic"])
+def test_batches_are_pinned_and_seed_batches_stacks_them(kind):
+    ds = make_dataset(DataConfig(kind=kind))
+    for (k, step, seed), digest in PINNED_BATCHES.items():
+        if k == kind:
+            assert _digest(ds.batch(step, 16, seed=seed)) == digest
+    seeds = [7, 0, 3, 3]  # any order, repeats allowed: row i is seed seeds[i]'s batch
+    stacked = ds.seed_batches(9, 5, seeds)
+    for i, seed in enumerate(seeds):
+        single = ds.batch(9, 5, seed=seed)
+        assert set(stacked) == set(single)
+        assert all(stacked[n].shape == (len(seeds), *single[n].shape) for n in single)
+        assert all(np.array_equal(stacked[n][i], single[n]) for n in single)
+    with pytest.raises(UserError, match="seed"):
+        ds.seed_batches(0, 4, [0, -1])
+
+
+def test_seed_batches_of_a_text_file_stack_its_batches(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_bytes(bytes(range(32, 127)) * 200)
+    ds = make_dataset(DataConfig(kind="text", path=str(path), level="byte", inputs_length=64))
+    stacked = ds.seed_batches(2, 3, [1, 2])
+    assert all(np.array_equal(stacked[n][1], ds.batch(2, 3, seed=2)[n]) for n in stacked)
 
 
 def test_reference_losses(mixture, synthetic):
