@@ -1149,8 +1149,10 @@ def table_finetune(configs) -> str:
 
 def table_finetune_overfitting(configs) -> str:
     """Sparse minus FLOP-matched dense, per task, paired by seed (ST-MoE Figure 3)."""
-    paper = {"langid-small": "sparse overfits sooner (CB, 250 examples): earlier best step, larger rise",
-             "langid-large": "no difference (ReCoRD, 138k examples)"}
+    small = "sparse overfits sooner (CB, 250 examples): earlier best step, larger rise"
+    large = "no difference (ReCoRD, 138k examples)"
+    paper = {"langid-small": small, "langid16-small": small, "reverse-small": small,
+             "langid-large": large, "langid16-large": large, "reverse-large": large}
     out = ["| task | quantity | sparse, mean +- SD | dense, mean +- SD | sparse - dense, mean [95% CI] (paired by "
            f"seed) | p ({_test_name(configs)}) | seeds for 80% power | paper (ST-MoE Fig. 3) |",
            "|---|---|---|---|---|---|---|---|"]

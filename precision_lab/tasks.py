@@ -14,6 +14,10 @@ Families (the text-to-text format of T5: inputs -> targets, both ending in EOS):
            a 2-token run leaves a real, exactly computed uncertainty (`best_loss`: -log posterior(l | run)
            averaged over the test split; 0.10 nats per target token on tiny's default data, against
            ln(8) / 2 = 1.04 for the label prior). Solving it means knowing every language's table.
+  langid16 the same with runs of LANGID16_LENGTH tokens: the language is all but certain from the run
+           (Bayes loss ~0), so a model that carries the latent language from pretraining can be taught
+           the label from few examples; langid's 2-token runs need every language's transition table,
+           which 250 examples cannot teach (finetune_trainable: nothing learned beyond the label prior).
   reverse  inputs: a run of the pretraining data (any language) of REVERSE_INPUT tokens;
            target: its first REVERSE_LENGTH tokens in reverse order, then EOS. A deterministic function of
            the inputs (Bayes loss 0) that the model must learn as an algorithm: small data invites
@@ -34,9 +38,12 @@ SIZES: dict[str, int] = {"small": 250, "large": 65_536}
 VALIDATION_EXAMPLES = 1_024
 TEST_EXAMPLES = 1_024
 LANGID_LENGTH = 2
+LANGID16_LENGTH = 16
 REVERSE_INPUT = 24
 REVERSE_LENGTH = 8
-FAMILIES: tuple[str, ...] = ("langid", "reverse")
+FAMILIES: tuple[str, ...] = ("langid", "reverse", "langid16")
+# the run length of each language-identification family (the families whose target is a language label)
+LANGID_LENGTHS: dict[str, int] = {"langid": LANGID_LENGTH, "langid16": LANGID16_LENGTH}
 TASKS: tuple[str, ...] = tuple(f"{family}-{size}" for family in FAMILIES for size in SIZES)
 
 # stream tags of numpy's SeedSequence: independent of the pretraining data's train/eval streams
@@ -74,14 +81,14 @@ class TaskDataset(Dataset):
         self.vocab_size = vocab_size
         self.inputs_length, self.targets_length = inputs_length, targets_length
         self.languages, self.weights = pretraining_languages(data)
-        if self.family == "langid":
+        if self.family in LANGID_LENGTHS:
             if len(self.languages) < 2:
                 raise UserError(f"task {name!r} needs pretraining data with several languages "
                                 f"(data.kind='mixture'); this run's data has {len(self.languages)}")
             if NUM_SPECIAL + len(self.languages) > vocab_size:
                 raise UserError(f"task {name!r}: {len(self.languages)} language labels do not fit the vocabulary")
-        need_in = (LANGID_LENGTH if self.family == "langid" else REVERSE_INPUT) + 1
-        need_out = (1 if self.family == "langid" else REVERSE_LENGTH) + 1
+        need_in = LANGID_LENGTHS.get(self.family, REVERSE_INPUT) + 1
+        need_out = (1 if self.family in LANGID_LENGTHS else REVERSE_LENGTH) + 1
         if need_in > inputs_length or need_out > targets_length:
             raise UserError(f"task {name!r} needs inputs_length >= {need_in} and targets_length >= {need_out}; "
                             f"the model has {inputs_length} and {targets_length}")
@@ -94,13 +101,13 @@ class TaskDataset(Dataset):
     def _make_split(self, split: str, n: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([_TASK_STREAM, self.config.seed, FAMILIES.index(self.family), _SPLITS[split]])
         which = rng.choice(len(self.languages), size=n, p=self.weights)
-        length = LANGID_LENGTH if self.family == "langid" else REVERSE_INPUT
+        length = LANGID_LENGTHS.get(self.family, REVERSE_INPUT)
         tokens = np.empty((n, length), np.int32)
         for l, lang in enumerate(self.languages):
             rows = np.flatnonzero(which == l)
             if rows.size:
                 tokens[rows] = lang.sample(rng, rows.size, length)
-        if self.family == "langid":
+        if self.family in LANGID_LENGTHS:
             targets = (NUM_SPECIAL + which)[:, None].astype(np.int32)
         else:
             targets = tokens[:, :REVERSE_LENGTH][:, ::-1]
@@ -178,7 +185,7 @@ class TaskDataset(Dataset):
     @property
     def chance_loss(self) -> float:
         """The loss of predicting from the label (or token) prior alone: the 'learned nothing' reference."""
-        if self.family == "langid":
+        if self.family in LANGID_LENGTHS:
             w = self.weights[self.weights > 0]
             return float(-(w * np.log(w)).sum()) / 2.0
         marginal = sum(w * lang.stationary for w, lang in zip(self.weights, self.languages))
@@ -193,6 +200,7 @@ def make_task(name: str, data: DataConfig, *, inputs_length: int, targets_length
 def describe() -> list[tuple[str, str]]:
     """(name, one-line description) of every built-in task, for `--help` and errors."""
     text = {"langid": f"which language of the mixture produced a {LANGID_LENGTH}-token run",
+            "langid16": f"which language of the mixture produced a {LANGID16_LENGTH}-token run",
             "reverse": f"the first {REVERSE_LENGTH} of {REVERSE_INPUT} tokens in reverse order"}
     return [(f"{f}-{s}", f"{text[f]} ({SIZES[s]:,} training examples)") for f in FAMILIES for s in SIZES]
 

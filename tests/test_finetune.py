@@ -68,7 +68,7 @@ def test_finetune_refuses_what_does_not_fit(pre, tmp_path, capsys):
     base = ["finetune", "--from", str(pre), "--steps", "2", "--out", str(tmp_path / "x"), "--no-progress"]
     cases = [
         (["--task", "reverse-small", "--set", "model.d_model=48"], "shapes do not fit"),
-        (["--task", "revrse-small"], "valid choices: langid-large, langid-small, reverse-large, reverse-small"),
+        (["--task", "revrse-small"], "valid choices: langid-large, langid-small, langid16-large, langid16-small, reverse-large, reverse-small"),
         (["--task", "reverse-small", "--seeds", "3"], "--seeds must be in [1, 2]"),
         (["--task", "reverse-small", "--batch-size", "0"], "--batch-size must be in [1, 1024]"),
     ]
@@ -112,7 +112,8 @@ def test_reverse_task_splits_are_fixed_sized_and_correct():
     assert not np.array_equal(task.batch(0, 50, seed=3)["inputs"], task.batch(0, 50, seed=4)["inputs"])
     with pytest.raises(UserError, match="exceed its validation split"):
         task.eval_batches(100, 16)
-    assert set(TASKS) == {"langid-small", "langid-large", "reverse-small", "reverse-large"}
+    assert set(TASKS) == {"langid-small", "langid-large", "reverse-small", "reverse-large", "langid16-small",
+                          "langid16-large"}
 
 
 def test_a_sweep_fine_tunes_from_a_pretrained_run(pre, tmp_path):
@@ -149,6 +150,22 @@ def test_langid_task_labels_the_latent_language_and_has_an_exact_bayes_loss():
     with pytest.raises(UserError, match="several languages"):
         make_task("langid-small", DataConfig(kind="synthetic", vocab_size=128, num_sentinels=16),
                   inputs_length=64, targets_length=14, vocab_size=128)
+
+
+def test_langid16_is_the_same_task_with_runs_long_enough_to_name_the_language():
+    """16-token runs: the label is nearly certain (Bayes loss ~0), the prior is the same; the 2-token task's
+    examples are untouched by the new family (each family draws from its own stream)."""
+    data = DataConfig(kind="mixture", vocab_size=128, num_sentinels=16)
+    long_runs = make_task("langid16-small", data, inputs_length=64, targets_length=14, vocab_size=128)
+    short = make_task("langid-small", data, inputs_length=64, targets_length=14, vocab_size=128)
+    split = long_runs.splits["train"]
+    assert split["_tokens"].shape == (SIZES["small"], 16)
+    assert (split["inputs"][:, 16] == EOS_ID).all()
+    np.testing.assert_array_equal(split["targets"][:, 0], NUM_SPECIAL + split["_language"])
+    assert long_runs.best_loss < 0.01 < short.best_loss
+    assert long_runs.chance_loss == pytest.approx(short.chance_loss)
+    # the 2-token task's draws did not move: its examples are those of the previous versions
+    assert short.splits["train"]["_tokens"][:3].tolist() == [[82, 53], [68, 39], [85, 32]]
 
 
 # -- a pretraining sweep point (finetune.pretrain): pretrained once, shared, from a fresh store ------------------
