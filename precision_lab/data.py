@@ -762,6 +762,11 @@ def _check_seed(field: str, value: int) -> None:
         raise UserError(f"{field} must be an integer >= 0, got {value!r}")
 
 
+def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Feature dicts of equal keys and shapes stacked along a new leading axis (seeds, steps)."""
+    return {n: np.stack([b[n] for b in batches]) for n in batches[0]}
+
+
 class Dataset:
     """Span-corrupted batches over some token source. Use `make_dataset`.
 
@@ -812,18 +817,21 @@ class Dataset:
         Returns the `to_features` dict: inputs <int32>[batch_size, inputs_length], targets, decoder_inputs
         <int32>[batch_size, targets_length], loss_mask <float32>[batch_size, targets_length].
         """
-        _check_seed("step", step)
-        _check_seed("seed", seed)
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size!r}")
-        rng = np.random.default_rng([_TRAIN, self.config.seed, seed, step])
+        rng = self._train_rng(step, batch_size, seed)
         return self._corrupt(rng, self._train_tokens(rng, batch_size))
 
     def seed_batches(self, step: int, batch_size: int, seeds: Sequence[int]) -> dict[str, np.ndarray]:
         """Training batch `step` of every seed in `seeds`, stacked: each array [len(seeds), batch_size, ...],
         row i equal to `batch(step, batch_size, seeds[i])` (what a vmapped multi-seed run feeds per step)."""
-        per_seed = [self.batch(step, batch_size, seed=s) for s in seeds]
-        return {n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]}
+        return stack_batches([self.batch(step, batch_size, seed=s) for s in seeds])
+
+    def _train_rng(self, step: int, batch_size: int, seed: int) -> np.random.Generator:
+        """The generator of training batch `step` of run seed `seed` (arguments checked)."""
+        _check_seed("step", step)
+        _check_seed("seed", seed)
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size!r}")
+        return np.random.default_rng([_TRAIN, self.config.seed, seed, step])
 
     def eval_batches(self, n: int, batch_size: int, *, with_language: bool = False) -> list[dict[str, np.ndarray]]:
         """`n` held-out batches (the same on every call), disjoint from training data.
@@ -920,16 +928,10 @@ class SyntheticDataset(Dataset):
         """As Dataset.seed_batches (bit-identical), with every seed's chains walked in one pass: each seed's
         generator draws what `batch` would draw, in the same order (the walk draws nothing, so it can wait
         until all seeds have drawn), then corrupts its own rows."""
-        _check_seed("step", step)
-        for s in seeds:
-            _check_seed("seed", s)
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size!r}")
-        rngs = [np.random.default_rng([_TRAIN, self.config.seed, s, step]) for s in seeds]
+        rngs = [self._train_rng(step, batch_size, s) for s in seeds]
         draws = [self.language.draw(rng, batch_size, self.layout.tokens_length) for rng in rngs]
         tokens = self.language.walk(ChainDraw.concatenate(draws)).reshape(len(seeds), batch_size, -1)
-        per_seed = [self._corrupt(rng, t) for rng, t in zip(rngs, tokens)]
-        return {n: np.stack([b[n] for b in per_seed]) for n in per_seed[0]}
+        return stack_batches([self._corrupt(rng, t) for rng, t in zip(rngs, tokens)])
 
     def _eval_tokens(self, rng: np.random.Generator, index: int, batch_size: int) -> np.ndarray:
         return self.language.sample(rng, batch_size, self.layout.tokens_length)

@@ -35,7 +35,7 @@ from precision_lab import model as stmoe
 from precision_lab.model import sharding
 from precision_lab import ops, specialization
 from precision_lab.config import RunConfig
-from precision_lab.data import NUM_SPECIAL, Dataset, make_dataset
+from precision_lab.data import NUM_SPECIAL, Dataset, make_dataset, stack_batches
 from precision_lab.divergence import DivergenceMonitor, classify_outcome
 from precision_lab.errors import UserError
 from precision_lab.finetune import load_params, save_params, trainable_labels
@@ -372,8 +372,8 @@ class Trainer:
 
 
     def batches(self, seeds: list[int], step0: int, k: int):
-        per_step = [self.dataset.seed_batches(step0 + i, self.run.train.batch_size, seeds) for i in range(k)]
-        return {n: np.stack([b[n] for b in per_step]) for n in per_step[0]}
+        return stack_batches([self.dataset.seed_batches(step0 + i, self.run.train.batch_size, seeds)
+                              for i in range(k)])
 
     def evaluate(self, state, seed_keys, batches=None) -> np.ndarray:
         """Mean held-out cross entropy per seed (nats per target token), at the eval capacity factor, over
