@@ -397,12 +397,16 @@ def section_userpath(args) -> dict:
 
 
 def section_cli(args) -> dict:
-    """`precision-lab train` itself (a fresh process, as a user runs it) at the matched configuration, fp32,
-    1 seed and 8 seeds: timing of its summary.json (step_s: wall per step after the first chunk, the data
-    the loop could not overlap included). Not interleaved with HF: compare with `userpath`."""
-    out = {"benchmark": "cli_train", "runs": {}}
-    sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
-    sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
+    """`precision-lab train` itself (a fresh process, as a user runs it), fp32, 1 seed and 8 seeds: timing of
+    its summary.json (step_s: wall per step after the first chunk, the data the loop could not overlap
+    included). --cli-config matched (default): the matched configuration (compare with `userpath`, not
+    interleaved with HF); quickstart: the quick-start model, `--preset tiny --batch-size 16` and nothing else
+    (issue 12 item 2 names it)."""
+    out = {"benchmark": "cli_train", "config": args.cli_config, "runs": {}}
+    sets = []
+    if args.cli_config == "matched":
+        sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
+        sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
     for seeds in (1, 8):
         with tempfile.TemporaryDirectory() as d:
             cmd = [sys.executable, "-m", "precision_lab.cli", "train", "--preset", "tiny", "--steps", str(args.cli_steps),
@@ -487,13 +491,13 @@ import json, sys, time
 t_start = time.perf_counter()
 import jax
 cache = sys.argv[1]
-if cache != "none":
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 import jax.numpy as jnp
 from precision_lab.config import run_config
-from precision_lab.train import Trainer, hparams_of
+from precision_lab.train import Trainer, enable_compilation_cache, hparams_of
+if cache != "none":  # as every precision-lab command: jax's cache and the program cache beside it
+    enable_compilation_cache(cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 run = run_config({"policy": sys.argv[3], "train": {"batch_size": 16, "chunk_steps": 10}})
 tr = Trainer(run)
 state, sk = tr.init([0])
@@ -517,12 +521,17 @@ def section_compile(args) -> dict:
     """Fresh processes: each measures the first chunk call (compile + 10 steps) and later chunks."""
     out = {"benchmark": "compile_time", "note": "tiny preset, quick-run defaults, chunk of 10 steps", "policies": {}}
     for policy in ("fp32", "bf16"):
-        rows = {"no_cache": [], "cold_cache": [], "warm_cache": []}
+        # warm_cache: jax's persistent cache and the program cache (precision_lab.program_cache) both warm,
+        # what a rerun gets; warm_jax_cache_only: the program cache off (PRECISION_LAB_PROGRAM_CACHE=0), the
+        # path before it existed (trace and lower the model, then look the program up in jax's cache).
+        rows = {"no_cache": [], "cold_cache": [], "warm_cache": [], "warm_jax_cache_only": []}
         for _ in range(args.compile_reps):
             with tempfile.TemporaryDirectory() as cache:
-                for label, arg in (("no_cache", "none"), ("cold_cache", cache), ("warm_cache", cache)):
+                for label, arg in (("no_cache", "none"), ("cold_cache", cache), ("warm_cache", cache),
+                                   ("warm_jax_cache_only", cache)):
+                    env = dict(os.environ, PRECISION_LAB_PROGRAM_CACHE="0" if label == "warm_jax_cache_only" else "1")
                     cp = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, arg, str(Path(__file__).parent),
-                                         policy], capture_output=True, text=True, cwd=REPO)
+                                         policy], capture_output=True, text=True, cwd=REPO, env=env)
                     if cp.returncode:
                         raise SystemExit(cp.stderr[-3000:])
                     rows[label].append(json.loads(cp.stdout.strip().splitlines()[-1]))
@@ -716,6 +725,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
     p.add_argument("--compile-reps", type=int, default=2)
     p.add_argument("--cli-steps", type=int, default=60, help="steps of each `precision-lab train` run (cli)")
+    p.add_argument("--cli-config", choices=("matched", "quickstart"), default="matched",
+                   help="cli: the matched configuration or the quick-start model")
     p.add_argument("--presets", default="tiny,small", help="capacity: the presets to time (tiny, small, micro)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

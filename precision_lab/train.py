@@ -33,7 +33,7 @@ import optax
 
 from precision_lab import model as stmoe
 from precision_lab.model import sharding
-from precision_lab import ops, specialization
+from precision_lab import ops, program_cache, specialization
 from precision_lab.config import RunConfig
 from precision_lab.data import NUM_SPECIAL, Dataset, make_dataset, stack_batches
 from precision_lab.divergence import DivergenceMonitor, classify_outcome
@@ -79,6 +79,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # and the Trainer's whole executables beside it, so a warm run skips tracing and lowering too
+    program_cache.enable(Path(path) / "precision_lab_programs")
 
 
 class TrainState(NamedTuple):
@@ -89,6 +91,17 @@ class TrainState(NamedTuple):
     # <int32>[2] (exponent bits, mantissa bits) of the member's traced format (policy specs with `traced`),
     # None without: every rounding of the member (train, eval, routing) reads it through ops.traced_format
     formats: Any = None
+
+
+def _without_batchable(config: dict) -> dict:
+    """`config` (RunConfig.to_dict) without the BATCHABLE_FIELDS that are plain values (not the traced
+    format, which lives in the policy's strings) and without train.label (a name, not a setting)."""
+    out = {section: dict(fields) if isinstance(fields, dict) else fields for section, fields in config.items()}
+    for dotted in (*BATCHABLE_FIELDS, "train.label"):
+        section, _, field = dotted.partition(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(field, None)
+    return out
 
 
 def _rounder(policy: PrecisionPolicy, component: str):
@@ -128,8 +141,18 @@ class Trainer:
                 {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
                 lambda params: trainable_labels(params, run.finetune.trainable))
         self.mesh = run_mesh(run)  # None: one device per vmapped member (member_sharding)
-        self._chunk = jax.jit(self._under_mesh(self._chunk_impl), donate_argnums=(0,))
-        self._eval = jax.jit(self._under_mesh(jax.vmap(self._eval_one, in_axes=(0, 0, None)), replicate_out=True))
+        # Each program is a function of the run configuration (and the model as resolved against the data)
+        # and of its arguments' shapes: the program cache keys it so (precision_lab.program_cache). Not of
+        # the batchable hyperparameters, which reach it as traced values (a sweep group relies on the same).
+        describe = functools.cache(lambda: json.dumps(
+            {"run": _without_batchable(run.to_dict()), "model": dataclasses.asdict(self.model_cfg)},
+            sort_keys=True, default=repr))
+        self._chunk = program_cache.CachedProgram(
+            jax.jit(self._under_mesh(self._chunk_impl), donate_argnums=(0,)), "chunk", describe)
+        self._eval = program_cache.CachedProgram(
+            jax.jit(self._under_mesh(jax.vmap(self._eval_one, in_axes=(0, 0, None)), replicate_out=True)), "eval",
+            describe)
+        self._init = program_cache.CachedProgram(jax.jit(jax.vmap(self.init_one)), "init", describe)
 
     # -- a device mesh (train.mesh) ----------------------------------------------------------------------------
 
@@ -368,7 +391,7 @@ class Trainer:
         if self.run.finetune.active:
             template = jax.eval_shape(lambda k: stmoe.init(k, self.model_cfg, self.policy)[0], jax.random.key(0))
             pretrained = load_params(self.run.finetune.from_run, template, seeds)
-        return jax.jit(jax.vmap(self.init_one))(seed_keys, pretrained, formats), seed_keys
+        return self._init(seed_keys, pretrained, formats), seed_keys
 
 
     def batches(self, seeds: list[int], step0: int, k: int):
