@@ -984,6 +984,21 @@ def router_entropy_ratio(c: ConfigResult) -> float | None:
     return float(np.mean(means) / math.log(experts)) if means else None
 
 
+def _partial_note(manifest: dict, runs: list[dict]) -> list[str]:
+    """A line saying the store holds only part of the sweep (a long sweep run over several sessions, or a
+    shard), with how many runs and shape groups are still missing; nothing when every planned run is stored."""
+    planned = manifest.get("runs") or []
+    stored = {r.get("run_id") for r in runs}
+    missing = [r for r in planned if r.get("run_id") not in stored]
+    if not missing:
+        return []
+    groups = {r.get("group_key") for r in planned}
+    done = groups - {r.get("group_key") for r in missing}
+    return [f"**Partial results:** {len(planned) - len(missing)} of the sweep's {len(planned)} runs are stored "
+            f"({len(done)} of {len(groups)} shape groups complete); every table below covers the stored runs only. "
+            f"`precision-lab sweep {manifest.get('source', 'FILE')} --out DIR` (the same store) trains the rest.", ""]
+
+
 def table_precondition(configs) -> str:
     rows = router_preconditions(configs)
     if not rows:
@@ -1546,6 +1561,7 @@ def write_report(out_dir: str | Path, fig_dir: str | Path | None = None, *, pair
              f"{len(runs)} runs in {len(configs)} configurations. Quality is held-out cross entropy in nats per "
              "target token (lower is better) unless a column says negative log perplexity (its negative, as the "
              "papers print it).", ""]
+    lines += _partial_note(manifest, runs)
     best = next((r["env"].get("best_loss") for r in runs if r["env"].get("best_loss") is not None), None)
     if best is not None:
         stderr = runs[0]["env"].get("best_loss_stderr")

@@ -2,6 +2,7 @@
 baseline row (CI, p, power), Fisher on fractions not diverged, the router precondition table, the training
 budget and noise section, and the figures that draw the same intervals."""
 
+import json
 import math
 
 import numpy as np
@@ -285,3 +286,19 @@ def test_precision_telemetry_table_reads_early_and_late_windows():
     assert "0.01 / 0.5" in row
     bare = ConfigResult("fp32", record["overrides"], record["config"], [record], [metrics])
     assert "No precision telemetry" in table_precision_telemetry([bare])
+
+
+def test_a_partial_store_says_how_much_of_the_sweep_it_holds(tmp_path):
+    """A sweep run over several sessions (or one shard of it) is reported as partial, with the count of
+    stored runs and complete shape groups; a complete store says nothing of the kind."""
+    fill_store(tmp_path)
+    manifest = json.loads((tmp_path / "sweep.json").read_text())
+    manifest["runs"].append({"run_id": "not-yet-run", "group_key": "later", "seed": 0, "overrides": {}})
+    (tmp_path / "sweep.json").write_text(json.dumps(manifest))
+    text = write_report(tmp_path).read_text()
+    n = len(manifest["runs"])
+    assert f"**Partial results:** {n - 1} of the sweep's {n} runs are stored (5 of 6 shape groups complete)" in text
+
+
+def test_a_complete_store_is_not_called_partial(report):
+    assert "Partial results" not in report[1]
