@@ -529,9 +529,9 @@ def section_compile(args) -> dict:
             with tempfile.TemporaryDirectory() as cache:
                 for label, arg in (("no_cache", "none"), ("cold_cache", cache), ("warm_cache", cache),
                                    ("warm_jax_cache_only", cache)):
-                    env = dict(os.environ, PRECISION_LAB_PROGRAM_CACHE="0" if label == "warm_jax_cache_only" else "1")
+                    child_env = dict(os.environ, PRECISION_LAB_PROGRAM_CACHE="0" if label == "warm_jax_cache_only" else "1")
                     cp = subprocess.run([sys.executable, "-c", _COMPILE_CHILD, arg, str(Path(__file__).parent),
-                                         policy], capture_output=True, text=True, cwd=REPO, env=env)
+                                         policy], capture_output=True, text=True, cwd=REPO, env=child_env)
                     if cp.returncode:
                         raise SystemExit(cp.stderr[-3000:])
                     rows[label].append(json.loads(cp.stdout.strip().splitlines()[-1]))
