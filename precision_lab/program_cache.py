@@ -33,6 +33,7 @@ import pickle
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -186,8 +187,15 @@ def max_bytes() -> int:
 
 
 def evict(where: Path, limit: int | None = None) -> None:
-    """Delete the least recently used entries until the folder holds at most `limit` bytes."""
+    """Delete the least recently used entries until the folder holds at most `limit` bytes, and the
+    temporary files of writers killed mid-write (older than an hour)."""
     limit = max_bytes() if limit is None else limit
+    for tmp in where.glob(".*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > 3600:
+                tmp.unlink()
+        except FileNotFoundError:  # its writer finished or another process removed it
+            pass
     entries = []
     for p in where.glob("*.pkl"):
         try:

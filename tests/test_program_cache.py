@@ -156,8 +156,13 @@ def test_the_folder_is_capped_least_recently_used_first(tmp_path):
         p = tmp_path / f"chunk-{name}.pkl"
         p.write_bytes(b"x" * 100)
         os.utime(p, (1000 + i, 1000 + i))
+    stale, live = tmp_path / ".chunk-killed.tmp", tmp_path / ".chunk-writing.tmp"  # a killed and a live writer
+    for p in (stale, live):
+        p.write_bytes(b"x")
+    os.utime(stale, (1000, 1000))
     program_cache.evict(tmp_path, limit=250)
     assert sorted(p.name for p in tmp_path.glob("*.pkl")) == ["chunk-mid.pkl", "chunk-new.pkl"]
+    assert not stale.exists() and live.exists()
 
 
 def test_off_unless_enabled(monkeypatch, tmp_path):
