@@ -25,14 +25,18 @@ def load(store: Path) -> dict:
         r = json.loads(f.read_text())
         c = r["resolved"]
         metrics = np.load(store / "runs" / r["metrics_file"])
-        runs[(c["model"]["d_model"], c["train"]["label"], c["optim"]["lr"])] = (
+        width = c["model"]["d_model"]  # a deeper model of the same width is its own line: "64x4" (4+4 blocks)
+        if c["model"]["num_encoder_layers"] != 2:
+            width = f"{width}x{c['model']['num_encoder_layers']}"
+        runs[(width, c["train"]["label"], c["optim"]["lr"])] = (
             r["result"]["outcome"], r["result"]["final_eval_loss"], float(np.nanmax(metrics["max_attention_logit"])))
     return runs
 
 
 def main(store: str) -> None:
     runs = load(Path(store))
-    widths, lrs = sorted({k[0] for k in runs}), sorted({k[2] for k in runs})
+    widths = sorted({k[0] for k in runs}, key=lambda w: (int(str(w).split("x")[0]), str(w)))
+    lrs = sorted({k[2] for k in runs})
     print("width arm: failure lr (lowest lr not stable), best lr and its loss, max attention logit per lr", lrs)
     for w in widths:
         for a in ARMS:
