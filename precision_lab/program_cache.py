@@ -129,8 +129,8 @@ class CachedProgram:
 
     def __call__(self, *args):
         where = folder()
-        if where is None:
-            return self.jitted(*args)
+        if where is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            return self.jitted(*args)  # off, or inside a transformation (eval_shape, vmap...): jax's own path
         sig = signature(args)
         exe = self._executables.get(sig)
         if exe is None:

@@ -100,7 +100,11 @@ def chunk_key(run, seeds=(0,)):
     return trainer._chunk.key(program_cache.signature(args))
 
 
-def test_the_key_follows_config_shapes_and_source_but_not_batchable_hyperparameters(monkeypatch):
+def test_the_key_follows_config_shapes_and_source_but_not_batchable_hyperparameters(monkeypatch, use_folder,
+                                                                                     tmp_path):
+    use_folder(tmp_path / "programs", fresh=False)  # on, as after any CLI test in the same process: under
+    # jax.eval_shape (chunk_key) the programs see tracers and must take jax's path (regression: they tried
+    # to run a compiled executable on tracers)
     base = chunk_key(micro())
     assert chunk_key(micro()) == base
     assert chunk_key(micro(lr=3e-3)) == base  # lr reaches the program as a traced value (as in a sweep group)
