@@ -42,6 +42,14 @@ def assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def set_jax_cache(on: bool) -> None:
+    """jax's persistent cache on or off for the compiles that follow (the flag alone is read once, when the
+    cache is first used in a process: reset it so the change takes effect)."""
+    from jax._src import compilation_cache
+    jax.config.update("jax_enable_compilation_cache", on)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture
 def use_folder(monkeypatch):
     """use_folder(path, fresh=True): the program cache in `path` for this test (restored afterwards); with
@@ -51,10 +59,10 @@ def use_folder(monkeypatch):
 
     def use(path: Path, fresh: bool = True) -> Path:
         program_cache.enable(path)
-        jax.config.update("jax_enable_compilation_cache", not fresh)
+        set_jax_cache(not fresh)
         return path
     yield use
-    jax.config.update("jax_enable_compilation_cache", True)
+    set_jax_cache(True)
     program_cache._FOLDER = before
 
 
@@ -65,11 +73,11 @@ def compiled(tmp_path_factory):
     folder = tmp_path_factory.mktemp("programs")
     before = program_cache._FOLDER
     program_cache.enable(folder)
-    jax.config.update("jax_enable_compilation_cache", False)
+    set_jax_cache(False)
     try:
         trainer, state, ev = one_chunk(micro())
     finally:
-        jax.config.update("jax_enable_compilation_cache", True)
+        set_jax_cache(True)
         program_cache._FOLDER = before
     assert trainer._chunk.loaded_from_disk == 0
     assert sorted(p.name.split("-")[0] for p in folder.glob("*.pkl")) == ["chunk", "eval", "init"]
