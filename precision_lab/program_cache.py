@@ -99,9 +99,10 @@ def environment() -> str:
                        "config": config, "source": source_digest()}, sort_keys=True)
 
 
-def signature(args: tuple) -> str:
-    """The arguments as a compile sees them: tree structure, and per leaf shape, dtype, weak type, sharding."""
-    leaves, treedef = jax.tree.flatten(args)
+def signature(args: tuple, flat=None) -> str:
+    """The arguments as a compile sees them: tree structure, and per leaf shape, dtype, weak type, sharding.
+    flat: `jax.tree.flatten(args)` when the caller already has it."""
+    leaves, treedef = jax.tree.flatten(args) if flat is None else flat
     parts = [str(treedef)]
     for x in leaves:
         aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
@@ -129,9 +130,12 @@ class CachedProgram:
 
     def __call__(self, *args):
         where = folder()
-        if where is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
-            return self.jitted(*args)  # off, or inside a transformation (eval_shape, vmap...): jax's own path
-        sig = signature(args)
+        if where is None:
+            return self.jitted(*args)
+        flat = jax.tree.flatten(args)  # once per call: the tracer check and the signature share it
+        if any(isinstance(x, jax.core.Tracer) for x in flat[0]):
+            return self.jitted(*args)  # inside a transformation (eval_shape, vmap...): jax's own path
+        sig = signature(args, flat)
         exe = self._executables.get(sig)
         if exe is None:
             exe = self._executables[sig] = self._load_or_compile(where, sig, args)
