@@ -5,7 +5,8 @@ one-sample t-interval (scipy.stats). Pooling is exploratory: no TOML pre-registe
     .venv/bin/python experiments/analysis/routing_gap.py runs/routing_controls runs/routing_rsqrt
 
 Arms are told apart as the reports do: num_experts = 0 is "dense", routing = "random" is "random", the
-rest "learned"; with --lr LR only runs at that peak lr count.
+rest "learned"; a run whose train.label names another arm (router_precision_long's "bf16-router") is left
+out; with --lr LR only runs at that peak lr count.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def arms(store: Path, lr: float | None) -> dict[str, dict[int, dict]]:
         if lr is not None and not np.isclose(run_lr, lr):
             continue
         arm = "dense" if model["num_experts"] == 0 else "random" if model.get("routing") == "random" else "learned"
+        label = r["resolved"].get("train", {}).get("label")
+        if label and label not in (arm, "baseline"):  # another learned-router arm (e.g. a bf16 router): not the reference
+            continue
         history = {e["step"]: e["loss"] for e in r["result"]["eval_history"]}
         out.setdefault(arm, {})[r["seed"]] = {"history": history, "final": r["result"]["final_eval_loss"]}
     return out
