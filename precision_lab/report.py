@@ -999,12 +999,39 @@ def _partial_note(manifest: dict, runs: list[dict]) -> list[str]:
             f"`precision-lab sweep {manifest.get('source', 'FILE')} --out DIR` (the same store) trains the rest.", ""]
 
 
+def baseline_learns_line(configs) -> str:
+    """Does the comparison's reference learn? The baseline row's outcomes and mean eval loss against the
+    unigram-model loss (the "failed to learn" line). A comparison with a baseline that did not learn says
+    nothing about the paper."""
+    base = baseline_of(configs)
+    if base is None:
+        return "- baseline: no runs stored"
+    counts = base.outcome_counts()
+    n = sum(counts.values())
+    unigram = next((r.get("env", {}).get("unigram_loss") for r in base.records
+                    if r.get("env", {}).get("unigram_loss") is not None), None)
+    losses = base.eval_losses()
+    mean = f"mean final eval loss {losses.mean():.3f} over its stable seeds" if len(losses) else "no stable seed"
+    ref = f" (unigram reference {unigram:.3f})" if unigram is not None else ""
+    verdict = ("it learns" if counts.get("stable", 0) == n else
+               "it learns in some seeds only" if counts.get("stable", 0) else "it does NOT learn: every comparison "
+               "with it is uninformative")
+    return (f"- baseline **{base.label}**: {counts.get('stable', 0)} of {n} seeds stable and learning, "
+            f"{counts.get('diverged', 0)} diverged, {counts.get('failed_to_learn', 0)} failed to learn; {mean}{ref}: "
+            f"{verdict}. Whether it plateaued within the budget: the Budget section.")
+
+
 def table_precondition(configs) -> str:
+    """Every report opens with its preconditions: does the baseline learn, and (where the sweep has control
+    rows) does routing matter. A sweep without controls says that it does not check the latter."""
+    learns = baseline_learns_line(configs)
     rows = router_preconditions(configs)
     if not rows:
-        return ("No random-routed, hash-routed or dense (model.num_experts = 0) rows in this sweep: the "
-                "precondition is not checked here, so no router-precision result of this report is shown to be "
-                "informative.")
+        return ("Could this experiment have shown its effect?\n\n" + learns + "\n- routing: no random-routed, "
+                "hash-routed or dense (model.num_experts = 0) rows in this sweep, so whether routing matters is "
+                "not checked here, and no router-precision result of this report is shown to be informative by "
+                "this report alone (the README's findings table names the control experiments run at each "
+                "budget).")
     out = ["| control | compared with (learned router) | control: stable / diverged / failed | learned: stable / "
            "diverged / failed | learned router's final entropy / ln E | learned - control eval loss, mean [95% CI] "
            f"(paired by seed) | p ({_test_name(configs)}) | seeds for 80% power | learned significantly better? |",
@@ -1021,7 +1048,8 @@ def table_precondition(configs) -> str:
              for label, ok in verdict.items()]
     if not verdict:
         lines = ["- no random-routed row: no router-precision result of this report is shown to be informative"]
-    return ("Does routing matter here? Each control (random or hash routing, or the FLOP-matched dense model) "
+    return ("Could this experiment have shown its effect?\n\n" + learns + "\n\n"
+            "Does routing matter here? Each control (random or hash routing, or the FLOP-matched dense model) "
             "against the learned router, over seeds stable in both. The entropy column says how far the learned "
             "router committed (1 = it still spreads every token evenly over the E experts). A router-precision "
             "result is called "
@@ -1544,10 +1572,9 @@ def write_report(out_dir: str | Path, fig_dir: str | Path | None = None, *, pair
     name = manifest.get("name", Path(out_dir).name)
     report_cfg = manifest.get("report", {})
     named = [t for t in report_cfg.get("tables", []) if t not in ("summary", "precondition", "budget")]
-    # Every report: the precondition first where the sweep compares routers (or names it), then the summary,
-    # the tables the sweep names, and the training budget and noise.
-    first = ["precondition"] if "precondition" in report_cfg.get("tables", []) or router_preconditions(configs) else []
-    tables = [*first, "summary", *named, "budget"]
+    # Every report: its preconditions first, then the summary, the tables the sweep names, and the training
+    # budget and noise.
+    tables = ["precondition", "summary", *named, "budget"]
     for t in tables:
         if t not in TABLES:
             raise unknown_choice("table", t, TABLES)

@@ -207,12 +207,25 @@ def test_wilcoxon_option_and_figures(report, tmp_path):
         assert (tmp_path / "figs" / f"synthetic_{name}.png").stat().st_size > 1000
 
 
-def test_report_without_controls_has_no_precondition_unless_named(tmp_path):
+def test_every_report_opens_with_its_preconditions(tmp_path):
+    """Issue 13: every report says whether its baseline learned; one without control rows says it does not
+    check whether routing matters (and so calls no router-precision result informative)."""
     fill_store(tmp_path / "a", rows=ROWS[:2])
-    assert "## Precondition" not in write_report(tmp_path / "a").read_text()
-    fill_store(tmp_path / "b", rows=ROWS[:2], tables=("precondition",))
-    text = write_report(tmp_path / "b").read_text()
-    assert "No random-routed, hash-routed or dense" in text
+    text = write_report(tmp_path / "a").read_text()
+    section = text.split("## Precondition")[1].split("\n## ")[0]
+    assert "baseline **baseline**: 6 of 8 seeds stable and learning, 1 diverged, 1 failed to learn" in section
+    assert f"unigram reference {UNIGRAM:.3f}" in section and "it learns in some seeds only" in section
+    assert "No random-routed, hash-routed or dense" not in section
+    assert "whether routing matters is not checked here" in section
+    assert text.index("## Precondition") < text.index("## Summary")
+    # a baseline that never learned makes every comparison uninformative, and the report says so
+    never = [("baseline", 0.0, ["failed_to_learn"] * 8, "top2", 8), ROWS[1]]
+    fill_store(tmp_path / "b", rows=never)
+    assert "it does NOT learn: every comparison with it is uninformative" in write_report(tmp_path / "b").read_text()
+    # with controls, the baseline line opens the router table's section
+    fill_store(tmp_path / "c")
+    text = write_report(tmp_path / "c").read_text()
+    assert "baseline **baseline**" in text and "Does routing matter here?" in text
 
 
 def test_lr_intervals_pair_with_the_baseline_line_at_the_same_lr():
