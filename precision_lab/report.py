@@ -1024,10 +1024,10 @@ def baseline_learns_line(configs) -> str:
 def table_precondition(configs) -> str:
     """Every report opens with its preconditions: does the baseline learn, and (where the sweep has control
     rows) does routing matter. A sweep without controls says that it does not check the latter."""
-    learns = baseline_learns_line(configs)
+    head = "Could this experiment have shown its effect?\n\n" + baseline_learns_line(configs)
     rows = router_preconditions(configs)
     if not rows:
-        return ("Could this experiment have shown its effect?\n\n" + learns + "\n- routing: no random-routed, "
+        return (head + "\n- routing: no random-routed, "
                 "hash-routed or dense (model.num_experts = 0) rows in this sweep, so whether routing matters is "
                 "not checked here, and no router-precision result of this report is shown to be informative by "
                 "this report alone (the README's findings table names the control experiments run at each "
@@ -1048,7 +1048,7 @@ def table_precondition(configs) -> str:
              for label, ok in verdict.items()]
     if not verdict:
         lines = ["- no random-routed row: no router-precision result of this report is shown to be informative"]
-    return ("Could this experiment have shown its effect?\n\n" + learns + "\n\n"
+    return (head + "\n\n"
             "Does routing matter here? Each control (random or hash routing, or the FLOP-matched dense model) "
             "against the learned router, over seeds stable in both. The entropy column says how far the learned "
             "router committed (1 = it still spreads every token evenly over the E experts). A router-precision "
