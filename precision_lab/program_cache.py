@@ -19,8 +19,9 @@ executable it deserialized (the copy fails at run time: "Function wrapped_slice.
 program stays on jax's path, as fast as before this cache (so after an upgrade of the package, a program
 jax's cache still holds is not kept here until that entry goes: delete jax's folder to start afresh).
 The cache is on only where `enable()` named a folder (every `precision-lab` command does, beside jax's
-cache) and `PRECISION_LAB_PROGRAM_CACHE` is not "0"; elsewhere a `CachedProgram` is its jitted function. Runtime monkeypatching of the package is invisible to the key: set PRECISION_LAB_PROGRAM_CACHE=0
-when doing that. Entries are pickles: the folder is trusted like jax's own cache.
+cache) and `PRECISION_LAB_PROGRAM_CACHE` is not "0"; elsewhere a `CachedProgram` is its jitted function.
+Runtime monkeypatching of the package is invisible to the key: set PRECISION_LAB_PROGRAM_CACHE=0 when
+doing that. Entries are pickles: the folder is trusted like jax's own cache.
 """
 
 from __future__ import annotations
