@@ -370,24 +370,30 @@ def lr_sweep_figure(configs, out_dir, stem):
     from precision_lab.report import lr_lines
     from precision_lab.stats import mean_interval
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, cs in lr_lines(configs).items():
+    lines = lr_lines(configs)
+    many = len(lines) > 8  # the legend goes beside the axes, and line styles tell the colour cycle's repeats apart
+    fig, ax = plt.subplots(figsize=(13 if many else 8, 5))
+    for i, (name, cs) in enumerate(lines.items()):
         lrs = [c.value("optim.lr") for c in cs]
         m = [mean_interval(c.eval_losses()) for c in cs]
         means = np.array([x.mean for x in m])
         # one stable seed has no interval: its bar is left out (NaN), the point stays
         err = np.array([[x.mean - x.ci_lo for x in m], [x.ci_hi - x.mean for x in m]])
         line = ax.errorbar(lrs, means, yerr=np.where(np.isfinite(err), err, 0.0), marker="o", capsize=3,
-                           label=name).lines[0]
+                           label=name, ls=("-", "--", ":", "-.")[(i // 10) % 4]).lines[0]
         for lr, c in zip(lrs, cs):
             if c.stable < c.n:
                 ax.axvline(lr, color=line.get_color(), ls=":", alpha=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final held-out loss (nats/token; mean over stable seeds, bars: 95% CI)")
-    ax.set_title("Loss vs learning rate (dotted: a seed diverged at that lr)")
+    ax.set_title("Loss vs learning rate (dotted vertical: a seed diverged at that lr)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
+    else:
+        ax.legend(fontsize=7)
     return save(fig, out_dir, stem)
 
 

@@ -37,14 +37,19 @@ def main(store: str) -> None:
     runs = load(Path(store))
     widths = sorted({k[0] for k in runs}, key=lambda w: (int(str(w).split("x")[0]), str(w)))
     lrs = sorted({k[2] for k in runs})
-    print("width arm: failure lr (lowest lr not stable), best lr and its loss, max attention logit per lr", lrs)
+    print("width arm: failure lr (as pre-registered: the lowest lr not stable), cliff lr (the lowest lr ABOVE the "
+          "best lr not stable), best lr and its loss, outcome (s/f/d) and max attention logit per lr", lrs)
+    print("(Wortsman et al.'s LR sensitivity per line is in the report's lr table)")
     for w in widths:
         for a in ARMS:
             if (w, a, lrs[0]) not in runs:
                 continue
             fail = [lr for lr in lrs if runs[(w, a, lr)][0] != "stable"]
             best = min(lrs, key=lambda lr: runs[(w, a, lr)][1])
-            print(w, a, "fail", fail[0] if fail else "none", "best", best, round(runs[(w, a, best)][1], 3),
+            cliff = [lr for lr in fail if lr > best]
+            print(w, a, "fail", fail[0] if fail else "none", "cliff", cliff[0] if cliff else "none", "best", best,
+                  round(runs[(w, a, best)][1], 3),
+                  "outcomes", [runs[(w, a, lr)][0][0] for lr in lrs],
                   "max attention logit", [round(runs[(w, a, lr)][2]) for lr in lrs])
     for a in ARMS[1:]:
         points = [(w, lr) for w in widths for lr in lrs if (w, a, lr) in runs]
