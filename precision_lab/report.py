@@ -1018,7 +1018,21 @@ def baseline_learns_line(configs) -> str:
                "with it is uninformative")
     return (f"- baseline **{base.label}**: {counts.get('stable', 0)} of {n} seeds stable and learning, "
             f"{counts.get('diverged', 0)} diverged, {counts.get('failed_to_learn', 0)} failed to learn; {mean}{ref}: "
-            f"{verdict}. Whether it plateaued within the budget: the Budget section.")
+            f"{verdict}. Whether it plateaued within the budget: the Budget section." + _baseline_line_over_lrs(configs))
+
+
+def _baseline_line_over_lrs(configs) -> str:
+    """In an lr sweep the baseline row is one point of a line (its first lr); the lr table compares every row
+    with that line at the same lr, so what matters is at which lrs the line learns."""
+    lines = lr_lines(configs)
+    cs = lines.get(baseline_line(configs, lines), [])
+    if len(cs) < 2:
+        return ""
+    learns = [f"{c.value('optim.lr'):g}" for c in cs if c.n and c.outcome_counts().get("stable", 0) == c.n]
+    not_all = [f"{c.value('optim.lr'):g}" for c in cs if not (c.n and c.outcome_counts().get("stable", 0) == c.n)]
+    return ("\n- the baseline's line over the lr grid (the lr table compares every row with it at the same lr): "
+            + (f"every seed learns at lr {', '.join(learns)}" if learns else "no lr at which every seed learns")
+            + (f"; not every seed does at lr {', '.join(not_all)}." if not_all else "."))
 
 
 def table_precondition(configs) -> str:

@@ -12,6 +12,7 @@ from scipy import stats as sps
 from precision_lab import stats
 from precision_lab.report import (
     ConfigResult,
+    baseline_learns_line,
     baseline_of,
     comparison,
     informative_rows,
@@ -243,6 +244,22 @@ def test_lr_intervals_pair_with_the_baseline_line_at_the_same_lr():
     assert f"| bf16 | 0.1 |" in text and f"{d.mean:+.3f} [{d.ci_lo:+.3f}, {d.ci_hi:+.3f}] (n=8)" in text
     m = stats.mean_interval(configs[0].eval_losses())
     assert f"{m.mean:.3f} [{m.ci_lo:.3f}, {m.ci_hi:.3f}]" in text
+
+
+def test_precondition_of_an_lr_sweep_names_the_lrs_at_which_the_baseline_line_learns():
+    """lr_width run 2: the baseline row is the line's first lr (1e-3, too slow to learn); the precondition must
+    still say at which lrs the line learns, since the lr table compares every row with it at the same lr."""
+    configs = []
+    for lr, outcome in ((0.001, "failed_to_learn"), (0.003, "stable"), (0.01, "failed_to_learn")):
+        recs, mets = zip(*[make_record("baseline", s, 2.0 + SEED_EFFECT[s], outcome, lr=lr, extra={"optim.lr": lr})
+                           for s in SEEDS])
+        configs.append(ConfigResult(f"baseline, lr={lr:g}", {"train.label": "baseline", "optim.lr": lr},
+                                    recs[0]["config"], list(recs), list(mets)))
+    line = baseline_learns_line(configs)
+    assert "it does NOT learn" in line  # the first row itself
+    assert ("the baseline's line over the lr grid (the lr table compares every row with it at the same lr): every "
+            "seed learns at lr 0.003; not every seed does at lr 0.001, 0.01.") in line
+    assert "lr grid" not in baseline_learns_line(configs[1:2])  # no lr axis: nothing added
 
 
 def test_report_cli_takes_the_paired_test(report, tmp_path, capsys):
