@@ -33,9 +33,16 @@ def test_every_experiment_documents_itself():
         assert re.search(r"reproduces|shows", head), path.name
 
 
+@pytest.fixture(scope="module")
+def shared_pretrained(tmp_path_factory):
+    """One pretraining folder for every fine-tuning smoke of a test process, as `sweep --pretrained DIR` gives
+    several sweeps one: those that name the same pretraining point pretrain it once."""
+    return tmp_path_factory.mktemp("pretrained")
+
+
 @pytest.mark.parametrize("path", [*TRAINING, QUICKSTART], ids=lambda p: p.stem)
-def test_experiment_smoke(path, tmp_path):
-    summary = sweep(path, tmp_path, progress=False, smoke_test=True)
+def test_experiment_smoke(path, tmp_path, shared_pretrained):
+    summary = sweep(path, tmp_path, progress=False, smoke_test=True, pretrained=shared_pretrained)
     assert summary.computed == summary.shard_runs > 0
     report = write_report(tmp_path)
     text = report.read_text()
