@@ -65,6 +65,11 @@ class ConfigResult:
         got = self.outcomes
         return {o: got.count(o) for o in OUTCOMES}
 
+    @property
+    def all_learned(self) -> bool:
+        """Every seed trained to the end and learned (no divergence, no failure to learn)."""
+        return self.n > 0 and self.outcome_counts()["stable"] == self.n
+
     def eval_losses(self, stable_only: bool = True) -> np.ndarray:
         """Final eval losses; with stable_only (the default) of the stable, learning seeds only."""
         vals = [r["result"]["final_eval_loss"] for r, o in zip(self.records, self.outcomes)
@@ -1028,8 +1033,8 @@ def _baseline_line_over_lrs(configs) -> str:
     cs = lines.get(baseline_line(configs, lines), [])
     if len(cs) < 2:
         return ""
-    learns = [f"{c.value('optim.lr'):g}" for c in cs if c.n and c.outcome_counts().get("stable", 0) == c.n]
-    not_all = [f"{c.value('optim.lr'):g}" for c in cs if not (c.n and c.outcome_counts().get("stable", 0) == c.n)]
+    learns = [f"{c.value('optim.lr'):g}" for c in cs if c.all_learned]
+    not_all = [f"{c.value('optim.lr'):g}" for c in cs if not c.all_learned]
     return ("\n- the baseline's line over the lr grid (the lr table compares every row with it at the same lr): "
             + (f"every seed learns at lr {', '.join(learns)}" if learns else "no lr at which every seed learns")
             + (f"; not every seed does at lr {', '.join(not_all)}." if not_all else "."))
@@ -1395,7 +1400,7 @@ class SensitivityCell:
     @property
     def all_stable(self) -> bool:
         """Every seed trained to the end and learned (no divergence, no failure to learn)."""
-        return self.config.n > 0 and self.config.outcome_counts()["stable"] == self.config.n
+        return self.config.all_learned
 
     @property
     def failed(self) -> bool:
