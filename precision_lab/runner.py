@@ -123,12 +123,16 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
     return records
 
 
-# The smoke version of a sweep: seconds instead of minutes, same code path (what CI runs for every shipped
-# experiment). A micro model, a few steps, two seeds, and each axis cut to its first point, except axes of
+# The smoke version of a sweep: seconds instead of minutes, same code path (what tests/test_experiments.py
+# runs for the shipped experiments). A micro model, a few steps, two seeds, and each axis cut to its first point, except axes of
 # batchable hyperparameters, which keep two points so the vmapped-hyperparameter path is exercised too.
 SMOKE_BASE = {
-    "model": {"d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_encoder_layers": 2,
-              "num_decoder_layers": 2, "num_experts": 4},
+    # One encoder and one decoder block, both sparse: an MoE layer on each side (what the routing tables and
+    # the encoder-vs-decoder report need) in the fewest ops. A smoke run's cost is its compilation, which
+    # grows with the blocks: 9 s here against 16 s for 2 + 2 blocks with every second one sparse (st-moe
+    # policy, 2 AMD EPYC cores).
+    "model": {"d_model": 32, "d_ff": 64, "num_heads": 2, "d_kv": 16, "num_encoder_layers": 1,
+              "num_decoder_layers": 1, "moe_every": 1, "num_experts": 4},
     "train": {"steps": 6, "chunk_steps": 3, "batch_size": 4, "eval_every": 0, "eval_batches": 1,
               "checkpoint_every": 0},
     # a warm-up no longer than the run: a cosine schedule must end after it (and 6 steps reach the peak lr)

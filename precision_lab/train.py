@@ -460,9 +460,10 @@ def member_sharding(num_members: int):
 
     Members are independent, so this is plain data parallelism with no communication: on a CPU with
     several XLA host devices (`precision_lab.cli` asks for one per core) the members' programs run side
-    by side, where one vmapped program keeps about one core busy between its large matmuls (8 seeds of
-    the quick-start model cost 4.0x one seed on 2 cores: benchmarks/RESULTS.md). On one device, `place` is a
-    no-op. Each member's numbers may differ from an unsharded run by float32 re-association (XLA picks
+    by side, where one vmapped program keeps about one core busy between its large matmuls (4 vmapped
+    members on each of 2 devices beat 2 on each of 4 and 1 on each of 8; 8 quick-start seeds
+    still cost 5.2-5.6x one seed on 2 cores: benchmarks/RESULTS.md, rounds 7-10). On one device, `place` is
+    a no-op. Each member's numbers may differ from an unsharded run by float32 re-association (XLA picks
     kernels for the per-device shapes)."""
     devices = jax.local_devices()
     count = max(n for n in range(1, len(devices) + 1) if num_members % n == 0)

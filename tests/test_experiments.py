@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from precision_lab.cli import main
+from precision_lab.cli import _report_names, main
 from precision_lab.report import load_sweep_results, write_report
-from precision_lab.runner import QUICKSTART, sweep
+from precision_lab.runner import BATCHABLE_FIELDS, QUICKSTART, SMOKE_BASE, load, sweep
+from precision_lab.sweep import expand
 from precision_lab.store import ResultsStore
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -40,7 +41,40 @@ def shared_pretrained(tmp_path_factory):
     return tmp_path_factory.mktemp("pretrained")
 
 
-@pytest.mark.parametrize("path", [*TRAINING, QUICKSTART], ids=lambda p: p.stem)
+# The default suite trains the smoke versions of the experiments below, which together take each path a sweep
+# can take (the main job's sweep, divergence rules, fine-tuning from a shared pretraining point, traced
+# formats, routing statistics; router_fp16's programs are also the kill-and-resume test's). Every other
+# experiment's smoke run is marked slow: each compiles its own programs, 20-95 s apiece with a cold cache on 2
+# cores, which put the default suite at 19 min on a fresh machine (tests/README: `pytest -m slow`). Every
+# experiment, these included, is still loaded and validated in the default suite (the test below).
+DEFAULT_SMOKES = {"quickstart", "router_fp16", "finetune_hparams", "sensitivity_map", "specialization"}
+
+
+def _smoke_param(path: Path):
+    marks = () if path.stem in DEFAULT_SMOKES else (pytest.mark.slow,)
+    return pytest.param(path, id=path.stem, marks=marks)
+
+
+@pytest.mark.parametrize("path", [*sorted(EXPERIMENTS.glob("*.toml")), QUICKSTART], ids=lambda p: p.stem)
+def test_every_experiment_and_its_smoke_version_validate(path):
+    """What `sweep` checks before it trains anything, for every shipped experiment: each run configuration
+    of the full and the smoke sweep, the [report]'s table and figure names (the smoke test below does not
+    pass them), and that the smoke version still has runs and is a sub-grid of the full one."""
+    if tomllib.loads(path.read_text()).get("kind") == "roundoff":
+        from precision_lab.roundoff import ANALYSES, load_roundoff_experiment
+
+        name, kwargs = load_roundoff_experiment(path)
+        assert name in ANALYSES and set(kwargs) <= set(ANALYSES[name].fields)
+        return
+    full = load(path, report_names=_report_names())
+    small = load(path, smoke_test=True, report_names=_report_names())
+    runs_full, runs_small = expand(full, BATCHABLE_FIELDS), expand(small, BATCHABLE_FIELDS)
+    assert runs_small and len(runs_small) <= len(runs_full)
+    assert set(small.seeds) <= set(full.seeds)
+    assert {r.config["train"]["steps"] for r in runs_small} == {SMOKE_BASE["train"]["steps"]}
+
+
+@pytest.mark.parametrize("path", [_smoke_param(p) for p in [*TRAINING, QUICKSTART]])
 def test_experiment_smoke(path, tmp_path, shared_pretrained):
     summary = sweep(path, tmp_path, progress=False, smoke_test=True, pretrained=shared_pretrained)
     assert summary.computed == summary.shard_runs > 0
