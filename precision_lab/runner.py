@@ -124,8 +124,9 @@ def run_group(runs: list[RunSpec], progress: Callable[[int], object] | None = No
 
 
 # The smoke version of a sweep: seconds instead of minutes, same code path (what tests/test_experiments.py
-# runs for the shipped experiments). A micro model, a few steps, two seeds, and each axis cut to its first point, except axes of
-# batchable hyperparameters, which keep two points so the vmapped-hyperparameter path is exercised too.
+# runs for the shipped experiments). A micro model, a few steps, two seeds, and each axis cut to its first
+# point, except axes of batchable hyperparameters, which keep two points so the vmapped-hyperparameter path
+# is exercised too.
 SMOKE_BASE = {
     # One encoder and one decoder block, both sparse: an MoE layer on each side (what the routing tables and
     # the encoder-vs-decoder report need) in the fewest ops. A smoke run's cost is its compilation, which

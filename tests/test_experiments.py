@@ -45,7 +45,7 @@ def shared_pretrained(tmp_path_factory):
 # can take (the main job's sweep, divergence rules, fine-tuning from a shared pretraining point, traced
 # formats, routing statistics; router_fp16's programs are also the kill-and-resume test's). Every other
 # experiment's smoke run is marked slow: each compiles its own programs, 20-95 s apiece with a cold cache on 2
-# cores, which put the default suite at 19 min on a fresh machine (tests/README: `pytest -m slow`). Every
+# cores, which put the default suite at 19 min on a fresh machine (README, Tests: `pytest -m slow`). Every
 # experiment, these included, is still loaded and validated in the default suite (the test below).
 DEFAULT_SMOKES = {"quickstart", "router_fp16", "finetune_hparams", "sensitivity_map", "specialization"}
 
@@ -55,17 +55,19 @@ def _smoke_param(path: Path):
     return pytest.param(path, id=path.stem, marks=marks)
 
 
-@pytest.mark.parametrize("path", [*sorted(EXPERIMENTS.glob("*.toml")), QUICKSTART], ids=lambda p: p.stem)
-def test_every_experiment_and_its_smoke_version_validate(path):
-    """What `sweep` checks before it trains anything, for every shipped experiment: each run configuration
-    of the full and the smoke sweep, the [report]'s table and figure names (the smoke test below does not
-    pass them), and that the smoke version still has runs and is a sub-grid of the full one."""
-    if tomllib.loads(path.read_text()).get("kind") == "roundoff":
-        from precision_lab.roundoff import ANALYSES, load_roundoff_experiment
+@pytest.mark.parametrize("path", sorted(set(EXPERIMENTS.glob("*.toml")) - set(TRAINING)), ids=lambda p: p.stem)
+def test_every_roundoff_experiment_validates(path):
+    from precision_lab.roundoff import ANALYSES, load_roundoff_experiment
 
-        name, kwargs = load_roundoff_experiment(path)
-        assert name in ANALYSES and set(kwargs) <= set(ANALYSES[name].fields)
-        return
+    name, kwargs = load_roundoff_experiment(path)
+    assert name in ANALYSES and set(kwargs) <= set(ANALYSES[name].fields)
+
+
+@pytest.mark.parametrize("path", [*TRAINING, QUICKSTART], ids=lambda p: p.stem)
+def test_every_experiment_and_its_smoke_version_validate(path):
+    """What `sweep` checks before it trains anything, for every shipped sweep: each run configuration of
+    the full and the smoke sweep, the [report]'s table and figure names (the smoke test below does not pass
+    them), and that the smoke version still has runs and is a sub-grid of the full one."""
     full = load(path, report_names=_report_names())
     small = load(path, smoke_test=True, report_names=_report_names())
     runs_full, runs_small = expand(full, BATCHABLE_FIELDS), expand(small, BATCHABLE_FIELDS)
