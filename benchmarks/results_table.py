@@ -84,7 +84,8 @@ def main(path: str) -> int:
         print(f"\nThe run's Dataset alone: {d['data_ms_per_step']:.1f} ms per step of data.\n")
     if "cli_train" in last:
         d = last["cli_train"]
-        print(f"### `precision-lab train` itself, matched configuration, fp32 (CPU: {d.get('cpu_model', '?')})\n")
+        config = {"quickstart": "the quick-start model (tiny, batch 16)"}.get(d.get("config"), "matched configuration")
+        print(f"### `precision-lab train` itself, {config}, fp32 (CPU: {d.get('cpu_model', '?')})\n")
         print("| run | step ms (timing.step_s) | data ms/step (drawn, overlapped or not) | first chunk s | process s |")
         print("| --- | --- | --- | --- | --- |")
         for name, r in d["runs"].items():

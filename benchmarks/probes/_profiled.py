@@ -15,7 +15,8 @@ jax.config.update("jax_enable_compilation_cache", False)
 from jax.profiler import ProfileData  # noqa: E402
 from lab_bench import BATCH, MATCHED, Program, run_for  # noqa: E402
 
-SKIP = ("ThunkExecutor", "while", "SlinkyThreadPool")  # containers of the ops, not ops
+# containers of the ops, and the thread pool's markers (ThreadpoolListener regions, "end: ..." events)
+SKIP = ("ThunkExecutor", "while", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
 
 
 def profiled(cfg: str, seeds: int, k: int = 3):
