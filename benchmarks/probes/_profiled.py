@@ -15,8 +15,7 @@ jax.config.update("jax_enable_compilation_cache", False)
 from jax.profiler import ProfileData  # noqa: E402
 from lab_bench import BATCH, MATCHED, Program, run_for  # noqa: E402
 
-# containers of the ops, and the thread pool's markers (ThreadpoolListener regions, "end: ..." events)
-SKIP = ("ThunkExecutor", "while", "SlinkyThreadPool", "ThreadpoolListener", "end: ")
+from profile_step import NOT_OPS as SKIP  # noqa: E402  (containers of ops, thread-pool markers)
 
 
 def profiled(cfg: str, seeds: int, k: int = 3):

@@ -39,7 +39,7 @@ from precision_lab import ops  # noqa: E402
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _per_expert(a, b):  # a <f32>[NB, M, K] (NB*M divisible by E here), b <f32>[E, K, N]
+def _per_expert(a, b, index):  # a <f32>[NB, M, K] (NB*M divisible by E here), b <f32>[E, K, N]
     nb, m, k = a.shape
     e = b.shape[0]
     y = jnp.einsum("esk,ekn->esn", a.reshape(e, nb * m // e, k), b, precision=HIGHEST,
@@ -63,7 +63,7 @@ def _windows(a, b, index):
     return jnp.take(y, back, axis=0, mode="fill", fill_value=0)
 
 
-def _one_weight(a, b):
+def _one_weight(a, b, index):
     return jnp.einsum("bmk,kn->bmn", a, b[0], precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
@@ -74,7 +74,7 @@ def grouped_as(product):
 
     def contract(cfg, a, b, index):
         if product is not None and cfg.kind == "grouped":
-            return product(a, b, index) if product is _windows else product(a, b)
+            return product(a, b, index)
         return original(cfg, a, b, index)
 
     ops._contract = contract
