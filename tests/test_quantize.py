@@ -419,3 +419,74 @@ def test_wide_ieee_fast_path_equals_general_path(name, overflow):
     ref = np.asarray(jax.jit(general)(u))
     bad = fast != ref
     assert not bad.any(), f"{name} {overflow}: u={u[bad][:4]} fast={fast[bad][:4]} general={ref[bad][:4]}"
+
+
+NARROW_SATURATE = [f for f in ALL_FORMATS if f.emin > -126 and f.mantissa_bits < 23 and f.has_subnormals
+                   and f.has_negative_zero]
+
+
+def _narrow_general(fmt):
+    """The general nearest-even path with saturation (what quantize ran before the short path existed)."""
+    from precision_lab.rounding import _apply_specials, _nearest_even_magnitude
+
+    def general(v):
+        sign, a = v & jnp.uint32(0x80000000), v & jnp.uint32(0x7FFFFFFF)
+        return _apply_specials(v, sign, a, _nearest_even_magnitude(a, fmt), fmt, "nearest_even", "saturate", True)
+    return jax.jit(general)
+
+
+def _narrow_patterns(fmt) -> np.ndarray:
+    """Every sign/exponent/high-mantissa pattern with zero, near-tie and random low bits; the format's
+    subnormal-range ties (k + 1/2) x quantum and their float32 neighbours; random patterns over float32."""
+    high = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+    rng = np.random.default_rng(11)
+    quantum = 2.0 ** (fmt.emin - fmt.mantissa_bits)
+    ties = ((np.arange(2 ** fmt.mantissa_bits + 2) + 0.5) * quantum).astype(np.float32)
+    ties = np.concatenate([ties, np.nextafter(ties, np.float32(0)), np.nextafter(ties, np.float32(1))])
+    ties = np.concatenate([ties, -ties]).view(np.uint32)
+    return np.concatenate([(high[:, None] | np.array([0, 1, 0x7FFF, 0x8000, 0xFFFF], np.uint32)[None, :]).ravel(),
+                           high | rng.integers(0, 1 << 16, high.size, dtype=np.uint32), ties,
+                           rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
+
+
+@pytest.mark.parametrize("fmt", NARROW_SATURATE, ids=ids)
+def test_narrow_saturate_fast_path_equals_general_path(fmt):
+    """The short saturating round-to-nearest-even path of the scaled fp8 casts (a float roundeven for the
+    format's subnormal range) gives the general path's bit patterns exactly, NaN payloads included."""
+    from precision_lab.rounding import _narrow_saturate_fast_path, _nearest_even_narrow_saturate
+
+    assert _narrow_saturate_fast_path(fmt, "nearest_even", "saturate", True)
+    u = _narrow_patterns(fmt)
+    fast = np.asarray(jax.jit(lambda v: _nearest_even_narrow_saturate(v, fmt))(u))
+    ref = np.asarray(_narrow_general(fmt)(u))
+    bad = fast != ref
+    assert not bad.any(), f"{fmt.name}: u={u[bad][:4]} fast={fast[bad][:4]} general={ref[bad][:4]}"
+
+
+def test_narrow_saturate_fast_path_is_taken_only_where_it_holds():
+    """The scaled fp8 casts take it; formats without -0 (fnuz), other overflow modes, other roundings,
+    flushed subnormals and float32-range formats keep their own paths."""
+    from precision_lab.rounding import _narrow_saturate_fast_path as fast
+
+    assert fast(get_format("fp8_e4m3fn"), "nearest_even", "saturate", True)
+    assert fast(get_format("fp8_e5m2"), "nearest_even", "saturate", True)
+    assert not fast(get_format("fp8_e4m3fnuz"), "nearest_even", "saturate", True)
+    assert not fast(get_format("fp8_e4m3fn"), "nearest_even", None, True)
+    assert not fast(get_format("fp8_e4m3fn"), "toward_zero", "saturate", True)
+    assert not fast(get_format("fp8_e4m3fn"), "nearest_even", "saturate", False)
+    assert not fast(get_format("bf16"), "nearest_even", "saturate", True)
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("name", ["fp8_e4m3fn", "fp8_e5m2"])
+def test_narrow_saturate_fast_path_exhaustive(name):
+    """All 2^32 float32 inputs through the short saturating path and the general one (pytest -m exhaustive)."""
+    from precision_lab.rounding import _nearest_even_narrow_saturate
+
+    fmt = get_format(name)
+    fast, general = jax.jit(lambda v: _nearest_even_narrow_saturate(v, fmt)), _narrow_general(fmt)
+    base = np.arange(1 << 24, dtype=np.uint32)
+    for start in range(0, 1 << 32, 1 << 24):
+        u = base + np.uint32(start)
+        a, b = np.asarray(fast(u)), np.asarray(general(u))
+        assert (a == b).all(), f"{name}: u={u[a != b][:4]}"

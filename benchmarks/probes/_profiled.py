@@ -1,4 +1,6 @@
-"""Shared by the probes: one profiled block of the Trainer's compiled chunk (fp32), read back per op."""
+"""Shared by the probes: one profiled block of the Trainer's compiled chunk, read back per op.
+
+The policy is fp32 unless the environment sets POLICY (e.g. POLICY=fp8-hybrid)."""
 import collections
 import glob
 import os
@@ -21,7 +23,7 @@ from profile_step import NOT_OPS as SKIP  # noqa: E402  (containers of ops, thre
 def profiled(cfg: str, seeds: int, k: int = 3):
     """(program, wall ms/step of the profiled block, ProfileData) for `cfg` = matched | quickstart."""
     model, src, tgt = (MATCHED, 128, 32) if cfg == "matched" else ({"preset": "tiny"}, 64, 14)
-    prog = Program("x", run_for(model, "fp32", batch=BATCH), k=k, src=src, tgt=tgt, seeds=seeds)
+    prog = Program("x", run_for(model, os.environ.get("POLICY", "fp32"), batch=BATCH), k=k, src=src, tgt=tgt, seeds=seeds)
     prog.block()
     prog.block()
     with tempfile.TemporaryDirectory() as d:
