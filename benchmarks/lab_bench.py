@@ -396,36 +396,71 @@ def section_userpath(args) -> dict:
     return out
 
 
+def cli_run(args, seeds: int, sets: list[str]) -> dict:
+    """One `precision-lab train` in a fresh process: the timing of its summary.json."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "precision_lab.cli", "train", "--preset", "tiny", "--steps", str(args.cli_steps),
+               "--batch-size", str(BATCH), "--seeds", str(seeds), "--no-progress", "--out", d,
+               "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+        for kv in sets:
+            cmd += ["--set", kv]
+        t0 = time.perf_counter()
+        with CpuGuard() as g:
+            cp = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        if cp.returncode:
+            raise SystemExit(cp.stderr[-3000:])
+        timing = json.loads((Path(d) / "summary.json").read_text())["timing"]
+    return {**timing, "step_ms": round(timing["step_s"] * 1e3, 2), "process_s": round(time.perf_counter() - t0, 1),
+            "cpu_guard": g.result(), "command": " ".join(cmd)}
+
+
 def section_cli(args) -> dict:
-    """`precision-lab train` itself (a fresh process, as a user runs it), fp32, 1 seed and 8 seeds: timing of
-    its summary.json (step_s: wall per step after the first chunk, the data the loop could not overlap
-    included). --cli-config matched (default): the matched configuration (compare with `userpath`, not
-    interleaved with HF); quickstart: the quick-start model, `--preset tiny --batch-size 16` and nothing else
-    (issue 12 item 2 names it)."""
-    out = {"benchmark": "cli_train", "config": args.cli_config, "runs": {}}
+    """`precision-lab train` itself (a fresh process, as a user runs it), fp32, 1 seed and 8 seeds, `--reps`
+    rounds: the timing of its summary.json (step_s: wall per step after the first chunk, the data the loop
+    could not overlap included). --cli-config matched (default): the matched configuration, with one block
+    of HF's train step (at the token lengths of the run's data) after each round, so HF time / lab time per
+    round is issue 12 item 1's measure, interleaved; quickstart: the quick-start model, `--preset tiny
+    --batch-size 16` and nothing else (item 2 names it), no HF."""
+    matched = args.cli_config == "matched"
     sets = []
-    if args.cli_config == "matched":
+    if matched:
         sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
         sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
-    for seeds in (1, 8):
-        with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, "-m", "precision_lab.cli", "train", "--preset", "tiny", "--steps", str(args.cli_steps),
-                   "--batch-size", str(BATCH), "--seeds", str(seeds), "--no-progress", "--out", d,
-                   "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
-            for kv in sets:
-                cmd += ["--set", kv]
-            t0 = time.perf_counter()
-            with CpuGuard() as g:
-                cp = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                                    env=dict(os.environ, PYTHONPATH=str(REPO)))
-            if cp.returncode:
-                raise SystemExit(cp.stderr[-3000:])
-            timing = json.loads((Path(d) / "summary.json").read_text())["timing"]
-        out["runs"][f"{seeds} seed{'s' if seeds > 1 else ''}"] = {
-            **timing, "step_ms": round(timing["step_s"] * 1e3, 2), "process_s": round(time.perf_counter() - t0, 1),
-            "cpu_guard": g.result(), "command": " ".join(cmd)}
-    r = out["runs"]
-    out["cost_8_over_1"] = round(r["8 seeds"]["step_s"] / r["1 seed"]["step_s"], 3)
+    hf, tokens = None, None
+    if matched:
+        from precision_lab.train import Trainer
+
+        probe = Trainer(run_for(MATCHED, "fp32")).batches([0], 0, 1)  # the data layout's token lengths
+        tokens = [int(probe[n].shape[-1]) for n in ("inputs", "targets")]
+        hf = HFWorker(steps=args.hf_steps, extra_args=("--src-len", str(tokens[0]), "--tgt-len", str(tokens[1])))
+    runs: dict[str, list[dict]] = {"1 seed": [], "8 seeds": []}
+    try:
+        for _ in range(args.reps):
+            for name, seeds in (("1 seed", 1), ("8 seeds", 8)):
+                runs[name].append(cli_run(args, seeds, sets))
+            if hf is not None:
+                hf.warm()
+                hf.timed()
+    finally:
+        if hf is not None:
+            hf.close()
+    out = {"benchmark": "cli_train", "config": args.cli_config, "reps": args.reps, "runs": {}}
+    for name, rs in runs.items():
+        out["runs"][name] = {**stats([r["step_ms"] for r in rs]),
+                             "data_ms_median": round(statistics.median(r["data_s"] for r in rs) * 1e3, 2),
+                             "first_chunk_s_median": round(statistics.median(r["first_chunk_s"] for r in rs), 2),
+                             "process_s_median": statistics.median(r["process_s"] for r in rs),
+                             "member_devices": rs[0]["member_devices"], "command": rs[0]["command"]}
+    per_rep = [e / o for e, o in zip(out["runs"]["8 seeds"]["reps"], out["runs"]["1 seed"]["reps"])]
+    out["cost_8_over_1_median"] = round(statistics.median(per_rep), 3)
+    out["cost_8_over_1_min_max"] = [round(min(per_rep), 3), round(max(per_rep), 3)]
+    if hf is not None:
+        r = [h / c for h, c in zip(hf.times, out["runs"]["1 seed"]["reps"])]
+        out["tokens"] = tokens
+        out["hf"] = {**stats(hf.times), **hf.info}
+        out["hf_over_lab_median"] = round(statistics.median(r), 3)
+        out["hf_over_lab_min_max"] = [round(min(r), 3), round(max(r), 3)]
+        out["hf_over_lab_per_rep"] = [round(x, 3) for x in r]
     out["cpu_model"] = env()["cpu"]
     out["env"] = env()
     return out
@@ -564,6 +599,29 @@ def section_gain(args) -> dict:
         q_mod._wide_ieee_fast_path, ops_mod._already = fast, already
     interleave(progs, args.reps)
     return {"benchmark": "emulation_gain", "config": "matched", "programs": ratios_to_first(progs), "env": env()}
+
+
+def section_fp8cast(args) -> dict:
+    """Round 12: the saturating narrow-format cast's short path (rounding._narrow_saturate_fast_path, the
+    cast of every scaled fp8 recipe), before/after in one run: "before" traces fp8-hybrid with it switched
+    off (the general rounding path, as the code was); both give bit-identical results (tests/test_quantize.py)."""
+    import precision_lab.rounding as q_mod
+
+    fast = q_mod._narrow_saturate_fast_path
+    out = {"benchmark": "fp8_cast_gain", "configs": {}}
+    for cfg_name, model, src, tgt in (("matched", MATCHED, SRC_LEN, TGT_LEN), ("tiny", {"preset": "tiny"}, 128, 32)):
+        progs = [Program("fp32", run_for(model, "fp32"), k=args.k, src=src, tgt=tgt)]
+        try:
+            for label, f in (("fp8-hybrid before", lambda *a: False), ("fp8-hybrid after", fast)):
+                q_mod._narrow_saturate_fast_path = f
+                progs.append(Program(label, run_for(model, "fp8-hybrid"), k=args.k, src=src, tgt=tgt))
+        finally:
+            q_mod._narrow_saturate_fast_path = fast
+        interleave(progs, args.reps)
+        out["configs"][cfg_name] = ratios_to_first(progs)
+    out["cpu_model"] = env()["cpu"]
+    out["env"] = env()
+    return out
 
 
 def section_blocks(args) -> dict:
@@ -715,7 +773,7 @@ def section_data(args) -> dict:
 SECTIONS = {"userpath": section_userpath, "cli": section_cli, "telemetry": section_telemetry,
             "accumulator": section_accumulator, "gain": section_gain, "blocks": section_blocks, "hf": section_hf,
             "policies": section_policies, "seeds": section_seeds, "small": section_small,
-            "compile": section_compile, "capacity": section_capacity, "data": section_data}
+            "compile": section_compile, "fp8cast": section_fp8cast, "capacity": section_capacity, "data": section_data}
 
 
 def main(argv=None) -> int:
@@ -725,6 +783,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=5, help="steps per timed block (the scan length)")
     p.add_argument("--compile-reps", type=int, default=2)
     p.add_argument("--cli-steps", type=int, default=60, help="steps of each `precision-lab train` run (cli)")
+    p.add_argument("--hf-steps", type=int, default=20, help="steps of each timed HF block (cli)")
     p.add_argument("--cli-config", choices=("matched", "quickstart"), default="matched",
                    help="cli: the matched configuration or the quick-start model")
     p.add_argument("--presets", default="tiny,small", help="capacity: the presets to time (tiny, small, micro)")

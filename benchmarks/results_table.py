@@ -86,12 +86,31 @@ def main(path: str) -> int:
         d = last["cli_train"]
         config = {"quickstart": "the quick-start model (tiny, batch 16)"}.get(d.get("config"), "matched configuration")
         print(f"### `precision-lab train` itself, {config}, fp32 (CPU: {d.get('cpu_model', '?')})\n")
-        print("| run | step ms (timing.step_s) | data ms/step (drawn, overlapped or not) | first chunk s | process s |")
-        print("| --- | --- | --- | --- | --- |")
-        for name, r in d["runs"].items():
-            print(f"| {name} | {r['step_ms']:.1f} | {r.get('data_s', float('nan')) * 1e3:.1f} | "
-                  f"{r['first_chunk_s']:.1f} | {r['process_s']:.0f} |")
-        print(f"\n8 seeds / 1 seed per step: **{d['cost_8_over_1']:.2f}**\n")
+        if "reps" not in d:  # a line from before round 12: one run of each, no HF
+            print("| run | step ms (timing.step_s) | data ms/step (drawn, overlapped or not) | first chunk s | process s |")
+            print("| --- | --- | --- | --- | --- |")
+            for name, r in d["runs"].items():
+                print(f"| {name} | {r['step_ms']:.1f} | {r.get('data_s', float('nan')) * 1e3:.1f} | "
+                      f"{r['first_chunk_s']:.1f} | {r['process_s']:.0f} |")
+            print(f"\n8 seeds / 1 seed per step: **{d['cost_8_over_1']:.2f}**\n")
+        else:
+            print(f"{d['reps']} interleaved rounds, a fresh process per run.\n")
+            print("| run | step ms, timing.step_s, median (min–max) | data ms/step | first chunk s | process s |")
+            print("| --- | --- | --- | --- | --- |")
+            for name, r in d["runs"].items():
+                print(f"| {name} | {fmt_ms(r)} | {r['data_ms_median']:.1f} | {r['first_chunk_s_median']:.1f} "
+                      f"| {r['process_s_median']:.0f} |")
+            if "hf" in d:
+                src, tgt = d["tokens"]
+                print(f"| HF (torch), {src} + {tgt} tokens, one block per round | {fmt_ms(d['hf'])} | | | |")
+            lo, hi = d["cost_8_over_1_min_max"]
+            print(f"\n8 seeds / 1 seed per step, per round: median **{d['cost_8_over_1_median']:.2f}** ({lo:.2f}–{hi:.2f})",
+                  end="")
+            if "hf" in d:
+                lo, hi = d["hf_over_lab_min_max"]
+                print(f"; HF time / `precision-lab train` time (1 seed), per round: median "
+                      f"**{d['hf_over_lab_median']:.2f}** ({lo:.2f}–{hi:.2f})")
+            print()
     if "telemetry_cost" in last:
         d = last["telemetry_cost"]
         ratio_table("What the per-step telemetry costs (fp32; ratio to the full step in the same rep)",
@@ -105,6 +124,11 @@ def main(path: str) -> int:
         d = last["emulation_gain"]
         ratio_table("Emulation speed-ups of this round, before/after in one run (matched configuration)",
                     ["program"], "fp32", [((name,), r) for name, r in d["programs"].items()])
+    if "fp8_cast_gain" in last:
+        d = last["fp8_cast_gain"]
+        ratio_table("The saturating fp8 cast's short path, before/after in one run (ratio to fp32 in the same rep)",
+                    ["config", "program"], "fp32",
+                    [((cfg, name), r) for cfg, res in d["configs"].items() for name, r in res.items()])
     if "accumulator_cost" in last:
         d = last["accumulator_cost"]
         ratio_table(f"Matmul accumulator model, {d['config']} (ratio to fp32 in the same rep)",
