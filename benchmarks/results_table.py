@@ -20,6 +20,23 @@ def fmt_vs_fp32(r: dict) -> str:
     return f"{fmt_ms(r)} | {r['ratio_to_fp32_median']:.2f} ({lo:.2f}–{hi:.2f}) | {r['compile_s']:.1f}"
 
 
+def ratio_ci(ratios: list[float], target: float, better: str) -> str:
+    """Geometric mean of paired per-round ratios, its 95% t-interval (on log ratios) and a one-sided
+    one-sample t-test (scipy.stats.ttest_1samp) of whether the ratio is on the `better` side of `target`."""
+    import numpy as np
+    from scipy import stats
+
+    r = np.log(np.asarray(ratios, float))
+    if r.size < 2:
+        return f"geometric mean {np.exp(r.mean()):.2f} (one round: no interval)"
+    lo, hi = stats.t.interval(0.95, r.size - 1, loc=r.mean(), scale=stats.sem(r))
+    # H0: the target is met; the test asks whether the data say it is not
+    alt = "less" if better == "greater" else "greater"
+    p = stats.ttest_1samp(r, np.log(target), alternative=alt).pvalue
+    return (f"geometric mean {np.exp(r.mean()):.2f}, 95% CI {np.exp(lo):.2f}–{np.exp(hi):.2f} (t on log ratios, "
+            f"{r.size} rounds); one-sided t-test that it misses the target {target:g}: p = {p:.3f}")
+
+
 def ratio_table(title: str, heads: list[str], reference: str, rows) -> None:
     """One '### title' table of ms/step and the ratio to `reference` per row; rows are (cells, result)."""
     print(f"### {title}\n")
@@ -37,6 +54,8 @@ def main(path: str) -> int:
         if line.startswith("{"):
             d = json.loads(line)
             last[d.get("benchmark")] = d
+            if d.get("benchmark") == "cli_train":  # one per configuration (matched, quickstart)
+                last[f"cli_train:{d.get('config', 'matched')}"] = d
             if d.get("benchmark") == "lab_vs_hf_switch":  # one per malloc setting (run_lab.sh runs both)
                 hf_runs[d.get("env", {}).get("GLIBC_TUNABLES", "")] = d
     cpus = sorted({d["env"]["cpu"] for d in last.values() if isinstance(d.get("env"), dict) and d["env"].get("cpu")})
@@ -82,8 +101,7 @@ def main(path: str) -> int:
                   f"| {r['other_busy_cores_median']} |")
         print(f"| HF (torch) | {fmt_ms(d['hf'])} | 1 | |")
         print(f"\nThe run's Dataset alone: {d['data_ms_per_step']:.1f} ms per step of data.\n")
-    if "cli_train" in last:
-        d = last["cli_train"]
+    for d in [last[k] for k in ("cli_train:matched", "cli_train:quickstart") if k in last]:
         config = {"quickstart": "the quick-start model (tiny, batch 16)"}.get(d.get("config"), "matched configuration")
         print(f"### `precision-lab train` itself, {config}, fp32 (CPU: {d.get('cpu_model', '?')})\n")
         if "reps" not in d:  # a line from before round 12: one run of each, no HF
@@ -106,10 +124,14 @@ def main(path: str) -> int:
             lo, hi = d["cost_8_over_1_min_max"]
             print(f"\n8 seeds / 1 seed per step, per round: median **{d['cost_8_over_1_median']:.2f}** ({lo:.2f}–{hi:.2f})",
                   end="")
+            one, eight = d["runs"]["1 seed"]["reps"], d["runs"]["8 seeds"]["reps"]
+            print(f"; {ratio_ci([e / o for e, o in zip(eight, one)], 4.0, 'less')} "
+                  + ("(issue 12 item 2's 4x)" if d.get("config") == "quickstart" else "(item 2's 4x names the quick-start model)"))
             if "hf" in d:
                 lo, hi = d["hf_over_lab_min_max"]
-                print(f"; HF time / `precision-lab train` time (1 seed), per round: median "
-                      f"**{d['hf_over_lab_median']:.2f}** ({lo:.2f}–{hi:.2f})")
+                print(f"\nHF time / `precision-lab train` time (1 seed), per round: median "
+                      f"**{d['hf_over_lab_median']:.2f}** ({lo:.2f}–{hi:.2f}); "
+                      f"{ratio_ci(d['hf_over_lab_per_rep'], 1.5, 'greater')} (item 1's 1.5x)")
             print()
     if "telemetry_cost" in last:
         d = last["telemetry_cost"]
