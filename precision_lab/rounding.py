@@ -208,8 +208,11 @@ def _narrow_saturate_fast_path(fmt: Format, rounding: str, overflow, subnormals:
     """Whether `_nearest_even_narrow_saturate` applies: round-to-nearest-even with saturation into a signed
     format with a narrower exponent range than float32's (fp8, fp6, fp4, fp16-like), subnormals and -0 kept:
     the cast of every scaled fp8 recipe (delayed, current, tile scaling), so its cost is their cost."""
+    # emin - m >= -125: the subnormal quantum 2^(emin - m) and its inverse are normal float32 powers of two,
+    # and every float32 subnormal input lies below half a quantum (every eXmY with X <= 7 has emin - m >= -84).
     return (rounding == "nearest_even" and overflow == "saturate" and subnormals and fmt.emin > -126
-            and fmt.mantissa_bits < 23 and fmt.has_subnormals and fmt.has_negative_zero)
+            and fmt.emin - fmt.mantissa_bits >= -125 and fmt.mantissa_bits < 23 and fmt.has_subnormals
+            and fmt.has_negative_zero)
 
 
 def _nearest_even_narrow_saturate(u, fmt: Format):
@@ -224,7 +227,7 @@ def _nearest_even_narrow_saturate(u, fmt: Format):
         scales up, the second gives n * 2^(emin - m) with n <= 2^m, a normal float32) and roundeven is
         IEEE's round-half-even to an integer, exactly what the general path's integer shift-and-round
         computes. Float32 subnormal inputs (< 2^-126) give 0 either way, also if XLA:CPU flushes them
-        (DESIGN.md): the format's smallest subnormal is >= 2^-125. A result of 2^m * quantum is the
+        (DESIGN.md): they lie below half the format's smallest subnormal, 2^(emin - m) >= 2^-125. A result of 2^m * quantum is the
         smallest normal, as in the general path (the carry into the exponent).
       * saturation: any magnitude above the format's max, inf included, becomes max (`_apply_specials`
         with overflow "saturate"); min() on the bit patterns does it because both are non-negative floats.

@@ -421,8 +421,8 @@ def test_wide_ieee_fast_path_equals_general_path(name, overflow):
     assert not bad.any(), f"{name} {overflow}: u={u[bad][:4]} fast={fast[bad][:4]} general={ref[bad][:4]}"
 
 
-NARROW_SATURATE = [f for f in ALL_FORMATS if f.emin > -126 and f.mantissa_bits < 23 and f.has_subnormals
-                   and f.has_negative_zero]
+NARROW_SATURATE = [f for f in ALL_FORMATS if f.emin > -126 and f.emin - f.mantissa_bits >= -125
+                   and f.mantissa_bits < 23 and f.has_subnormals and f.has_negative_zero]
 
 
 def _narrow_general(fmt):
