@@ -31,6 +31,7 @@ field is the CPU other processes used meanwhile (cores); compare ratios from the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -636,34 +637,50 @@ def section_blocks(args) -> dict:
     return out
 
 
+def _no_shadow(x_router, w_router, *, k, shift=True):
+    """router.shadow_expert_index replaced: no float32 shadow router (the flip rate against a constant)."""
+    import jax.numpy as jnp
+
+    return jnp.zeros((*x_router.shape[:-1], k), jnp.int32)
+
+
+def _no_telemetry(*a, **kw):
+    """moe._telemetry replaced: every router statistic a constant."""
+    import jax.numpy as jnp
+
+    import precision_lab.model.moe as moe_mod
+
+    return {name: jnp.float32(0.0) for name in moe_mod.TELEMETRY}
+
+
+@contextlib.contextmanager
+def router_telemetry(shadow: bool = True, statistics_: bool = True):
+    """Trace programs inside with the shadow router and/or the router statistics replaced by constants, so
+    the rest of the program is the same (what the telemetry costs; a bound, not a lab mode)."""
+    import precision_lab.model.moe as moe_mod
+    import precision_lab.router as router_mod
+
+    saved = router_mod.shadow_expert_index, moe_mod._telemetry
+    router_mod.shadow_expert_index = saved[0] if shadow else _no_shadow
+    moe_mod._telemetry = saved[1] if statistics_ else _no_telemetry
+    try:
+        yield
+    finally:
+        router_mod.shadow_expert_index, moe_mod._telemetry = saved
+
+
 def section_telemetry(args) -> dict:
     """What the per-step telemetry costs at the matched configuration (fp32, the user's default) and for the
     quick-start model: the full step, the step without the float32 shadow router (flip rate against a
     constant), and without any router telemetry (every router statistic a constant). The variants are
     traced with the model's telemetry functions replaced, so the rest of the program is the same."""
-    import jax.numpy as jnp
-
-    import precision_lab.model.moe as moe_mod
-    import precision_lab.router as router_mod
-
-    shadow, telem = router_mod.shadow_expert_index, moe_mod._telemetry
-
-    def no_shadow(x_router, w_router, *, k, shift=True):
-        return jnp.zeros((*x_router.shape[:-1], k), jnp.int32)
-
-    def no_telemetry(*a, **kw):
-        return {name: jnp.float32(0.0) for name in moe_mod.TELEMETRY}
-
     out = {"benchmark": "telemetry_cost", "configs": {}}
     for cfg_name, model, src, tgt in (("matched", MATCHED, SRC_LEN, TGT_LEN), ("quickstart", {"preset": "tiny"}, 64, 14)):
         progs = []
-        try:
-            for label, (sh, te) in (("full", (shadow, telem)), ("no shadow router", (no_shadow, telem)),
-                                    ("no router telemetry", (shadow, no_telemetry))):
-                router_mod.shadow_expert_index, moe_mod._telemetry = sh, te
+        for label, shadow, stats_ in (("full", True, True), ("no shadow router", False, True),
+                                      ("no router telemetry", True, False)):
+            with router_telemetry(shadow, stats_):
                 progs.append(Program(label, run_for(model, "fp32"), k=args.k, src=src, tgt=tgt))
-        finally:
-            router_mod.shadow_expert_index, moe_mod._telemetry = shadow, telem
         interleave(progs, args.reps)
         out["configs"][cfg_name] = ratios_to_first(progs)
     out["env"] = env()
