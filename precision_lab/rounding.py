@@ -131,6 +131,16 @@ def _build_bits(n, q):
     return jnp.where(nonzero, bits, _u(0))
 
 
+def _round_bits_nearest_even(v, m: int):
+    """Float32 bit patterns v rounded as integers to keep m < 23 mantissa bits, ties to even: exact in a
+    binade where the quantum is 2^(23 - m) bit units (the carry walks into the exponent by itself). With no
+    mantissa bits every significand is 1 (odd): ties round up. For a signed pattern the carry stays below the
+    sign bit (|v| + 2^22 < 2^31 for finite v) and the tie bit is |v|'s."""
+    shift = 23 - m
+    lsb = lax.shift_right_logical(v, _u(shift)) & _u(1) if m > 0 else _u(1)
+    return (v + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+
+
 def _nearest_even_magnitude(a, fmt: Format):
     """Fast path for round-to-nearest-even (the rounding of every emulated op): |x| bits in, bits out.
 
@@ -150,9 +160,7 @@ def _nearest_even_magnitude(a, fmt: Format):
         # narrower exponent range (e5m23, e7m23) still has a subnormal range to round into below.
         normal = a
     else:
-        # Ties go to the even significand. With no mantissa bits every significand is 1 (odd): ties round up.
-        lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
-        normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+        normal = _round_bits_nearest_even(a, m)
     if fmt.emin <= -126:
         return normal
     biased = lax.shift_right_logical(a, _u(23)).astype(jnp.int32)
@@ -180,8 +188,8 @@ def _nearest_even_wide_ieee(u, fmt: Format, overflow):
     instead of ~20 (this is the rounding after every emulated bf16 op, so its cost is the emulation's cost).
 
     Why it equals the general path bit for bit (tests/test_quantize.py checks it exhaustively per binade):
-      * rounding: `_nearest_even_magnitude` with fmt.emin <= -126 is exactly `normal` below. Applying it to
-        the signed pattern u instead of |u| changes nothing for non-NaN inputs: |u| + 2^(shift-1) <=
+      * rounding: `_nearest_even_magnitude` with fmt.emin <= -126 is exactly `_round_bits_nearest_even`.
+        Applying it to the signed pattern u instead of |u| changes nothing for non-NaN inputs: |u| + 2^(shift-1) <=
         0x7F7FFFFF + 2^22 < 2^31, so the carry never reaches the sign bit, and the tie bit (bit `shift`) is
         the same in u and |u|. So r = sign | rounded magnitude.
       * specials: the format's max is float32's largest value with the low `shift` bits cleared, so a finite
@@ -192,15 +200,12 @@ def _nearest_even_wide_ieee(u, fmt: Format, overflow):
         format has -0, and no rounded non-NaN magnitude equals the quiet NaN pattern, so the remaining
         `_apply_specials` rules are no-ops. NaN inputs stay NaN, quieted (u | 0x400000), as in the general path.
     """
-    shift = 23 - fmt.mantissa_bits
     a = u & _u(_ABS)
-    lsb = lax.shift_right_logical(u, _u(shift)) & _u(1) if fmt.mantissa_bits > 0 else _u(1)
-    keep = _u(~((1 << shift) - 1) & 0xFFFFFFFF)
     if overflow == "saturate":
-        mag = jnp.minimum((a + _u((1 << (shift - 1)) - 1) + lsb) & keep, _u(_f32_bits(fmt.max)))
+        mag = jnp.minimum(_round_bits_nearest_even(a, fmt.mantissa_bits), _u(_f32_bits(fmt.max)))
         out = mag | (u & _u(_SIGN))
     else:
-        out = (u + _u((1 << (shift - 1)) - 1) + lsb) & keep
+        out = _round_bits_nearest_even(u, fmt.mantissa_bits)
     return jnp.where(a > _u(_INF), u | _u(0x400000), out)
 
 
@@ -220,15 +225,15 @@ def _nearest_even_narrow_saturate(u, fmt: Format):
     ~16 ops instead of ~40 (tests/test_quantize.py checks it against the general path bit for bit).
 
     Why it equals the general path:
-      * normal range (|x| >= the format's smallest normal): the same integer rounding of the bit pattern as
-        `_nearest_even_magnitude` (`normal` there).
+      * normal range (|x| >= the format's smallest normal): the integer rounding of the bit pattern that
+        `_nearest_even_magnitude` uses there (`_round_bits_nearest_even`).
       * below it the quantum is the fixed 2^(emin - m), so the rounded magnitude is
         roundeven(|x| * 2^(m - emin)) * 2^(emin - m): both products are exact (powers of two; the first
         scales up, the second gives n * 2^(emin - m) with n <= 2^m, a normal float32) and roundeven is
         IEEE's round-half-even to an integer, exactly what the general path's integer shift-and-round
         computes. Float32 subnormal inputs (< 2^-126) give 0 either way, also if XLA:CPU flushes them
-        (DESIGN.md): they lie below half the format's smallest subnormal, 2^(emin - m) >= 2^-125. A result of 2^m * quantum is the
-        smallest normal, as in the general path (the carry into the exponent).
+        (DESIGN.md): they lie below half the format's smallest subnormal, 2^(emin - m) >= 2^-125. A result
+        of 2^m * quantum is the smallest normal, as in the general path (the carry into the exponent).
       * saturation: any magnitude above the format's max, inf included, becomes max (`_apply_specials`
         with overflow "saturate"); min() on the bit patterns does it because both are non-negative floats.
       * the sign is put back (the format has -0), NaN stays NaN, quieted (u | 0x400000), as in the general
@@ -236,10 +241,8 @@ def _nearest_even_narrow_saturate(u, fmt: Format):
         applies.
     """
     m = fmt.mantissa_bits
-    shift = 23 - m
     a = u & _u(_ABS)
-    lsb = lax.shift_right_logical(a, _u(shift)) & _u(1) if m > 0 else _u(1)
-    normal = (a + _u((1 << (shift - 1)) - 1) + lsb) & _u(~((1 << shift) - 1) & 0xFFFFFFFF)
+    normal = _round_bits_nearest_even(a, m)
     magnitude = lax.bitcast_convert_type(a, jnp.float32)
     n = lax.round(magnitude * jnp.float32(2.0 ** (m - fmt.emin)), lax.RoundingMethod.TO_NEAREST_EVEN)
     sub = lax.bitcast_convert_type(n * jnp.float32(2.0 ** (fmt.emin - m)), _U32)

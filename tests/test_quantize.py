@@ -391,14 +391,23 @@ def test_exhaustive_all_float32(name):
     assert checked == 1 << 32
 
 
+def _general_nearest_even(fmt, overflow):
+    """The general round-to-nearest-even path on bit patterns (what the short paths must reproduce), jitted."""
+    from precision_lab.rounding import _apply_specials, _nearest_even_magnitude
+
+    def general(v):
+        sign, a = v & jnp.uint32(0x80000000), v & jnp.uint32(0x7FFFFFFF)
+        return _apply_specials(v, sign, a, _nearest_even_magnitude(a, fmt), fmt, "nearest_even", overflow, True)
+    return jax.jit(general)
+
+
 @pytest.mark.parametrize("name", ["bf16", "tf32", "e8m3", "e8m1"])
 @pytest.mark.parametrize("overflow", [None, "nonfinite", "saturate"])
 def test_wide_ieee_fast_path_equals_general_path(name, overflow):
     """The short bf16-like round-to-nearest-even path gives the general path's bit patterns exactly (NaN
     payloads included): every sign/exponent/high-mantissa pattern with tie, near-tie and random low bits,
     plus random patterns over all of float32."""
-    from precision_lab.rounding import (_apply_specials, _nearest_even_magnitude, _nearest_even_wide_ieee,
-                                        _wide_ieee_fast_path)
+    from precision_lab.rounding import _nearest_even_wide_ieee, _wide_ieee_fast_path
 
     fmt = get_format(name)
     assert _wide_ieee_fast_path(fmt, "nearest_even", overflow, True)
@@ -411,12 +420,8 @@ def test_wide_ieee_fast_path_equals_general_path(name, overflow):
                         high | (rng.integers(0, 1 << 16, high.size, dtype=np.uint32)),
                         rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)])
 
-    def general(v):
-        sign, a = v & jnp.uint32(0x80000000), v & jnp.uint32(0x7FFFFFFF)
-        return _apply_specials(v, sign, a, _nearest_even_magnitude(a, fmt), fmt, "nearest_even", overflow, True)
-
     fast = np.asarray(jax.jit(lambda v: _nearest_even_wide_ieee(v, fmt, overflow))(u))
-    ref = np.asarray(jax.jit(general)(u))
+    ref = np.asarray(_general_nearest_even(fmt, overflow)(u))
     bad = fast != ref
     assert not bad.any(), f"{name} {overflow}: u={u[bad][:4]} fast={fast[bad][:4]} general={ref[bad][:4]}"
 
@@ -425,14 +430,6 @@ NARROW_SATURATE = [f for f in ALL_FORMATS if f.emin > -126 and f.emin - f.mantis
                    and f.mantissa_bits < 23 and f.has_subnormals and f.has_negative_zero]
 
 
-def _narrow_general(fmt):
-    """The general nearest-even path with saturation (what quantize ran before the short path existed)."""
-    from precision_lab.rounding import _apply_specials, _nearest_even_magnitude
-
-    def general(v):
-        sign, a = v & jnp.uint32(0x80000000), v & jnp.uint32(0x7FFFFFFF)
-        return _apply_specials(v, sign, a, _nearest_even_magnitude(a, fmt), fmt, "nearest_even", "saturate", True)
-    return jax.jit(general)
 
 
 def _narrow_patterns(fmt) -> np.ndarray:
@@ -458,7 +455,7 @@ def test_narrow_saturate_fast_path_equals_general_path(fmt):
     assert _narrow_saturate_fast_path(fmt, "nearest_even", "saturate", True)
     u = _narrow_patterns(fmt)
     fast = np.asarray(jax.jit(lambda v: _nearest_even_narrow_saturate(v, fmt))(u))
-    ref = np.asarray(_narrow_general(fmt)(u))
+    ref = np.asarray(_general_nearest_even(fmt, "saturate")(u))
     bad = fast != ref
     assert not bad.any(), f"{fmt.name}: u={u[bad][:4]} fast={fast[bad][:4]} general={ref[bad][:4]}"
 
@@ -484,7 +481,7 @@ def test_narrow_saturate_fast_path_exhaustive(name):
     from precision_lab.rounding import _nearest_even_narrow_saturate
 
     fmt = get_format(name)
-    fast, general = jax.jit(lambda v: _nearest_even_narrow_saturate(v, fmt)), _narrow_general(fmt)
+    fast, general = jax.jit(lambda v: _nearest_even_narrow_saturate(v, fmt)), _general_nearest_even(fmt, "saturate")
     base = np.arange(1 << 24, dtype=np.uint32)
     for start in range(0, 1 << 32, 1 << 24):
         u = base + np.uint32(start)
