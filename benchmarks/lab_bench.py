@@ -397,6 +397,12 @@ def section_userpath(args) -> dict:
     return out
 
 
+def matched_sets() -> list[str]:
+    """The matched configuration as `precision-lab train --preset tiny` options (the --set values)."""
+    sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
+    return sets + [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
+
+
 def cli_run(args, seeds: int, sets: list[str]) -> dict:
     """One `precision-lab train` in a fresh process: the timing of its summary.json."""
     with tempfile.TemporaryDirectory() as d:
@@ -423,10 +429,7 @@ def section_cli(args) -> dict:
     round is issue 12 item 1's measure, interleaved; quickstart: the quick-start model, `--preset tiny
     --batch-size 16` and nothing else (item 2 names it), no HF."""
     matched = args.cli_config == "matched"
-    sets = []
-    if matched:
-        sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
-        sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
+    sets = matched_sets() if matched else []
     hf, tokens = None, None
     if matched:
         from precision_lab.train import Trainer

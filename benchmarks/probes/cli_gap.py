@@ -25,13 +25,18 @@ import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lab_bench import MATCHED, MATCHED_OPTIM, UserPath, cli_run, run_for  # noqa: E402
+from lab_bench import MATCHED, UserPath, cli_run, matched_sets, run_for  # noqa: E402
 
 
+NAMES = ("userpath", "train", "train-nc", "cli", "cli-noreexec", "cli-nc", "cli-heap")
 HEAP_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 
 
 def main() -> None:
+    unknown = [n for n in os.environ.get("VARIANTS", "").split(",") if n and n not in NAMES]
+    if unknown:  # before anything compiles
+        print(f"cli_gap.py: VARIANTS: unknown variant {unknown[0]!r}; choose from {', '.join(NAMES)}", file=sys.stderr)
+        sys.exit(2)
     os.environ["PRECISION_LAB_PROGRAM_CACHE"] = "1"
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     from precision_lab.cli import use_one_device_per_core
@@ -54,8 +59,7 @@ def main() -> None:
         os.environ["PRECISION_LAB_PROGRAM_CACHE"] = "1" if cache else "0"
         return train(run, progress=False).summary["timing"]["step_s"] * 1e3
 
-    sets = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in MATCHED.items() if k != "preset"]
-    sets += [f"optim.{k}={v}" for k, v in MATCHED_OPTIM.items()]
+    sets = matched_sets()
 
     def via_cli(**env) -> float:
         saved = {k: os.environ.get(k) for k in env}
@@ -70,6 +74,7 @@ def main() -> None:
                 "cli": via_cli, "cli-noreexec": lambda: via_cli(PRECISION_LAB_NO_REEXEC="1"),
                 "cli-nc": lambda: via_cli(PRECISION_LAB_PROGRAM_CACHE="0"),
                 "cli-heap": lambda: via_cli(PRECISION_LAB_NO_REEXEC="1", GLIBC_TUNABLES=HEAP_TUNABLES)}
+    assert tuple(variants) == NAMES, "NAMES lists the variants, in order"
     only = os.environ.get("VARIANTS")  # e.g. VARIANTS=userpath,cli
     if only:
         variants = {k: v for k, v in variants.items() if k in only.split(",")}
@@ -79,8 +84,8 @@ def main() -> None:
             t0 = time.perf_counter()
             times[name].append(fn())
             print(f"round {r} {name}: {times[name][-1]:.1f} ms/step ({time.perf_counter() - t0:.0f} s)", flush=True)
+    first = next(iter(times))
     for name, ts in times.items():
-        first = next(iter(times))
         ratio = statistics.median(t / u for t, u in zip(ts, times[first]))
         print(f"{name}: median {statistics.median(ts):.1f} ms/step, ratio to {first} (median per round) {ratio:.3f}")
 
